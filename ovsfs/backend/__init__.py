@@ -1,0 +1,1 @@
+"""Backends: where sealed SCOs, TLogs and volume metadata live."""

@@ -1,0 +1,102 @@
+"""A backend store on a local directory: one directory per namespace, one file per object."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from ovsfs.backend.store import check_name
+from ovsfs.errors import BackendError, NotFound
+
+
+class LocalStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _ns(self, ns: str) -> Path:
+        check_name("namespace", ns)
+        return self.root / ns
+
+    def _obj(self, ns: str, name: str) -> Path:
+        check_name("object", name)
+        return self._ns(ns) / name
+
+    def create_namespace(self, ns: str) -> None:
+        self._ns(ns).mkdir(parents=True, exist_ok=True)
+
+    def delete_namespace(self, ns: str) -> None:
+        shutil.rmtree(self._ns(ns), ignore_errors=True)
+
+    def namespaces(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def put(self, ns: str, name: str, data: bytes | memoryview) -> None:
+        path = self._obj(ns, name)
+        if not path.parent.is_dir():
+            if not self._ns(ns).is_dir():
+                raise NotFound(f"backend namespace {ns} does not exist")
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        try:
+            # Write-then-rename keeps put atomic; fsync so the object survives a power loss
+            # before the engine forgets its local copy.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise BackendError(f"backend put {ns}/{name} failed: {e.strerror}") from e
+
+    def get(self, ns: str, name: str) -> bytes:
+        try:
+            return self._obj(ns, name).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"backend object {ns}/{name} does not exist") from None
+        except OSError as e:
+            raise BackendError(f"backend get {ns}/{name} failed: {e.strerror}") from e
+
+    def get_range(self, ns: str, name: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self._obj(ns, name), "rb", buffering=0) as f:
+                data = os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise NotFound(f"backend object {ns}/{name} does not exist") from None
+        except OSError as e:
+            raise BackendError(f"backend read {ns}/{name} failed: {e.strerror}") from e
+        if len(data) != length:
+            raise BackendError(f"backend object {ns}/{name} is shorter than {offset + length} bytes")
+        return data
+
+    def delete(self, ns: str, name: str) -> None:
+        try:
+            self._obj(ns, name).unlink()
+        except FileNotFoundError:
+            pass
+
+    def list(self, ns: str, prefix: str = "") -> list[str]:
+        base = self._ns(ns)
+        if not base.is_dir():
+            raise NotFound(f"backend namespace {ns} does not exist")
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = os.path.relpath(dirpath, base)
+            for f in files:
+                if f.startswith("."):
+                    continue
+                name = f if rel == "." else f"{rel}/{f}"
+                if name.startswith(prefix):
+                    out.append(name)
+        return sorted(out)
+
+    def usage(self) -> dict[str, int]:
+        st = os.statvfs(self.root)
+        return {"capacity": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}

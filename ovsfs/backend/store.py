@@ -1,0 +1,33 @@
+"""The backend interface every store implements (local directory now, ASDs later).
+
+Objects live in namespaces (one per volume). Calls are synchronous and
+thread-safe: the engine calls them from worker threads. `put` is atomic: a reader
+sees the whole old object, the whole new one, or none.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+from ovsfs.errors import InvalidArgument
+
+_NAME = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._/-]{0,250}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name) or ".." in name or name.startswith("/"):
+        raise InvalidArgument(f"bad backend {kind} name {name!r}")
+    return name
+
+
+class Store(Protocol):
+    def create_namespace(self, ns: str) -> None: ...
+    def delete_namespace(self, ns: str) -> None: ...
+    def namespaces(self) -> list[str]: ...
+    def put(self, ns: str, name: str, data: bytes | memoryview) -> None: ...
+    def get(self, ns: str, name: str) -> bytes: ...
+    def get_range(self, ns: str, name: str, offset: int, length: int) -> bytes: ...
+    def delete(self, ns: str, name: str) -> None: ...
+    def list(self, ns: str, prefix: str = "") -> list[str]: ...
+    def usage(self) -> dict[str, int]: ...

@@ -1,0 +1,1 @@
+"""Cluster configuration and ownership (embedded store now; etcd when clustered)."""

@@ -1,0 +1,178 @@
+"""The node configuration: one typed object loaded from TOML, with defaults that run.
+
+Relative paths in the file are taken relative to the state directory, so a state
+directory can be moved as a whole. Unknown keys and values of the wrong type are
+refused with a ConfigError that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ovsfs.errors import ConfigError
+
+
+@dataclass
+class NodeSection:
+    name: str = "node1"
+    # Paths below are relative to the state directory unless absolute.
+    run_dir: str = "run"
+
+
+@dataclass
+class EngineSection:
+    cluster_size: int = 4096
+    sco_clusters: int = 1024          # clusters per SCO: 4 MiB with 4 KiB clusters
+    tlog_scos: int = 4                # a TLog rolls over every N SCOs
+    write_buffer: str = "wb"
+    write_buffer_size: int = 2 << 30  # bytes of SCOs kept locally before writes wait
+    map_cache_pages: int = 1024       # resident map pages per volume (32 KiB each)
+    checkpoint_seconds: float = 30.0  # local map commit interval
+    backend_checkpoint_tlogs: int = 16  # a map checkpoint goes to the backend every N TLogs
+    scrub_threshold: float = 0.5      # SCOs with a smaller live share are rewritten
+
+
+@dataclass
+class BackendSection:
+    kind: str = "local"
+    path: str = "backend"
+
+
+@dataclass
+class MgmtSection:
+    socket: str = "run/ovsfs.sock"
+
+
+@dataclass
+class NbdSection:
+    enabled: bool = True
+    socket: str = "run/nbd.sock"
+    tcp_host: str = "127.0.0.1"
+    tcp_port: int = 10809             # 0 disables the TCP listener
+    allow: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    tls: str = "off"                  # off | optional | required
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+
+
+@dataclass
+class FuseSection:
+    enabled: bool = True
+    mountpoint: str = "mnt"
+    allow_other: bool = False
+    default_permissions: bool = False
+
+
+@dataclass
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    backend: BackendSection = field(default_factory=BackendSection)
+    mgmt: MgmtSection = field(default_factory=MgmtSection)
+    nbd: NbdSection = field(default_factory=NbdSection)
+    fuse: FuseSection = field(default_factory=FuseSection)
+    state_dir: Path = Path("var")
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured path against the state directory."""
+        p = Path(value)
+        return p if p.is_absolute() else self.state_dir / p
+
+    def validate(self) -> None:
+        e = self.engine
+        if e.cluster_size < 512 or e.cluster_size & (e.cluster_size - 1):
+            raise ConfigError(f"engine.cluster_size must be a power of two >= 512, not {e.cluster_size}")
+        if not 1 <= e.sco_clusters <= 65535:
+            raise ConfigError(f"engine.sco_clusters must be 1..65535, not {e.sco_clusters}")
+        if e.tlog_scos < 1:
+            raise ConfigError("engine.tlog_scos must be at least 1")
+        if e.write_buffer_size < 4 * e.cluster_size * e.sco_clusters:
+            raise ConfigError("engine.write_buffer_size must hold at least 4 SCOs")
+        if e.map_cache_pages < 4:
+            raise ConfigError("engine.map_cache_pages must be at least 4")
+        if not 0.0 <= e.scrub_threshold <= 1.0:
+            raise ConfigError("engine.scrub_threshold must be between 0 and 1")
+        if self.backend.kind not in ("local",):
+            raise ConfigError(f"backend.kind {self.backend.kind!r} is not known (local)")
+        if self.nbd.tls not in ("off", "optional", "required"):
+            raise ConfigError("nbd.tls must be off, optional or required")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in known or key == "state_dir":
+            raise ConfigError(f"unknown config key {where}{key}")
+        want = hints[key]
+        if dataclasses.is_dataclass(want):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section [{where}{key}] must be a table")
+            kwargs[key] = _build(want, value, f"{where}{key}.")
+            continue
+        origin = typing.get_origin(want) or want
+        ok = isinstance(value, origin)
+        if origin is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if origin is int and isinstance(value, bool):
+            ok = False
+        if not ok:
+            raise ConfigError(f"config key {where}{key} must be {origin.__name__}, not {type(value).__name__}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load(path: Path | None, state_dir: Path) -> Config:
+    """Load the config file (or defaults when path is None) for a state directory."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        state = data.pop("state_dir", None)
+        if state is not None:
+            if not isinstance(state, str):
+                raise ConfigError("config key state_dir must be str")
+            state_dir = Path(state)
+    cfg = _build(Config, data, "")
+    cfg.state_dir = Path(state_dir).absolute()
+    cfg.validate()
+    return cfg
+
+
+DEFAULT_TOML = """\
+# ovsfs node configuration. Relative paths are below the state directory.
+[node]
+name = "node1"
+
+[engine]
+cluster_size = 4096
+sco_clusters = 1024
+tlog_scos = 4
+write_buffer_size = 2147483648
+map_cache_pages = 1024
+
+[backend]
+kind = "local"
+path = "backend"
+
+[nbd]
+enabled = true
+socket = "run/nbd.sock"
+tcp_host = "127.0.0.1"
+tcp_port = 10809
+
+[fuse]
+enabled = true
+mountpoint = "mnt"
+"""

@@ -1,0 +1,1 @@
+"""The log-structured volume engine: one per node, serving every volume."""

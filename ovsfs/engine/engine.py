@@ -1,0 +1,261 @@
+"""The engine: one per node, holding every vPool and volume.
+
+The registry (which vPools and volumes exist, and in which backend namespace a
+volume lives) is in the cluster config store. Each volume's namespace also holds
+a `volume.json`, so volumes can be found again from the backend alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from typing import Any
+
+from ovsfs.backend.local import LocalStore
+from ovsfs.backend.store import Store
+from ovsfs.cluster.store import ConfigStore
+from ovsfs.config import Config
+from ovsfs.engine.recovery import open_volume
+from ovsfs.engine.scrub import scrub_volume
+from ovsfs.engine.volume import Volume, check_name
+from ovsfs.engine.writebuffer import WriteBuffer
+from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound
+
+log = logging.getLogger("ovsfs.engine")
+
+MAX_CLONE_DEPTH = 255
+MAX_VOLUME_SIZE = 1 << 50  # 1 PiB: the map addresses 2^48 clusters, this keeps far below
+
+
+class Engine:
+    def __init__(self, cfg: Config, store: Store | None = None) -> None:
+        self.cfg = cfg
+        self.store: Store = store if store is not None else LocalStore(cfg.path(cfg.backend.path))
+        self.registry = ConfigStore(cfg.state_dir / "cluster" / "config.db")
+        self.wb_root = cfg.path(cfg.engine.write_buffer)
+        self.wb_root.mkdir(parents=True, exist_ok=True)
+        self.wb = WriteBuffer(cfg.engine.write_buffer_size)
+        self.volumes: dict[str, Volume] = {}
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    def open(self) -> None:
+        records = list(self.registry.list("/volumes/").values())
+        self._adopt(records)
+        by_ns = {r["ns"]: r for r in records}
+        opened: dict[str, Volume] = {}
+
+        def open_one(rec: dict[str, Any]) -> Volume:
+            if rec["ns"] in opened:
+                return opened[rec["ns"]]
+            parent = None
+            if rec.get("parent"):
+                prec = by_ns.get(rec["parent"]["ns"])
+                if prec is None:
+                    raise NotFound(f"clone {rec['name']}: parent namespace {rec['parent']['ns']} is gone")
+                parent = open_one(prec)
+            vol = self._volume(rec, parent)
+            open_volume(vol, create=False)
+            opened[rec["ns"]] = vol
+            return vol
+
+        for rec in records:
+            vol = open_one(rec)
+            self.volumes[vol.name] = vol
+        self._ticker = threading.Thread(target=self._tick, name="ovsfs-commit", daemon=True)
+        self._ticker.start()
+        log.info("engine open: %d vPools, %d volumes", len(self.list_vpools()), len(self.volumes))
+
+    def _adopt(self, records: list[dict[str, Any]]) -> None:
+        """Register volumes found on the backend but missing from the registry."""
+        known = {r["ns"] for r in records}
+        names = {r["name"] for r in records}
+        for ns in self.store.namespaces():
+            if ns in known or not ns.startswith("vol-"):
+                continue
+            try:
+                rec = json.loads(self.store.get(ns, "volume.json"))
+            except (NotFound, ValueError):
+                continue
+            if rec["name"] in names:
+                continue
+            log.info("found volume %s on the backend (namespace %s): registering it", rec["name"], ns)
+            if self.registry.get(f"/vpools/{rec['vpool']}") is None:
+                self.registry.put(f"/vpools/{rec['vpool']}", {"name": rec["vpool"], "sco_clusters": rec["sco_clusters"],
+                                                              "cluster_size": rec["cluster_size"]})
+            self.registry.put(f"/volumes/{rec['name']}", rec)
+            records.append(rec)
+            names.add(rec["name"])
+
+    def _tick(self) -> None:
+        interval = self.cfg.engine.checkpoint_seconds
+        while not self._stop.wait(min(1.0, interval)):
+            for vol in list(self.volumes.values()):
+                try:
+                    vol.maybe_commit(interval)
+                except Exception:  # a failing volume must not stop commits of the others
+                    log.exception("periodic map commit of %s failed", vol.name)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        for vol in list(self.volumes.values()):
+            try:
+                vol.close()
+            except Exception:
+                log.exception("closing %s failed", vol.name)
+        self.wb.stop()
+        self.registry.close()
+
+    def _volume(self, rec: dict[str, Any], parent: Volume | None) -> Volume:
+        return Volume(rec, self.wb_root, self.store, self.wb, self.cfg.engine, parent, self._has_clones)
+
+    def _has_clones(self, vol: Volume, epoch: int | None) -> bool:
+        for v in self.volumes.values():
+            p = v.meta.get("parent")
+            if p and p["ns"] == vol.ns and (epoch is None or p["epoch"] == epoch):
+                return True
+        return False
+
+    # ---- vPools -------------------------------------------------------------------------
+
+    def create_vpool(self, name: str, sco_clusters: int | None = None) -> dict[str, Any]:
+        check_name("vPool", name)
+        with self.lock:
+            if self.registry.get(f"/vpools/{name}") is not None:
+                raise AlreadyExists(f"vPool {name} already exists")
+            sc = sco_clusters or self.cfg.engine.sco_clusters
+            if not 1 <= sc <= 65535:
+                raise InvalidArgument(f"sco_clusters must be 1..65535, not {sc}")
+            rec = {"name": name, "sco_clusters": sc, "cluster_size": self.cfg.engine.cluster_size,
+                   "created": time.time()}
+            self.registry.put(f"/vpools/{name}", rec)
+            return rec
+
+    def list_vpools(self) -> list[dict[str, Any]]:
+        out = []
+        for rec in self.registry.list("/vpools/").values():
+            rec = dict(rec)
+            rec["volumes"] = sum(1 for v in self.volumes.values() if v.vpool == rec["name"])
+            out.append(rec)
+        return out
+
+    def vpool(self, name: str) -> dict[str, Any]:
+        rec = self.registry.get(f"/vpools/{name}")
+        if rec is None:
+            raise NotFound(f"vPool {name} does not exist")
+        return rec
+
+    # ---- volumes ------------------------------------------------------------------------
+
+    def volume(self, name: str) -> Volume:
+        try:
+            return self.volumes[name]
+        except KeyError:
+            raise NotFound(f"volume {name} does not exist") from None
+
+    def list_volumes(self, vpool: str | None = None) -> list[dict[str, Any]]:
+        return [v.info() for v in sorted(self.volumes.values(), key=lambda v: v.name)
+                if vpool is None or v.vpool == vpool]
+
+    def create_volume(self, name: str, size: int, vpool: str = "default",
+                      parent: dict[str, Any] | None = None) -> Volume:
+        check_name("volume", name)
+        with self.lock:
+            pool = self.vpool(vpool)
+            if name in self.volumes:
+                raise AlreadyExists(f"volume {name} already exists")
+            cs = pool["cluster_size"]
+            if not isinstance(size, int) or size <= 0 or size % cs:
+                raise InvalidArgument(f"size {size} is not a positive multiple of the cluster size ({cs} bytes)")
+            if size > MAX_VOLUME_SIZE:
+                raise InvalidArgument(f"size {size} is over the maximum of {MAX_VOLUME_SIZE} bytes")
+            rec = {"name": name, "ns": f"vol-{uuid.uuid4().hex[:16]}", "vpool": vpool, "size": size,
+                   "cluster_size": cs, "sco_clusters": pool["sco_clusters"], "parent": parent,
+                   "created": time.time()}
+            parent_vol = self._by_ns(parent["ns"]) if parent else None
+            vol = self._volume(rec, parent_vol)
+            open_volume(vol, create=True)
+            self.registry.put(f"/volumes/{name}", rec)
+            self.volumes[name] = vol
+            log.info("created volume %s (%d bytes) in vPool %s", name, size, vpool)
+            return vol
+
+    def _by_ns(self, ns: str) -> Volume:
+        for v in self.volumes.values():
+            if v.ns == ns:
+                return v
+        raise NotFound(f"no volume in namespace {ns}")
+
+    def clone_volume(self, src: str, snapshot: str, new: str, vpool: str | None = None) -> Volume:
+        with self.lock:
+            parent = self.volume(src)
+            snap = parent._snapshot(snapshot)
+            depth, p = 1, parent
+            while p.parent is not None:
+                depth, p = depth + 1, p.parent
+            if depth >= MAX_CLONE_DEPTH:
+                raise InvalidArgument(f"clone chain of {src} is already {depth} deep (max {MAX_CLONE_DEPTH})")
+            ref = {"ns": parent.ns, "name": parent.name, "snapshot": snapshot, "epoch": snap["epoch"]}
+            return self.create_volume(new, snap["size"], vpool or parent.vpool, parent=ref)
+
+    def delete_volume(self, name: str) -> None:
+        with self.lock:
+            vol = self.volume(name)
+            if vol.users:
+                raise Busy(f"volume {name} is in use by {', '.join(sorted(vol.users))}")
+            if self._has_clones(vol, None):
+                raise Busy(f"volume {name} has clones")
+            with vol.lock:
+                vol.deleted = True
+                pending = vol.sco_idx * vol.cluster_size if vol.sco_fd is not None else 0
+            vol.close()
+            self.wb.forget_owner(vol, pending)
+            del self.volumes[name]
+            self.registry.delete(f"/volumes/{name}")
+            # Queued behind the volume's uploads, which see `deleted` and do nothing.
+            self.wb.submit(f"delete namespace {vol.ns}", lambda: self.store.delete_namespace(vol.ns))
+            shutil.rmtree(vol.dir, ignore_errors=True)
+            log.info("deleted volume %s", name)
+
+    def rename_volume(self, old: str, new: str) -> None:
+        check_name("volume", new)
+        with self.lock:
+            vol = self.volume(old)
+            if new in self.volumes:
+                raise AlreadyExists(f"volume {new} already exists")
+            if vol.users:
+                raise Busy(f"volume {old} is in use by {', '.join(sorted(vol.users))}")
+            vol.meta["name"] = new
+            self.store.put(vol.ns, "volume.json", json.dumps(vol.meta).encode())
+            self.registry.put(f"/volumes/{new}", vol.meta)
+            self.registry.delete(f"/volumes/{old}")
+            self.volumes[new] = self.volumes.pop(old)
+            for v in self.volumes.values():
+                p = v.meta.get("parent")
+                if p and p["ns"] == vol.ns:
+                    p["name"] = new
+                    self.registry.put(f"/volumes/{v.name}", v.meta)
+
+    # ---- maintenance --------------------------------------------------------------------
+
+    def scrub(self, name: str | None = None) -> list[dict[str, Any]]:
+        vols = [self.volume(name)] if name else list(self.volumes.values())
+        return [scrub_volume(v, self.cfg.engine.scrub_threshold) for v in vols]
+
+    def stats(self) -> dict[str, Any]:
+        infos = [v.info() for v in self.volumes.values()]
+        return {
+            "vpools": len(self.list_vpools()), "volumes": len(infos),
+            "map_resident_bytes": sum(i["map_resident_bytes"] for i in infos),
+            "map_stored_bytes": sum(i["map_stored_bytes"] for i in infos),
+            "write_buffer": self.wb.status(),
+        }

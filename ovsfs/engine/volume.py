@@ -1,0 +1,669 @@
+"""A volume (vDisk): thin, fixed-size, log-structured.
+
+Every write appends whole clusters to the open SCO in the write buffer, appends one
+TLog record per cluster and updates the cluster map; a batch does each of those
+once. Reads look the clusters up in the map (through clone parents where the clone
+never wrote) and read them from local SCOs or the backend.
+
+All state changes happen under `lock`; the lock is never held while waiting for
+the upload thread, so uploads always make progress.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import crc32c
+import numpy as np
+
+from ovsfs.backend.store import Store
+from ovsfs.config import EngineSection
+from ovsfs.dtl import DtlSink, NoDtl
+from ovsfs.engine import tlog
+from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap
+from ovsfs.engine.writebuffer import WriteBuffer
+from ovsfs.errors import AlreadyExists, Busy, DataError, InvalidArgument, NotFound, OutOfRange
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
+IDX_MASK = (1 << SCO_SHIFT) - 1
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"bad {kind} name {name!r}: use 1-200 of A-Z a-z 0-9 . _ - (not starting with '.')")
+    return name
+
+
+def sco_name(n: int) -> str:
+    return f"sco/{n:016x}"
+
+
+def tlog_name(n: int) -> str:
+    return f"tlog/{n:016x}"
+
+
+class Volume:
+    def __init__(self, meta: dict[str, Any], wb_root: Path, store: Store, wb: WriteBuffer,
+                 cfg: EngineSection, parent: "Volume | None" = None,
+                 has_clones: Callable[["Volume", int | None], bool] | None = None) -> None:
+        self.meta = meta                       # the registry record: name, ns, vpool, parent
+        self.ns: str = meta["ns"]
+        self.cluster_size: int = meta["cluster_size"]
+        self.sco_clusters: int = meta["sco_clusters"]
+        self.cfg = cfg
+        self.store = store
+        self.wb = wb
+        self.parent = parent
+        self.parent_epoch: int | None = meta.get("parent", {}).get("epoch") if meta.get("parent") else None
+        self.has_clones = has_clones or (lambda v, e: False)
+        self.dtl: DtlSink = NoDtl()
+        self.lock = threading.RLock()
+        self.dir = wb_root / self.ns
+        self.sco_dir = self.dir / "sco"
+        self.tlog_dir = self.dir / "tlog"
+        self.size: int = meta["size"]
+        self.snapshots: list[dict[str, Any]] = []
+        self.map: ClusterMap = None  # type: ignore[assignment]  # set by recovery.open_volume
+        # Open SCO and TLog
+        self.sco_no = 0
+        self.sco_idx = 0
+        self.sco_fd: int | None = None
+        self.tlog_no = 0
+        self.tlog_fd: int | None = None
+        self.tlog_off = 0
+        self.scos_in_tlog = 0
+        self.next_sco = 1
+        self.next_tlog = 1
+        self.local_scos: set[int] = set()
+        self.uploaded_tlogs: set[int] = set()
+        self.committed_tlog = 0
+        self.read_fds: dict[int, int] = {}
+        # Durability bookkeeping
+        self.write_seq = 0
+        self.synced_seq = 0
+        self.flushing = False
+        self.flush_cv = threading.Condition()
+        self.unsynced: set[Path] = set()
+        self.dir_dirty = False
+        self.last_commit = time.monotonic()
+        self.tlogs_since_checkpoint = 0
+        self.users: dict[str, int] = {}
+        self.closed = False
+        self.deleted = False
+
+    # ---- small helpers -------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def vpool(self) -> str:
+        return self.meta["vpool"]
+
+    read_only = False
+
+    def _nclusters(self, size: int | None = None) -> int:
+        return -(-(self.size if size is None else size) // self.cluster_size)
+
+    def _check_range(self, offset: int, length: int, size: int | None = None) -> None:
+        size = self.size if size is None else size
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"negative offset or length ({offset}, {length})")
+        if offset + length > size:
+            raise OutOfRange(f"request {offset}+{length} is past the end of {self.name} ({size} bytes)")
+
+    def _snapshot(self, name: str) -> dict[str, Any]:
+        for s in self.snapshots:
+            if s["name"] == name:
+                return s
+        raise NotFound(f"snapshot {self.name}@{name} does not exist")
+
+    def _view(self, snapshot: str | None) -> tuple[int | None, int]:
+        if snapshot is None:
+            return None, self.size
+        s = self._snapshot(snapshot)
+        return s["epoch"], s["size"]
+
+    def meta_record(self) -> dict[str, Any]:
+        """What the map commit stores beside the pages: enough to resume replay."""
+        return {"epoch": self.map.epoch, "snapshots": self.snapshots, "size": self.size,
+                "tlog": self.tlog_no, "tlog_off": self.tlog_off,
+                "next_sco": self.next_sco, "next_tlog": self.next_tlog}
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int, snapshot: str | None = None) -> bytes:
+        with self.lock:
+            epoch, size = self._view(snapshot)
+            self._check_range(offset, length, size)
+            if length == 0:
+                return b""
+            cs = self.cluster_size
+            first, last = offset // cs, (offset + length - 1) // cs
+            buf = self._read_clusters(np.arange(first, last + 1, dtype=np.uint64), epoch)
+        start = offset - first * cs
+        if start == 0 and length == len(buf):
+            return bytes(buf)
+        return bytes(memoryview(buf)[start:start + length])
+
+    def readv(self, reqs: Sequence[tuple[int, int]], snapshot: str | None = None) -> list[bytes]:
+        with self.lock:
+            return [self.read(o, n, snapshot) for o, n in reqs]
+
+    def _resolve(self, addrs: np.ndarray, epoch: int | None) -> list[tuple["Volume", np.ndarray, np.ndarray]]:
+        """Which volume of the clone chain holds each cluster: [(volume, indexes, locations)]."""
+        out = []
+        idx = np.arange(len(addrs))
+        vol: Volume | None = self
+        ep = epoch
+        depth = 0
+        while vol is not None and len(idx):
+            with vol.lock:
+                locs = vol.map.lookup(addrs[idx], ep)
+            have = locs > ZERO_LOC
+            if have.any():
+                out.append((vol, idx[have], locs[have]))
+            idx = idx[locs == 0]
+            ep = vol.parent_epoch
+            vol = vol.parent
+            depth += 1
+        return out
+
+    def _read_clusters(self, addrs: np.ndarray, epoch: int | None) -> bytearray:
+        cs = self.cluster_size
+        out = bytearray(len(addrs) * cs)
+        for vol, idx, locs in self._resolve(addrs, epoch):
+            with vol.lock:
+                vol._fill(out, idx, locs)
+        return out
+
+    def _fill(self, out: bytearray, idx: np.ndarray, locs: np.ndarray) -> None:
+        cs = self.cluster_size
+        if len(locs) > 1:
+            order = np.argsort(locs, kind="stable")
+            locs, idx = locs[order], idx[order]
+            brk = np.flatnonzero((np.diff(locs) != 1) | (np.diff(idx) != 1)) + 1
+            starts = np.concatenate(([0], brk))
+            ends = np.concatenate((brk, [len(locs)]))
+        else:
+            starts, ends = np.array([0]), np.array([len(locs)])
+        view = memoryview(out)
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            loc = int(locs[s])
+            data = self._read_sco(loc >> SCO_SHIFT, loc & IDX_MASK, e - s)
+            i0 = int(idx[s]) * cs
+            view[i0:i0 + len(data)] = data
+
+    def _read_sco(self, sco: int, ci: int, count: int) -> bytes:
+        cs = self.cluster_size
+        if sco in self.local_scos:
+            fd = self.read_fds.get(sco)
+            if fd is None:
+                try:
+                    fd = os.open(self.sco_dir / str(sco), os.O_RDONLY)
+                except FileNotFoundError:
+                    self.local_scos.discard(sco)
+                    fd = None
+                if fd is not None:
+                    self.read_fds[sco] = fd
+            if fd is not None:
+                data = os.pread(fd, count * cs, ci * cs)
+                if len(data) == count * cs:
+                    self.wb.touch((self, sco))
+                    return data
+                raise DataError(f"{self.name}: SCO {sco} is shorter than expected")
+        try:
+            return self.store.get_range(self.ns, sco_name(sco), ci * cs, count * cs)
+        except NotFound:
+            raise DataError(f"{self.name}: SCO {sco} is missing from the backend") from None
+
+    def extents(self, offset: int, length: int, snapshot: str | None = None) -> list[tuple[int, int, bool]]:
+        """Allocated and unallocated runs covering [offset, offset+length)."""
+        with self.lock:
+            epoch, size = self._view(snapshot)
+            self._check_range(offset, length, size)
+            if length == 0:
+                return []
+            cs = self.cluster_size
+            first, last = offset // cs, (offset + length - 1) // cs
+            addrs = np.arange(first, last + 1, dtype=np.uint64)
+            alloc = np.zeros(len(addrs), dtype=bool)
+            for _vol, idx, _locs in self._resolve(addrs, epoch):
+                alloc[idx] = True
+        out: list[tuple[int, int, bool]] = []
+        cuts = np.flatnonzero(np.diff(alloc)) + 1
+        for s, e in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [len(alloc)])).tolist()):
+            lo = max(offset, (first + s) * cs)
+            hi = min(offset + length, (first + e) * cs)
+            out.append((lo, hi - lo, bool(alloc[s])))
+        return out
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.writev([(offset, data)])
+
+    def writev(self, reqs: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        cs = self.cluster_size
+        clusters = 0
+        for off, data in reqs:
+            self._check_range(off, len(data))
+            if len(data):
+                clusters += (off + len(data) - 1) // cs - off // cs + 1
+        if clusters == 0:
+            return
+        self.wb.reserve(clusters * cs)
+        with self.lock:
+            self._check_open()
+            addr_parts, data_parts = [], []
+            for off, data in reqs:
+                if not len(data):
+                    continue
+                self._check_range(off, len(data))  # a resize may have happened meanwhile
+                first = off // cs
+                last = (off + len(data) - 1) // cs
+                head, tail = off - first * cs, (last + 1) * cs - off - len(data)
+                if head or tail:
+                    # Read-modify-write: this write must see earlier writes of the same batch.
+                    if data_parts:
+                        self._append(np.concatenate(addr_parts), b"".join(data_parts))
+                        addr_parts, data_parts = [], []
+                    old = self._read_clusters(np.arange(first, last + 1, dtype=np.uint64), None)
+                    old[head:head + len(data)] = data
+                    data = old
+                addr_parts.append(np.arange(first, last + 1, dtype=np.uint64))
+                data_parts.append(bytes(data))
+            if data_parts:
+                self._append(np.concatenate(addr_parts), data_parts[0] if len(data_parts) == 1 else b"".join(data_parts))
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise Busy(f"volume {self.name} is closed")
+
+    def _append(self, addrs: np.ndarray, buf: bytes, moved_from: np.ndarray | None = None) -> None:
+        """Append whole clusters: one pwrite per SCO touched, one TLog write, one map update.
+
+        With `moved_from` (the scrubber) the clusters are old locations moved to new
+        ones: RELOC records, and every map version pointing at them is switched.
+        """
+        cs = self.cluster_size
+        n = len(addrs)
+        locs = np.empty(n, dtype=np.uint64)
+        view = memoryview(buf)
+        pos = 0
+        while pos < n:
+            if self.sco_fd is None or self.sco_idx >= self.sco_clusters:
+                self._roll_sco()
+            take = min(n - pos, self.sco_clusters - self.sco_idx)
+            chunk = view[pos * cs:(pos + take) * cs]
+            os.pwrite(self.sco_fd, chunk, self.sco_idx * cs)  # type: ignore[arg-type]
+            base = (self.sco_no << SCO_SHIFT) | self.sco_idx
+            seg = np.arange(base, base + take, dtype=np.uint64)
+            locs[pos:pos + take] = seg
+            crcs = np.fromiter((crc32c.crc32c(chunk[i * cs:(i + 1) * cs]) for i in range(take)),
+                               dtype=np.uint32, count=take)
+            if moved_from is None:
+                self._tlog_append(tlog.writes(addrs[pos:pos + take], seg, crcs))
+            else:
+                self._tlog_append(tlog.relocs(moved_from[pos:pos + take], seg, crcs))
+            self.sco_idx += take
+            pos += take
+        if moved_from is None:
+            self.map.update(addrs, locs)
+            self.dtl.append(self.name, addrs, locs, buf)
+        else:
+            self.map.relocate(moved_from, locs)
+        self.write_seq += 1
+
+    def _tlog_append(self, rec: bytes) -> None:
+        if self.tlog_fd is None:
+            self._open_tlog()
+        os.write(self.tlog_fd, rec)  # type: ignore[arg-type]
+        self.tlog_off += len(rec)
+
+    def _open_tlog(self) -> None:
+        self.tlog_no = self.next_tlog
+        self.next_tlog += 1
+        path = self.tlog_dir / str(self.tlog_no)
+        self.tlog_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.tlog_off = 0
+        self.unsynced.add(path)
+        self.dir_dirty = True
+
+    def _roll_sco(self) -> None:
+        if self.sco_fd is not None:
+            self._seal_sco()
+            if self.scos_in_tlog >= self.cfg.tlog_scos:
+                self._seal_tlog()
+        self.sco_no = self.next_sco
+        self.next_sco += 1
+        self.sco_idx = 0
+        path = self.sco_dir / str(self.sco_no)
+        self.sco_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.local_scos.add(self.sco_no)
+        self.unsynced.add(path)
+        self.dir_dirty = True
+
+    def _seal_sco(self) -> None:
+        """Close the open SCO and queue its upload (it never changes again)."""
+        assert self.sco_fd is not None
+        os.close(self.sco_fd)
+        self.sco_fd = None
+        self.scos_in_tlog += 1
+        self.queue_sco_upload(self.sco_no, self.sco_idx * self.cluster_size)
+
+    def queue_sco_upload(self, n: int, nbytes: int) -> None:
+        path = self.sco_dir / str(n)
+
+        def upload() -> None:
+            if self.deleted:
+                return
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                self.wb.forget((self, n), pending=nbytes)
+                return
+            self.store.put(self.ns, sco_name(n), data)
+            self.wb.uploaded((self, n), nbytes, lambda: self.evict_sco(n))
+        self.wb.submit(f"{self.name} SCO {n}", upload)
+
+    def _seal_tlog(self) -> None:
+        """Close the open TLog, queue its upload, and commit the map at this boundary."""
+        if self.tlog_fd is None:
+            return
+        os.close(self.tlog_fd)
+        self.tlog_fd = None
+        self.scos_in_tlog = 0
+        self.queue_tlog_upload(self.tlog_no)
+        self.tlog_no, self.tlog_off = self.next_tlog, 0   # replay resumes at the next TLog
+        self.tlogs_since_checkpoint += 1
+        if self.tlogs_since_checkpoint >= self.cfg.backend_checkpoint_tlogs:
+            self.tlogs_since_checkpoint = 0
+            self.commit()
+            self.queue_checkpoint()
+        elif time.monotonic() - self.last_commit > 1.0:
+            self.commit()
+
+    def queue_tlog_upload(self, n: int) -> None:
+        path = self.tlog_dir / str(n)
+
+        def upload() -> None:
+            if self.deleted:
+                return
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                return
+            self.store.put(self.ns, tlog_name(n), data)
+            with self.lock:
+                self.uploaded_tlogs.add(n)
+                # Replay never needs a TLog below the committed position once it is uploaded.
+                if n < self.committed_tlog:
+                    path.unlink(missing_ok=True)
+        self.wb.submit(f"{self.name} TLog {n}", upload)
+
+    def queue_checkpoint(self) -> None:
+        from ovsfs.engine.recovery import queue_checkpoint
+        queue_checkpoint(self)
+
+    def commit(self) -> None:
+        """Make the local map durable with the TLog position it reflects."""
+        self.map.commit(self.meta_record())
+        self.committed_tlog = self.tlog_no
+        self.last_commit = time.monotonic()
+        for p in self.tlog_dir.iterdir():
+            # Local TLogs below the commit point are only needed until they are uploaded.
+            if p.name.isdigit() and int(p.name) < self.committed_tlog and int(p.name) in self.uploaded_tlogs:
+                p.unlink(missing_ok=True)
+
+    def evict_sco(self, n: int) -> None:
+        with self.lock:
+            if n == self.sco_no and self.sco_fd is not None:
+                return
+            fd = self.read_fds.pop(n, None)
+            if fd is not None:
+                os.close(fd)
+            self.local_scos.discard(n)
+            (self.sco_dir / str(n)).unlink(missing_ok=True)
+
+    def trim(self, offset: int, length: int) -> None:
+        """Release clusters: they read as zeros and their old data becomes garbage."""
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        cs = self.cluster_size
+        first_full = -(-offset // cs)
+        end_full = (offset + length) // cs
+        # Partial clusters at the edges are zeroed by writing; whole ones are dropped from the map.
+        edges = []
+        if first_full > end_full:
+            edges.append((offset, length))
+        else:
+            if offset < first_full * cs:
+                edges.append((offset, first_full * cs - offset))
+            if end_full * cs < offset + length:
+                edges.append((end_full * cs, offset + length - end_full * cs))
+        if edges:
+            self.writev([(o, bytes(n)) for o, n in edges])
+        if first_full < end_full:
+            with self.lock:
+                self._check_open()
+                addrs = np.arange(first_full, end_full, dtype=np.uint64)
+                loc = ZERO_LOC if self.parent is not None else 0
+                locs = np.full(len(addrs), loc, dtype=np.uint64)
+                self._tlog_append(tlog.writes(addrs, locs, np.zeros(len(addrs), dtype=np.uint32)))
+                self.map.update(addrs, locs)
+                self.dtl.append(self.name, addrs, locs, b"")
+                self.write_seq += 1
+
+    write_zeroes = trim
+
+    # ---- durability ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Return once every write acknowledged before the call is on local disk.
+
+        Group commit: callers arriving while a flush runs wait for the next one, which
+        covers all of them with a single round of fsyncs.
+        """
+        with self.lock:
+            target = self.write_seq
+        with self.flush_cv:
+            while self.synced_seq < target:
+                if not self.flushing:
+                    self.flushing = True
+                    break
+                self.flush_cv.wait()
+            else:
+                return
+        seq, ok = target, False
+        try:
+            with self.lock:
+                seq = self.write_seq
+                paths = list(self.unsynced)
+                self.unsynced.clear()
+                if self.sco_fd is not None:
+                    self.unsynced.add(self.sco_dir / str(self.sco_no))
+                if self.tlog_fd is not None:
+                    self.unsynced.add(self.tlog_dir / str(self.tlog_no))
+                dirs = [self.sco_dir, self.tlog_dir] if self.dir_dirty else []
+                self.dir_dirty = False
+            for p in paths + dirs:
+                try:
+                    fd = os.open(p, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # uploaded and evicted: the backend holds it
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self.dtl.flush()
+            ok = True
+        finally:
+            with self.flush_cv:
+                self.flushing = False
+                if ok:
+                    self.synced_seq = max(self.synced_seq, seq)
+                else:
+                    with self.lock:
+                        self.unsynced.update(paths)
+                        self.dir_dirty = True
+                self.flush_cv.notify_all()
+
+    def seal(self) -> None:
+        """Close the open SCO and TLog early so that everything so far can be uploaded."""
+        with self.lock:
+            if self.sco_fd is not None:
+                self._seal_sco()
+            if self.tlog_fd is not None:
+                self._seal_tlog()
+
+    def sync(self, timeout: float | None = None) -> None:
+        """Return once everything written so far is on the backend."""
+        self.seal()
+        if not self.wb.drain(timeout):
+            from ovsfs.errors import BackendError
+            raise BackendError(f"{self.name}: backend did not take the uploads in time ({self.wb.last_error})")
+
+    # ---- snapshots -------------------------------------------------------------------------
+
+    def create_snapshot(self, name: str) -> dict[str, Any]:
+        check_name("snapshot", name)
+        with self.lock:
+            self._check_open()
+            if any(s["name"] == name for s in self.snapshots):
+                raise AlreadyExists(f"snapshot {self.name}@{name} already exists")
+            snap = {"name": name, "epoch": self.map.epoch, "size": self.size, "created": time.time()}
+            self._tlog_append(tlog.mark(tlog.SNAPSHOT, snap))
+            self.apply_snapshot(snap)
+            self.write_seq += 1
+            return dict(snap)
+
+    def apply_snapshot(self, snap: dict[str, Any]) -> None:
+        if self.map.epoch != snap["epoch"]:
+            raise DataError(f"{self.name}: TLog snapshot epoch {snap['epoch']} does not follow map epoch {self.map.epoch}")
+        self.map.new_epoch()
+        self.snapshots.append(snap)
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(s) for s in self.snapshots]
+
+    def delete_snapshot(self, name: str) -> None:
+        with self.lock:
+            self._check_open()
+            snap = self._snapshot(name)
+            if self.has_clones(self, snap["epoch"]):
+                raise Busy(f"snapshot {self.name}@{name} has clones")
+            if self.users.get(f"snapshot:{name}"):
+                raise Busy(f"snapshot {self.name}@{name} is in use")
+            self._tlog_append(tlog.mark(tlog.DELETE_SNAPSHOT, {"name": name}))
+            self.apply_delete_snapshot(name)
+            self.write_seq += 1
+
+    def apply_delete_snapshot(self, name: str) -> None:
+        snap = self._snapshot(name)
+        later = [s["epoch"] for s in self.snapshots if s["epoch"] > snap["epoch"]]
+        self.map.fold(snap["epoch"], min(later) if later else self.map.epoch)
+        self.snapshots.remove(snap)
+
+    def rollback(self, name: str) -> None:
+        with self.lock:
+            self._check_open()
+            snap = self._snapshot(name)
+            for s in self.snapshots:
+                if s["epoch"] > snap["epoch"] and self.has_clones(self, s["epoch"]):
+                    raise Busy(f"snapshot {self.name}@{s['name']} after {name} has clones")
+            self._tlog_append(tlog.mark(tlog.ROLLBACK, {"name": name}))
+            self.apply_rollback(name)
+            self.write_seq += 1
+
+    def apply_rollback(self, name: str) -> None:
+        snap = self._snapshot(name)
+        self.map.rollback(snap["epoch"])
+        self.snapshots = [s for s in self.snapshots if s["epoch"] <= snap["epoch"]]
+        self.size = snap["size"]
+        self.map.resize(self._nclusters())
+
+    # ---- size ------------------------------------------------------------------------------
+
+    def resize(self, size: int) -> None:
+        if size <= 0 or size % self.cluster_size:
+            raise InvalidArgument(f"size {size} is not a positive multiple of the cluster size {self.cluster_size}")
+        with self.lock:
+            self._check_open()
+            if size < self.size:
+                used = [e for e in self.extents(size, self.size - size) if e[2]]
+                if used:
+                    raise InvalidArgument(
+                        f"cannot shrink {self.name} to {size}: data is written at offset {used[0][0]}")
+            self._tlog_append(tlog.mark(tlog.RESIZE, {"size": size}))
+            self.apply_resize(size)
+            self.write_seq += 1
+
+    def apply_resize(self, size: int) -> None:
+        self.size = size
+        self.map.resize(self._nclusters())
+
+    # ---- users and info --------------------------------------------------------------------
+
+    def acquire(self, user: str) -> None:
+        with self.lock:
+            self._check_open()
+            self.users[user] = self.users.get(user, 0) + 1
+
+    def release(self, user: str) -> None:
+        with self.lock:
+            n = self.users.get(user, 0) - 1
+            if n > 0:
+                self.users[user] = n
+            else:
+                self.users.pop(user, None)
+
+    def info(self) -> dict[str, Any]:
+        with self.lock:
+            parent = self.meta.get("parent")
+            return {
+                "name": self.name, "vpool": self.vpool, "namespace": self.ns, "size": self.size,
+                "cluster_size": self.cluster_size, "sco_size": self.sco_clusters * self.cluster_size,
+                "snapshots": len(self.snapshots), "epoch": self.map.epoch,
+                "parent": f"{parent['name']}@{parent['snapshot']}" if parent else None,
+                "open_sco": self.sco_no if self.sco_fd is not None else None,
+                "tlog": self.tlog_no, "local_scos": len(self.local_scos),
+                "map_resident_bytes": self.map.resident_bytes(),
+                "map_stored_bytes": self.map.stored_bytes(),
+                "users": dict(self.users),
+            }
+
+    def maybe_commit(self, interval: float) -> None:
+        with self.lock:
+            if not self.closed and time.monotonic() - self.last_commit >= interval:
+                self.commit()
+
+    def close(self) -> None:
+        """Clean close: everything durable locally, map committed, no replay next time."""
+        self.flush()
+        with self.lock:
+            if self.closed:
+                return
+            if self.tlog_fd is not None:
+                os.fsync(self.tlog_fd)
+            self.commit()
+            self.closed = True
+            for fd in self.read_fds.values():
+                os.close(fd)
+            self.read_fds.clear()
+            if self.sco_fd is not None:
+                os.close(self.sco_fd)
+                self.sco_fd = None
+            if self.tlog_fd is not None:
+                os.close(self.tlog_fd)
+                self.tlog_fd = None
+            self.map.close()

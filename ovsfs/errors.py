@@ -1,0 +1,79 @@
+"""Typed errors shared by every layer.
+
+Each error carries an errno; doors map that to their own codes (NBD error
+numbers, SCSI sense, HTTP status) so the engine never knows about protocols.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class OvsfsError(Exception):
+    """Base class: a clear, one-line message and an errno for the doors."""
+
+    errno: int = errno.EIO
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(OvsfsError):
+    errno = errno.ENOENT
+    http_status = 404
+
+
+class AlreadyExists(OvsfsError):
+    errno = errno.EEXIST
+    http_status = 409
+
+
+class InvalidArgument(OvsfsError):
+    errno = errno.EINVAL
+    http_status = 400
+
+
+class OutOfRange(InvalidArgument):
+    """A request past the end of a volume."""
+
+    errno = errno.ENOSPC  # NBD maps ENOSPC for writes past the end; reads get EINVAL at the door
+
+
+class Busy(OvsfsError):
+    """The object is in use: open, exported, has clones, ..."""
+
+    errno = errno.EBUSY
+    http_status = 409
+
+
+class ReadOnly(OvsfsError):
+    errno = errno.EROFS
+    http_status = 409
+
+
+class NoSpace(OvsfsError):
+    errno = errno.ENOSPC
+    http_status = 507
+
+
+class DataError(OvsfsError):
+    """Data could not be read back (missing object, checksum mismatch)."""
+
+    errno = errno.EIO
+    http_status = 500
+
+
+class BackendError(OvsfsError):
+    errno = errno.EIO
+    http_status = 502
+
+
+class ConfigError(OvsfsError):
+    errno = errno.EINVAL
+    http_status = 400
+
+
+class DaemonNotRunning(OvsfsError):
+    errno = errno.ECONNREFUSED
