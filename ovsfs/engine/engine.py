@@ -39,6 +39,7 @@ class Engine:
         self.wb_root = cfg.path(cfg.engine.write_buffer)
         self.wb_root.mkdir(parents=True, exist_ok=True)
         self.wb = WriteBuffer(cfg.engine.write_buffer_size)
+        self.wb.on_pressure = self._seal_open_scos
         self.volumes: dict[str, Volume] = {}
         self.lock = threading.RLock()
         self._stop = threading.Event()
@@ -93,6 +94,11 @@ class Engine:
             self.registry.put(f"/volumes/{rec['name']}", rec)
             records.append(rec)
             names.add(rec["name"])
+
+    def _seal_open_scos(self) -> None:
+        for vol in list(self.volumes.values()):
+            if vol.sco_fd is not None and not vol.closed:
+                vol.seal()
 
     def _tick(self) -> None:
         interval = self.cfg.engine.checkpoint_seconds

@@ -164,18 +164,22 @@ class ClusterMap:
 
     def update(self, addrs: np.ndarray, locs: np.ndarray) -> None:
         """Set locations at the current epoch; later entries win over earlier ones."""
-        if len(addrs) == 0:
+        n = len(addrs)
+        if n == 0:
             return
         pages = addrs >> PAGE_SHIFT
-        if np.all(pages == pages[0]):
+        if pages[0] == pages[-1] and (pages == pages[0]).all():
             self._page_for_write(int(pages[0]))[addrs & PAGE_MASK] = locs
             return
         order = np.argsort(pages, kind="stable")
         sp = pages[order]
-        cuts = np.flatnonzero(np.diff(sp)) + 1
-        for s, e in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(sp)]))):
-            idx = order[s:e]
-            self._page_for_write(int(sp[s]))[addrs[idx] & PAGE_MASK] = locs[idx]
+        idx = (addrs[order] & PAGE_MASK).astype(np.intp)
+        sl = locs[order]
+        cuts = (np.flatnonzero(sp[1:] != sp[:-1]) + 1).tolist()
+        bounds = [0, *cuts, n]
+        for i, p in enumerate(sp[[0, *cuts]].tolist()):
+            s, e = bounds[i], bounds[i + 1]
+            self._page_for_write(p)[idx[s:e]] = sl[s:e]
 
     def resize(self, nclusters: int) -> None:
         n = pages_for(nclusters)

@@ -53,7 +53,7 @@ def open_volume(vol: Volume, create: bool) -> None:
     meta = vol.map.load_meta()
     if meta is not None:
         _restore(vol, meta)
-        replayed = _replay_local(vol, meta)
+        replayed = vol.replayed = _replay_local(vol, meta)
         if replayed:
             log.info("%s: replayed %d TLog records after an unclean stop", vol.name, replayed)
     elif not create:

@@ -96,6 +96,7 @@ class Volume:
         self.users: dict[str, int] = {}
         self.closed = False
         self.deleted = False
+        self.replayed = 0                      # TLog records replayed at open (0 after a clean stop)
 
     # ---- small helpers -------------------------------------------------------------------
 
@@ -251,22 +252,44 @@ class Volume:
         self.writev([(offset, data)])
 
     def writev(self, reqs: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
-        cs = self.cluster_size
-        clusters = 0
-        for off, data in reqs:
-            self._check_range(off, len(data))
-            if len(data):
-                clusters += (off + len(data) - 1) // cs - off // cs + 1
-        if clusters == 0:
+        if not reqs:
             return
-        self.wb.reserve(clusters * cs)
+        cs = self.cluster_size
+        n = len(reqs)
+        offs = np.fromiter((r[0] for r in reqs), dtype=np.int64, count=n)
+        lens = np.fromiter((len(r[1]) for r in reqs), dtype=np.int64, count=n)
+        if offs.min() < 0:
+            raise InvalidArgument("negative write offset")
+        ends = offs + lens
+        if ends.max() > self.size:
+            bad = int(np.argmax(ends > self.size))
+            self._check_range(int(offs[bad]), int(lens[bad]))
+        keep = lens > 0
+        if not keep.all():
+            reqs = [r for r, k in zip(reqs, keep.tolist()) if k]
+            offs, lens, ends = offs[keep], lens[keep], ends[keep]
+            if not reqs:
+                return
+        firsts = offs // cs
+        counts = (ends - 1) // cs - firsts + 1
+        self.wb.reserve(int(counts.sum()) * cs)
         with self.lock:
             self._check_open()
-            addr_parts, data_parts = [], []
+            if int(ends.max()) > self.size:  # shrunk meanwhile
+                self._check_range(int(offs[0]), int(lens[0]))
+                raise OutOfRange(f"write past the end of {self.name}")
+            if not ((offs | lens) & (cs - 1)).any():
+                # Whole clusters only (the usual case): no read-modify-write, no per-request work.
+                if (counts == 1).all():
+                    addrs = firsts.astype(np.uint64)
+                else:
+                    starts = np.repeat(np.cumsum(counts) - counts, counts)
+                    addrs = (np.repeat(firsts, counts) + np.arange(int(counts.sum())) - starts).astype(np.uint64)
+                self._append(addrs, reqs[0][1] if len(reqs) == 1 else b"".join(r[1] for r in reqs))
+                return
+            addr_parts: list[np.ndarray] = []
+            data_parts: list[bytes] = []
             for off, data in reqs:
-                if not len(data):
-                    continue
-                self._check_range(off, len(data))  # a resize may have happened meanwhile
                 first = off // cs
                 last = (off + len(data) - 1) // cs
                 head, tail = off - first * cs, (last + 1) * cs - off - len(data)
@@ -281,7 +304,7 @@ class Volume:
                 addr_parts.append(np.arange(first, last + 1, dtype=np.uint64))
                 data_parts.append(bytes(data))
             if data_parts:
-                self._append(np.concatenate(addr_parts), data_parts[0] if len(data_parts) == 1 else b"".join(data_parts))
+                self._append(np.concatenate(addr_parts), b"".join(data_parts))
 
     def _check_open(self) -> None:
         if self.closed:

@@ -34,6 +34,9 @@ class WriteBuffer:
         self.stopping = False
         self.errors = 0
         self.last_error = ""
+        # Called (with no lock held) when writers wait and nothing is queued for upload:
+        # open SCOs of idle volumes hold the budget, so the engine seals them.
+        self.on_pressure: Callable[[], None] = lambda: None
         self.thread = threading.Thread(target=self._run, name="ovsfs-upload", daemon=True)
         self.thread.start()
 
@@ -42,14 +45,23 @@ class WriteBuffer:
     def reserve(self, nbytes: int, timeout: float | None = None) -> None:
         """Count bytes about to be written; waits while the buffer is full of unsent SCOs."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cv:
-            while self.pending + nbytes > self.limit and self.pending > 0 and not self.stopping:
+        while True:
+            with self.cv:
+                if self.pending + nbytes <= self.limit or self.pending == 0 or self.stopping:
+                    self.pending += nbytes
+                    return
+                idle = not self.queue and not self.busy
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     from ovsfs.errors import NoSpace
                     raise NoSpace("write buffer full and the backend is not taking uploads")
-                self.cv.wait(left)
-            self.pending += nbytes
+                if not idle:
+                    self.cv.wait(left if left is not None else 1.0)
+                    continue
+            self.on_pressure()
+            with self.cv:
+                if not self.queue and not self.busy:
+                    self.cv.wait(0.05)
 
     def add_pending(self, nbytes: int) -> None:
         """Count bytes already in the write buffer (found at start-up) without waiting."""
