@@ -155,8 +155,30 @@ class Volume:
         return bytes(memoryview(buf)[start:start + length])
 
     def readv(self, reqs: Sequence[tuple[int, int]], snapshot: str | None = None) -> list[bytes]:
+        """Many reads in one map pass and one sorted sweep over the SCOs."""
+        if not reqs:
+            return []
+        n = len(reqs)
+        offs = np.fromiter((r[0] for r in reqs), dtype=np.int64, count=n)
+        lens = np.fromiter((r[1] for r in reqs), dtype=np.int64, count=n)
+        cs = self.cluster_size
         with self.lock:
-            return [self.read(o, n, snapshot) for o, n in reqs]
+            epoch, size = self._view(snapshot)
+            if offs.min() < 0 or lens.min() < 0 or (offs + lens).max() > size:
+                for o, ln in reqs:
+                    self._check_range(o, ln, size)
+            lens_c = np.maximum(lens, 1)
+            firsts = offs // cs
+            counts = (offs + lens_c - 1) // cs - firsts + 1
+            starts = np.cumsum(counts) - counts
+            addrs = (np.repeat(firsts, counts) + np.arange(int(counts.sum())) - np.repeat(starts, counts)).astype(np.uint64)
+            buf = self._read_clusters(addrs, epoch)
+        view = memoryview(buf)
+        out = []
+        for o, ln, f, st in zip(offs.tolist(), lens.tolist(), firsts.tolist(), starts.tolist()):
+            b = st * cs + (o - f * cs)
+            out.append(bytes(view[b:b + ln]))
+        return out
 
     def _resolve(self, addrs: np.ndarray, epoch: int | None) -> list[tuple["Volume", np.ndarray, np.ndarray]]:
         """Which volume of the clone chain holds each cluster: [(volume, indexes, locations)]."""
@@ -332,17 +354,18 @@ class Volume:
             locs[pos:pos + take] = seg
             crcs = np.fromiter((crc32c.crc32c(chunk[i * cs:(i + 1) * cs]) for i in range(take)),
                                dtype=np.uint32, count=take)
+            # The map follows each SCO's records at once: the next roll may seal the TLog
+            # and commit the map, and a commit must cover every record before it.
             if moved_from is None:
                 self._tlog_append(tlog.writes(addrs[pos:pos + take], seg, crcs))
+                self.map.update(addrs[pos:pos + take], seg)
             else:
                 self._tlog_append(tlog.relocs(moved_from[pos:pos + take], seg, crcs))
+                self.map.relocate(moved_from[pos:pos + take], seg)
             self.sco_idx += take
             pos += take
         if moved_from is None:
-            self.map.update(addrs, locs)
             self.dtl.append(self.name, addrs, locs, buf)
-        else:
-            self.map.relocate(moved_from, locs)
         self.write_seq += 1
 
     def _tlog_append(self, rec: bytes) -> None:
