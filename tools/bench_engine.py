@@ -74,13 +74,14 @@ def main() -> None:
 
         # The same bytes written plainly to a file on the same disk: what the disk gives.
         plain = os.open(state / "plain.raw", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(plain, size)
+        os.ftruncate(plain, size)  # sparse: random writes land on new blocks, as they would on a fresh volume
         ppos = [0]
 
         def plain_seq() -> int:
+            # Always new bytes on disk (no wrapping onto pages still cached), as the log does.
             for _ in range(max(1, b // 64)):
                 os.pwrite(plain, big, ppos[0])
-                ppos[0] = (ppos[0] + len(big)) % size
+                ppos[0] += len(big)
             return max(1, b // 64)
 
         def plain_rand() -> int:

@@ -411,12 +411,10 @@ class Volume:
         def upload() -> None:
             if self.deleted:
                 return
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
+            if not path.exists():
                 self.wb.forget((self, n), pending=nbytes)
                 return
-            self.store.put(self.ns, sco_name(n), data)
+            self.store.put_file(self.ns, sco_name(n), path)
             self.wb.uploaded((self, n), nbytes, lambda: self.evict_sco(n))
         self.wb.submit(f"{self.name} SCO {n}", upload)
 
@@ -441,13 +439,9 @@ class Volume:
         path = self.tlog_dir / str(n)
 
         def upload() -> None:
-            if self.deleted:
+            if self.deleted or not path.exists():
                 return
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                return
-            self.store.put(self.ns, tlog_name(n), data)
+            self.store.put_file(self.ns, tlog_name(n), path)
             with self.lock:
                 self.uploaded_tlogs.add(n)
                 # Replay never needs a TLog below the committed position once it is uploaded.

@@ -254,3 +254,22 @@ def test_volumes_found_again_from_the_backend_alone(tmp_path: Path) -> None:
         assert [s["name"] for s in vol.list_snapshots()] == ["s1"]
     finally:
         eng.close()
+
+
+def test_uploaded_scos_are_evicted_and_read_back_from_the_backend(tmp_path: Path) -> None:
+    cfg = small_config(tmp_path)
+    eng = Engine(cfg)
+    eng.open()
+    try:
+        eng.create_vpool("default")
+        vol = eng.create_volume("v", 1024 * CS)
+        data = os.urandom(1024 * CS)
+        vol.write(0, data)  # 8x the write buffer
+        vol.sync()
+        local = sum(p.stat().st_size for p in vol.sco_dir.iterdir())
+        assert local <= cfg.engine.write_buffer_size
+        assert len(vol.local_scos) < len(engine_scos := eng.store.list(vol.ns, "sco/"))
+        assert len(engine_scos) >= 1024 // cfg.engine.sco_clusters
+        assert vol.read(0, 1024 * CS) == data
+    finally:
+        eng.close()

@@ -1,0 +1,316 @@
+"""The proxy: a Store whose objects are erasure coded over ASDs.
+
+put: object -> chunks (the ALBA chunk rule) -> compress -> encrypt -> k+m fragments
+on distinct live ASDs (at most x per node). Fragments of a chunk go out in
+parallel while the next chunk is being encoded; the put returns once every chunk
+has c fragments stored and the manifest is on m+1 ASDs. Fragments still in flight
+finish in the background; any that fail are left to maintenance.
+
+Atomic puts: every put writes a fresh version id (vid) into the fragment keys and
+replaces the manifest last; readers holding the old manifest retry once with the
+new one if the old fragments vanish under them.
+
+Reads: with compression and encryption off, fragment j of a chunk holds bytes
+[j*fs, (j+1)*fs) of it as they are (systematic Reed-Solomon), so get_range fetches
+only the byte ranges of the data fragments it covers, and the ASD verifies only the
+64 KiB blocks it touches. With compression or encryption on, the whole chunk is
+fetched (any k fragments), decoded and kept in a small RAM cache. A fragment that
+is missing, unreachable or fails its CRC is replaced by decoding from the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+from ovsfs.backend import codec
+from ovsfs.backend.cache import ChunkCache, FragmentCache
+from ovsfs.backend.index import Index, manifest_key, ns_key
+from ovsfs.backend.manifest import Manifest
+from ovsfs.backend.placement import AsdSet
+from ovsfs.backend.policy import EC_HEADER, Preset
+from ovsfs.backend.store import check_name
+from ovsfs.backend.writer import ObjectWriter
+from ovsfs.errors import BackendError, DataError, NotFound
+
+log = logging.getLogger("ovsfs.backend.proxy")
+
+
+class ProxyStore:
+    def __init__(self, asds: AsdSet | Iterable[str], preset: Preset | None = None,
+                 state_dir: Path | None = None, keyring: codec.KeyRing | None = None,
+                 cache_bytes: int = 256 << 20, io_threads: int = 32,
+                 maintenance: bool = True, down_timeout: float = 900.0) -> None:
+        self.state_dir = Path(state_dir) if state_dir else None
+        if self.state_dir:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.asds = asds if isinstance(asds, AsdSet) else AsdSet(
+            self.state_dir / "asds.json" if self.state_dir else None, asds)
+        self.preset = preset or Preset()
+        self.preset.validate()
+        if keyring is None and self.state_dir:
+            keyring = codec.KeyRing(self.state_dir / "keys.json")
+        self.keys = keyring
+        if self.preset.encryption != "none" and self.keys is None:
+            raise BackendError("encryption needs a key file (state_dir or keyring)")
+        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="proxy-io")
+        self.index = Index(self.state_dir / "manifests.bin" if self.state_dir else None, self.asds)
+        self.index.open()
+        self.fcache = FragmentCache(self.state_dir / "fragcache" if self.state_dir else None, cache_bytes)
+        self.ccache = ChunkCache()
+        self.dirty: set[tuple[str, str]] = set()
+        self.dirty_lock = threading.Lock()
+        self.writer = ObjectWriter(self)
+        from ovsfs.backend.maintenance import Maintenance  # maintenance drives the proxy
+        self.maintenance = Maintenance(self, down_timeout=down_timeout)
+        if maintenance:
+            self.maintenance.start()
+
+    def close(self) -> None:
+        self.maintenance.stop()
+        self.pool.shutdown(wait=True)
+        self.index.close()
+        self.asds.close()
+
+    def mark_dirty(self, ns: str, name: str) -> None:
+        with self.dirty_lock:
+            self.dirty.add((ns, name))
+        self.maintenance.kick()
+
+    # -- namespaces --------------------------------------------------------------
+
+    def create_namespace(self, ns: str) -> None:
+        check_name("namespace", ns)
+        if self.index.has_ns(ns):
+            return
+        ok = self._everywhere(lambda c: c.put(ns_key(ns), b"\x01"))
+        if not ok:
+            raise BackendError(f"no ASD took namespace {ns}")
+        self.index.add_ns(ns)
+
+    def delete_namespace(self, ns: str) -> None:
+        check_name("namespace", ns)
+        for name in self.index.names(ns) or []:
+            self.delete(ns, name)
+        self._everywhere(lambda c: c.delete(ns_key(ns)))
+        self.index.drop_ns(ns)
+
+    def namespaces(self) -> list[str]:
+        return self.index.namespaces()
+
+    def _everywhere(self, fn) -> int:  # type: ignore[no-untyped-def]
+        """Run fn on every live ASD in parallel; number of successes."""
+        def one(c):  # type: ignore[no-untyped-def]
+            try:
+                fn(c)
+                return True
+            except BackendError:
+                return False
+        return sum(self.pool.map(one, self.asds.live(writable=False)))
+
+    # -- objects -----------------------------------------------------------------
+
+    def put(self, ns: str, name: str, data: bytes | memoryview) -> None:
+        check_name("object", name)
+        if not self.index.has_ns(ns):
+            raise NotFound(f"backend namespace {ns} does not exist")
+        self.writer.put(ns, name, data, self.preset)
+
+    def install(self, ns: str, name: str, man: Manifest) -> None:
+        """Make a freshly written manifest current and retire the version it replaces."""
+        old = self.index.set(ns, name, man)
+        if old is not None and old.vid != man.vid:
+            self.pool.submit(self.purge, old, set(man.replica_ids()), ns, name)
+
+    def purge(self, man: Manifest, keep_replicas: set[str], ns: str, name: str) -> None:
+        """Delete an old version's fragments and manifest copies (best effort: garbage
+        left on an unreachable ASD is collected by maintenance.gc)."""
+        for i, ch in enumerate(man.chunks):
+            for j in range(len(ch.asds)):
+                key = man.fragment_key(i, j)
+                self.fcache.discard(key)
+                c = self.asds.get(man.fragment_asd(i, j))
+                if c is not None:
+                    try:
+                        c.delete(key)
+                    except BackendError:
+                        pass
+        for a in man.replica_ids():
+            c = self.asds.get(a)
+            if c is not None and a not in keep_replicas:
+                try:
+                    c.delete(manifest_key(ns, name))
+                except BackendError:
+                    pass
+
+    def delete(self, ns: str, name: str) -> None:
+        check_name("object", name)
+        man = self.index.set(ns, name, None)
+        if man is None:
+            return
+        self.purge(man, set(), ns, name)
+
+    def list(self, ns: str, prefix: str = "") -> list[str]:
+        names = self.index.names(ns)
+        if names is None:
+            raise NotFound(f"backend namespace {ns} does not exist")
+        return [n for n in names if n.startswith(prefix)]
+
+    def usage(self) -> dict[str, int]:
+        cap = free = 0
+        for c in self.asds.live(writable=False):
+            try:
+                u = c.usage()
+            except BackendError:
+                continue
+            cap += u["capacity"]
+            free += u["free"]
+        return {"capacity": cap, "free": free}
+
+    def _manifest(self, ns: str, name: str) -> Manifest:
+        man = self.index.get(ns, name)
+        if man is None:
+            if not self.index.has_ns(ns):
+                raise NotFound(f"backend namespace {ns} does not exist")
+            raise NotFound(f"backend object {ns}/{name} does not exist")
+        return man
+
+    def get(self, ns: str, name: str) -> bytes:
+        return self._read(ns, name, 0, None)
+
+    def get_range(self, ns: str, name: str, offset: int, length: int) -> bytes:
+        return self._read(ns, name, offset, length)
+
+    def _read(self, ns: str, name: str, offset: int, length: int | None) -> bytes:
+        for attempt in range(3):
+            man = self._manifest(ns, name)
+            n = man.size - offset if length is None else length
+            if offset < 0 or n < 0 or offset + n > man.size:
+                raise BackendError(f"backend object {ns}/{name} is shorter than {offset + n} bytes")
+            try:
+                return self.read_manifest(man, offset, n, (ns, name))
+            except DataError:
+                if self.index.get(ns, name) is not man and attempt < 2:
+                    continue  # replaced by a put while we read: read the new version
+                raise
+        raise DataError(f"backend object {ns}/{name} keeps changing under a read")
+
+    # -- the read path -----------------------------------------------------------
+
+    def read_manifest(self, man: Manifest, offset: int, length: int, owner: tuple[str, str]) -> bytes:
+        if length == 0:
+            return b""
+        cs = man.chunk_size
+        parts = []
+        for i in range(offset // cs, (offset + length - 1) // cs + 1):
+            a = max(offset, i * cs) - i * cs
+            b = min(offset + length, i * cs + man.chunk_len(i)) - i * cs
+            if man.raw:
+                parts.append(self._read_raw(man, i, a, b, owner))
+            else:
+                parts.append(self.chunk_plain(man, i, owner)[a:b])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_raw(self, man: Manifest, i: int, a: int, b: int, owner: tuple[str, str]) -> bytes:
+        fs = man.chunks[i].frag_size
+        pieces = [(j, max(a, j * fs) - j * fs, min(b, (j + 1) * fs) - j * fs)
+                  for j in range(a // fs, (b - 1) // fs + 1)]
+
+        def fetch(p: tuple[int, int, int]) -> bytes | None:
+            return self._frag_range(man, i, p[0], p[1], p[2] - p[1], owner)
+
+        got = [fetch(pieces[0])] if len(pieces) == 1 else list(self.pool.map(fetch, pieces))
+        if any(g is None for g in got):
+            # A data fragment is gone or damaged: decode the chunk from the others.
+            return self.chunk_stored(man, i, owner)[a:b]
+        return got[0] if len(got) == 1 else b"".join(got)  # type: ignore[arg-type]
+
+    def _frag_range(self, man: Manifest, i: int, j: int, lo: int, n: int,
+                    owner: tuple[str, str]) -> bytes | None:
+        key = man.fragment_key(i, j)
+        data = self.fcache.read(key, EC_HEADER + lo, n)
+        if data is not None:
+            return data
+        c = self.asds.get(man.fragment_asd(i, j))
+        if c is None:
+            return None
+        try:
+            return bytes(c.get_range(key, EC_HEADER + lo, n, crc=man.chunks[i].crcs[j]))
+        except BackendError as e:
+            log.info("fragment %s on %s unreadable (%s): decoding around it", key, c.addr, e)
+            self.mark_dirty(*owner)
+            return None
+
+    def _frag_full(self, man: Manifest, i: int, j: int, owner: tuple[str, str]) -> bytes | None:
+        key = man.fragment_key(i, j)
+        crc = man.chunks[i].crcs[j]
+        data = self.fcache.read(key)
+        if data is not None and codec.crc32c.crc32c(data) == crc:
+            return data
+        c = self.asds.get(man.fragment_asd(i, j))
+        if c is None:
+            return None
+        try:
+            data = bytes(c.get(key, crc=crc))
+        except BackendError as e:
+            log.info("fragment %s on %s unreadable (%s)", key, c.addr, e)
+            if not isinstance(e, NotFound) or c.up:
+                self.mark_dirty(*owner)
+            return None
+        self.fcache.put(key, data)
+        return data
+
+    def fetch_fragments(self, man: Manifest, i: int, owner: tuple[str, str], want: int,
+                        skip: Iterable[int] = ()) -> dict[int, bytes]:
+        """At least `want` readable fragments of chunk i (data fragments first)."""
+        width = man.policy.k + man.policy.m
+        order = [j for j in range(width) if j not in set(skip)]
+        got: dict[int, bytes] = {}
+        pos = 0
+        while len(got) < want and pos < len(order):
+            wave = order[pos:pos + want - len(got)]
+            pos += len(wave)
+            for j, data in zip(wave, self.pool.map(lambda j: self._frag_full(man, i, j, owner), wave)):
+                if data is not None:
+                    got[j] = data
+        return got
+
+    def chunk_stored(self, man: Manifest, i: int, owner: tuple[str, str]) -> bytes:
+        k, m = man.policy.k, man.policy.m
+        got = self.fetch_fragments(man, i, owner, k)
+        if len(got) < k:
+            raise DataError(f"chunk {i} of {owner[0]}/{owner[1]}: only {len(got)} of {k} "
+                            f"fragments readable")
+        return codec.decode(got, k, m, man.chunks[i].stored_len)
+
+    def chunk_plain(self, man: Manifest, i: int, owner: tuple[str, str]) -> bytes:
+        data = self.ccache.get(man.vid, i)
+        if data is None:
+            aead = self.keys.get(man.key_id) if man.encryption != "none" and self.keys else None
+            if man.encryption != "none" and aead is None:
+                raise DataError("object is encrypted and no key file was given")
+            data = codec.untransform(self.chunk_stored(man, i, owner), man.chunks[i].flags,
+                                     man.compression, aead, man.vid, i, man.chunk_len(i))
+            self.ccache.put(man.vid, i, data)
+        return data
+
+    # -- status ------------------------------------------------------------------
+
+    def drop_caches(self) -> int:
+        self.ccache.drop()
+        return self.fcache.drop()
+
+    def status(self) -> dict:  # type: ignore[type-arg]
+        return self.maintenance.status()
+
+    def now(self) -> float:
+        return time.time()
+
+
+def new_vid() -> bytes:
+    return os.urandom(8)

@@ -1,0 +1,201 @@
+"""The write path of the proxy: encode, place, send, acknowledge at c, replicate the manifest.
+
+Kept apart from proxy.py because it is the one place with background work that
+outlives the call: fragments beyond the c-th keep being written after the put
+returned, and report failures to maintenance through `mark_dirty`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from ovsfs.backend import codec
+from ovsfs.backend.index import manifest_key
+from ovsfs.backend.manifest import Chunk, Manifest
+from ovsfs.backend.policy import Preset, chunk_layout
+from ovsfs.errors import BackendError, NoSpace
+
+if TYPE_CHECKING:
+    from ovsfs.backend.proxy import ProxyStore
+
+IN_FLIGHT_CHUNKS = 2  # chunks encoded ahead of the acknowledged ones: bounds memory
+
+
+class ChunkWrite:
+    """The k+m fragment puts of one chunk, acknowledged once c succeed."""
+
+    def __init__(self, proxy: "ProxyStore", man: Manifest, i: int, frags: list[bytes],
+                 targets: list[str], c: int) -> None:
+        self.proxy, self.man, self.i = proxy, man, i
+        self.frags, self.targets, self.c = frags, targets, c
+        self.cv = threading.Condition()
+        self.ok: set[int] = set()
+        self.done = 0
+        self.owner: tuple[str, str] | None = None  # set once the put is acknowledged
+        self.late_failure = False
+
+    def start(self) -> None:
+        for j, asd in enumerate(self.targets):
+            self.proxy.pool.submit(self._one, j, asd)
+
+    def _one(self, j: int, asd_id: str) -> None:
+        ok = self.put_fragment(j, asd_id)
+        with self.cv:
+            self.done += 1
+            if ok:
+                self.ok.add(j)
+            owner = None if ok else self.owner
+            self.cv.notify_all()
+        if owner is not None and owner[0]:
+            self.proxy.mark_dirty(*owner)  # failed after the put was acknowledged
+
+    def put_fragment(self, j: int, asd_id: str) -> bool:
+        c = self.proxy.asds.get(asd_id)
+        if c is None:
+            return False
+        try:
+            c.put(self.man.fragment_key(self.i, j), self.frags[j], self.man.chunks[self.i].crcs[j])
+            return True
+        except BackendError:
+            return False
+
+    def wait_ack(self) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: len(self.ok) >= self.c or self.done == len(self.targets))
+
+    def wait_all(self) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.done == len(self.targets))
+
+    def finish(self) -> None:
+        """Return once c fragments are stored, placing failed ones on other ASDs if needed."""
+        self.wait_ack()
+        with self.cv:
+            if len(self.ok) >= self.c:
+                return
+            failed = [j for j in range(len(self.targets)) if j not in self.ok]
+        asds = self.proxy.asds
+        used = Counter(asds.node_of(self.targets[j]) for j in self.ok)
+        for j in failed:
+            if len(self.ok) >= self.c:
+                break
+            try:
+                (alt,) = asds.choose(1, self.man.policy.x, exclude=self.man.used_asds(), node_use=used)
+            except NoSpace:
+                break
+            if self.put_fragment(j, alt):
+                self.man.set_fragment(self.i, j, alt)
+                self.ok.add(j)
+                used[asds.node_of(alt)] += 1
+        if len(self.ok) < self.c:
+            raise BackendError(f"chunk {self.i}: only {len(self.ok)} of {self.c} fragments could be stored")
+
+    def acknowledge(self, owner: tuple[str, str]) -> bool:
+        """Record who to report late failures to; True if some already failed."""
+        with self.cv:
+            self.owner = owner
+            return self.done > len(self.ok)
+
+
+class ObjectWriter:
+    def __init__(self, proxy: "ProxyStore") -> None:
+        self.proxy = proxy
+
+    def put(self, ns: str, name: str, data: bytes | memoryview, preset: Preset) -> Manifest:
+        man, writes = self.write_object(data, preset)
+        degraded = self.write_manifest(ns, name, man)
+        for w in writes:
+            degraded |= w.acknowledge((ns, name))
+        self.proxy.install(ns, name, man)
+        if degraded:
+            self.proxy.mark_dirty(ns, name)
+        return man
+
+    def write_object(self, data: bytes | memoryview, preset: Preset) -> tuple[Manifest, list[ChunkWrite]]:
+        p = self.proxy
+        view = memoryview(data).cast("B")
+        policy = preset.choose(p.asds.node_counts())
+        if policy is None:
+            raise NoSpace(f"preset {preset.name}: no policy fits the {len(p.asds.live())} live ASDs")
+        k, m = policy.k, policy.m
+        aead, key_id = None, 0
+        if preset.encryption != "none":
+            assert p.keys is not None
+            key_id = p.keys.current
+            aead = p.keys.get(key_id)
+        chunk, n = chunk_layout(len(view), k, preset.max_fragment_size)
+        vid = os.urandom(8)
+        man = Manifest(time.time_ns(), vid, len(view), policy, preset.compression, preset.encryption,
+                       key_id, preset.max_fragment_size, chunk)
+        writes: list[ChunkWrite] = []
+        try:
+            for i in range(n):
+                if i >= IN_FLIGHT_CHUNKS:
+                    writes[i - IN_FLIGHT_CHUNKS].wait_ack()
+                stored, flags = codec.transform(view[i * chunk:(i + 1) * chunk], preset.compression,
+                                                aead, vid, i)
+                frags, crcs, fsize = codec.encode(stored, k, m)
+                targets = p.asds.choose(k + m, policy.x)
+                man.chunks.append(Chunk(len(stored), fsize, flags, [man.asd_index(t) for t in targets], crcs))
+                w = ChunkWrite(p, man, i, frags, targets, policy.c)
+                w.start()
+                writes.append(w)
+            for w in writes:
+                w.finish()
+        except BaseException:
+            for w in writes:  # nothing will point at these fragments: drop them
+                w.wait_all()
+            p.purge(man, set(), "", "")
+            raise
+        return man, writes
+
+    def write_manifest(self, ns: str, name: str, man: Manifest) -> bool:
+        """Store the manifest on m+1 ASDs (preferring ones holding its fragments).
+        Returns True when fewer copies than that could be made (maintenance adds them)."""
+        p = self.proxy
+        want = man.policy.m + 1
+        prefer = [man.asds[i] for i in (man.chunks[0].asds if man.chunks else [])]
+        try:
+            targets = p.asds.choose(min(want, len(p.asds.live(writable=False))), want,
+                                    prefer=prefer)
+        except NoSpace:
+            targets = []
+        key = manifest_key(ns, name)
+        ok = self._copies(man, key, targets)
+        tried = set(targets)
+        while len(ok) < want:
+            spare = [c.asd_id for c in p.asds.live(writable=False) if c.asd_id not in tried]
+            if not spare:
+                break
+            extra = spare[:want - len(ok)]
+            tried |= set(extra)
+            ok += self._copies(man, key, extra)
+        if not ok:
+            raise BackendError(f"manifest of {ns}/{name} could not be stored on any ASD")
+        if set(ok) != set(targets):
+            self._copies(man, key, ok)  # copies name each other: rewrite them with the final list
+        return len(ok) < want
+
+    def _copies(self, man: Manifest, key: str, targets: list[str]) -> list[str]:
+        p = self.proxy
+        man.replicas = [man.asd_index(t) for t in targets]
+        blob = man.encode()
+
+        def one(asd_id: str) -> bool:
+            c = p.asds.get(asd_id)
+            try:
+                if c is None:
+                    return False
+                c.put(key, blob)
+                return True
+            except BackendError:
+                return False
+
+        results = list(p.pool.map(one, targets))
+        ok = [t for t, r in zip(targets, results) if r]
+        man.replicas = [man.asd_index(t) for t in ok]
+        return ok
