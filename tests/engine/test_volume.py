@@ -160,6 +160,11 @@ class GatedStore(LocalStore):
             self.gate.wait()
         super().put(ns, name, data)
 
+    def put_file(self, ns: str, name: str, path: Path) -> None:
+        if name.startswith("sco/"):
+            self.gate.wait()
+        super().put_file(ns, name, path)
+
 
 def test_full_write_buffer_makes_writes_wait_not_fail(tmp_path: Path) -> None:
     cfg = small_config(tmp_path)  # write buffer: 4 SCOs of 8 clusters
