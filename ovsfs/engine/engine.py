@@ -125,7 +125,7 @@ class Engine:
         return Volume(rec, self.wb_root, self.store, self.wb, self.cfg.engine, parent, self._has_clones)
 
     def _has_clones(self, vol: Volume, epoch: int | None) -> bool:
-        for v in self.volumes.values():
+        for v in list(self.volumes.values()):
             p = v.meta.get("parent")
             if p and p["ns"] == vol.ns and (epoch is None or p["epoch"] == epoch):
                 return True
@@ -147,10 +147,12 @@ class Engine:
             return rec
 
     def list_vpools(self) -> list[dict[str, Any]]:
+        with self.lock:
+            vols = list(self.volumes.values())
         out = []
         for rec in self.registry.list("/vpools/").values():
             rec = dict(rec)
-            rec["volumes"] = sum(1 for v in self.volumes.values() if v.vpool == rec["name"])
+            rec["volumes"] = sum(1 for v in vols if v.vpool == rec["name"])
             out.append(rec)
         return out
 
@@ -169,8 +171,9 @@ class Engine:
             raise NotFound(f"volume {name} does not exist") from None
 
     def list_volumes(self, vpool: str | None = None) -> list[dict[str, Any]]:
-        return [v.info() for v in sorted(self.volumes.values(), key=lambda v: v.name)
-                if vpool is None or v.vpool == vpool]
+        with self.lock:
+            vols = sorted(self.volumes.values(), key=lambda v: v.name)
+        return [v.info() for v in vols if vpool is None or v.vpool == vpool]
 
     def create_volume(self, name: str, size: int, vpool: str = "default",
                       parent: dict[str, Any] | None = None) -> Volume:
@@ -254,11 +257,14 @@ class Engine:
     # ---- maintenance --------------------------------------------------------------------
 
     def scrub(self, name: str | None = None) -> list[dict[str, Any]]:
-        vols = [self.volume(name)] if name else list(self.volumes.values())
+        with self.lock:
+            vols = [self.volume(name)] if name else list(self.volumes.values())
         return [scrub_volume(v, self.cfg.engine.scrub_threshold) for v in vols]
 
     def stats(self) -> dict[str, Any]:
-        infos = [v.info() for v in self.volumes.values()]
+        with self.lock:
+            vols = list(self.volumes.values())
+        infos = [v.info() for v in vols]
         return {
             "vpools": len(self.list_vpools()), "volumes": len(infos),
             "map_resident_bytes": sum(i["map_resident_bytes"] for i in infos),

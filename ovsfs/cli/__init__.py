@@ -1,0 +1,1 @@
+"""The `ovsfs` command line."""

@@ -1,0 +1,240 @@
+"""The node daemon: one trio nursery running the engine's management API and every door.
+
+`ovsfs daemon --config FILE` is the service form (systemd, Type=notify); `ovsfs run
+--state DIR` is the embedded single-node default, which writes a default config into
+the state directory on first start.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import importlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from ovsfs.config import DEFAULT_TOML, Config, load
+from ovsfs.errors import OvsfsError
+
+log = logging.getLogger("ovsfs.daemon")
+
+# (name, module, enabled?) of each door; modules are imported only when enabled.
+DOORS: list[tuple[str, str, Callable[[Config], bool]]] = [
+    ("nbd", "ovsfs.nbd.server", lambda cfg: cfg.nbd.enabled),
+    ("fuse", "ovsfs.fuse.mount", lambda cfg: cfg.fuse.enabled),
+]
+
+
+class Notifier:
+    """sd_notify to systemd; does nothing when not started by systemd."""
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._n: Any = None
+        if self.enabled:
+            import sdnotify
+
+            self._n = sdnotify.SystemdNotifier()
+
+    def __call__(self, text: str) -> None:
+        if self._n is not None:
+            self._n.notify(text)
+
+    def watchdog_interval(self) -> float | None:
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        if not self.enabled or not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+            return None
+        return int(usec) / 2e6
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _door(name: str, serve: Any, engine: Any, cfg: Config, doors: dict[str, str],
+                *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run one door; a door that fails is logged and reported, the others keep serving."""
+    started = False
+    try:
+        async with trio.open_nursery() as inner:
+            await inner.start(functools.partial(serve, engine, cfg))
+            doors[name] = "running"
+            log.info("%s door is serving", name)
+            started = True
+            task_status.started()
+    except Exception as e:
+        leaf = _leaf(e)
+        log.error("%s door failed: %s", name, getattr(leaf, "message", None) or leaf,
+                  exc_info=not isinstance(leaf, (OvsfsError, OSError)))
+        doors[name] = f"failed: {leaf}"
+        if not started:
+            task_status.started()
+
+
+def _import_door(name: str, module: str) -> Any | None:
+    try:
+        return importlib.import_module(module).serve
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            log.warning("%s door: module %s does not exist yet; skipping it", name, module)
+        else:
+            log.error("%s door: cannot import %s (%s); skipping it", name, module, e)
+    except (ImportError, AttributeError) as e:
+        log.error("%s door: cannot load %s (%s); skipping it", name, module, e)
+    return None
+
+
+async def _watch_signals(signals: Any, scope: trio.CancelScope, notify: Notifier) -> None:
+    async for signum in signals:
+        log.info("got %s: shutting down", signal.Signals(signum).name)
+        notify("STOPPING=1")
+        scope.cancel()
+        return
+
+
+async def _watchdog(notify: Notifier, interval: float) -> None:
+    while True:
+        notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+async def amain(cfg: Config) -> int:
+    from ovsfs.backend.local import LocalStore
+    from ovsfs.engine.engine import Engine
+    from ovsfs.mgmt.api import Api
+    from ovsfs.mgmt.http import serve_unix
+
+    notify = Notifier()
+    # Held open through engine.close() so a second signal cannot interrupt the clean close.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        notify("STATUS=opening the engine")
+        engine = Engine(cfg, LocalStore(cfg.path(cfg.backend.path)))
+        try:
+            await trio.to_thread.run_sync(engine.open)
+        except Exception as e:
+            log.error("cannot open the engine: %s", getattr(e, "message", None) or e,
+                      exc_info=not isinstance(e, OvsfsError))
+            return 1
+        rc = 0
+        try:
+            if not await trio.to_thread.run_sync(engine.list_vpools):
+                await trio.to_thread.run_sync(engine.create_vpool, "default")
+                log.info("first start: created vPool default")
+            doors: dict[str, str] = {}
+            sock = cfg.path(cfg.mgmt.socket)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_signals, signals, nursery.cancel_scope, notify)
+                for name, module, enabled in DOORS:
+                    if not enabled(cfg):
+                        doors[name] = "disabled"
+                        continue
+                    serve = _import_door(name, module)
+                    if serve is None:
+                        doors[name] = "unavailable"
+                        continue
+                    doors[name] = "starting"
+                    await nursery.start(_door, name, serve, engine, cfg, doors)
+                # The API comes last: once /status answers, every door is listening.
+                await nursery.start(serve_unix, sock, Api(engine, cfg, doors))
+                log.info("management API on %s", sock)
+                interval = notify.watchdog_interval()
+                if interval:
+                    nursery.start_soon(_watchdog, notify, interval)
+                nvol = len(engine.volumes)
+                running = ", ".join(n for n, s in doors.items() if s == "running") or "none"
+                notify(f"READY=1\nSTATUS=serving {nvol} volumes; doors: {running}")
+                log.info("ready: %d volumes; doors: %s", nvol, running)
+        except Exception as e:
+            leaf = _leaf(e)
+            log.error("daemon failed: %s", getattr(leaf, "message", None) or leaf,
+                      exc_info=not isinstance(leaf, OvsfsError))
+            rc = 1
+        finally:
+            notify("STOPPING=1\nSTATUS=closing the engine")
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(engine.close)
+                    log.info("engine closed")
+                except Exception:
+                    log.exception("closing the engine failed")
+                    rc = 1
+    return rc
+
+
+class StateLock:
+    """The pid file, locked for the daemon's lifetime: one daemon per state directory.
+
+    flock dies with the process, so a pid file left by kill -9 never blocks a restart.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OvsfsError(f"another ovsfs daemon (pid {other}) is running on this state directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+def load_config(config: Path | None, state: Path, embedded: bool) -> Config:
+    if embedded:
+        state.mkdir(parents=True, exist_ok=True)
+        config = state / "ovsfs.toml"
+        if not config.exists():
+            config.write_text(DEFAULT_TOML)
+    return load(config, state)
+
+
+def main(config: Path | None, state: Path, embedded: bool) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
+    try:
+        cfg = load_config(config, state, embedded)
+    except OvsfsError as e:
+        print(f"ovsfs: error: {e.message}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"ovsfs: error: cannot prepare state directory {state}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lock = StateLock(cfg.path(cfg.node.run_dir) / "ovsfs.pid")
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OvsfsError as e:
+        print(f"ovsfs: error: {e.message}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"ovsfs: error: cannot prepare {cfg.state_dir}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    log.info("ovsfs daemon (pid %d) starting on %s", os.getpid(), cfg.state_dir)
+    try:
+        rc = trio.run(amain, cfg)
+    finally:
+        lock.release()
+    log.info("stopped (exit %d)", rc)
+    return rc
