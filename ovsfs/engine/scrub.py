@@ -47,8 +47,7 @@ def scrub_volume(vol: Volume, threshold: float) -> dict[str, Any]:
         moved = np.zeros(0, dtype=np.uint64)
         if low:
             moved = live[np.isin(live >> SCO_SHIFT, np.array(low, dtype=np.uint64))]
-            buf = bytearray(len(moved) * cs)
-            vol._fill(buf, np.arange(len(moved)), moved)
+            buf = vol.read_locations(moved)
             vol._append(np.zeros(len(moved), dtype=np.uint64), bytes(buf), moved_from=moved)
         victims = dead + low
         if victims:

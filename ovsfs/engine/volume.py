@@ -143,12 +143,12 @@ class Volume:
     def read(self, offset: int, length: int, snapshot: str | None = None) -> bytes:
         with self.lock:
             epoch, size = self._view(snapshot)
-            self._check_range(offset, length, size)
-            if length == 0:
-                return b""
-            cs = self.cluster_size
-            first, last = offset // cs, (offset + length - 1) // cs
-            buf = self._read_clusters(np.arange(first, last + 1, dtype=np.uint64), epoch)
+        self._check_range(offset, length, size)
+        if length == 0:
+            return b""
+        cs = self.cluster_size
+        first, last = offset // cs, (offset + length - 1) // cs
+        buf = self._read_clusters(np.arange(first, last + 1, dtype=np.uint64), epoch)
         start = offset - first * cs
         if start == 0 and length == len(buf):
             return bytes(buf)
@@ -164,15 +164,15 @@ class Volume:
         cs = self.cluster_size
         with self.lock:
             epoch, size = self._view(snapshot)
-            if offs.min() < 0 or lens.min() < 0 or (offs + lens).max() > size:
-                for o, ln in reqs:
-                    self._check_range(o, ln, size)
-            lens_c = np.maximum(lens, 1)
-            firsts = offs // cs
-            counts = (offs + lens_c - 1) // cs - firsts + 1
-            starts = np.cumsum(counts) - counts
-            addrs = (np.repeat(firsts, counts) + np.arange(int(counts.sum())) - np.repeat(starts, counts)).astype(np.uint64)
-            buf = self._read_clusters(addrs, epoch)
+        if offs.min() < 0 or lens.min() < 0 or (offs + lens).max() > size:
+            for o, ln in reqs:
+                self._check_range(o, ln, size)
+        lens_c = np.maximum(lens, 1)
+        firsts = offs // cs
+        counts = (offs + lens_c - 1) // cs - firsts + 1
+        starts = np.cumsum(counts) - counts
+        addrs = (np.repeat(firsts, counts) + np.arange(int(counts.sum())) - np.repeat(starts, counts)).astype(np.uint64)
+        buf = self._read_clusters(addrs, epoch)
         view = memoryview(buf)
         out = []
         for o, ln, f, st in zip(offs.tolist(), lens.tolist(), firsts.tolist(), starts.tolist()):
@@ -200,52 +200,76 @@ class Volume:
         return out
 
     def _read_clusters(self, addrs: np.ndarray, epoch: int | None) -> bytearray:
+        """Clusters as of `epoch`. Local SCOs are read under each volume's lock (eviction
+        closes their files); backend reads happen after it is released, so a slow backend
+        never holds up writers. An SCO the scrubber removed meanwhile means the map moved
+        on: look up again once."""
         cs = self.cluster_size
         out = bytearray(len(addrs) * cs)
-        for vol, idx, locs in self._resolve(addrs, epoch):
-            with vol.lock:
-                vol._fill(out, idx, locs)
+        for attempt in range(2):
+            remote: list[tuple[Volume, int, int, int, int]] = []
+            for vol, idx, locs in self._resolve(addrs, epoch):
+                with vol.lock:
+                    vol._fill(out, idx, locs, remote)
+            try:
+                for vol, sco, ci, count, at in remote:
+                    out[at:at + count * cs] = vol.store.get_range(vol.ns, sco_name(sco), ci * cs, count * cs)
+                return out
+            except NotFound:
+                if attempt:
+                    raise DataError(f"{self.name}: SCO {sco} is missing from the backend") from None
         return out
 
-    def _fill(self, out: bytearray, idx: np.ndarray, locs: np.ndarray) -> None:
+    def _fill(self, out: bytearray, idx: np.ndarray, locs: np.ndarray,
+              remote: list[tuple["Volume", int, int, int, int]]) -> None:
+        """Copy local clusters into `out`; list the runs that must come from the backend."""
         cs = self.cluster_size
         if len(locs) > 1:
             order = np.argsort(locs, kind="stable")
             locs, idx = locs[order], idx[order]
             brk = np.flatnonzero((np.diff(locs) != 1) | (np.diff(idx) != 1)) + 1
-            starts = np.concatenate(([0], brk))
-            ends = np.concatenate((brk, [len(locs)]))
+            starts = [0, *brk.tolist()]
+            ends = [*brk.tolist(), len(locs)]
         else:
-            starts, ends = np.array([0]), np.array([len(locs)])
+            starts, ends = [0], [len(locs)]
         view = memoryview(out)
-        for s, e in zip(starts.tolist(), ends.tolist()):
+        for s, e in zip(starts, ends):
             loc = int(locs[s])
-            data = self._read_sco(loc >> SCO_SHIFT, loc & IDX_MASK, e - s)
-            i0 = int(idx[s]) * cs
-            view[i0:i0 + len(data)] = data
+            sco, ci, at = loc >> SCO_SHIFT, loc & IDX_MASK, int(idx[s]) * cs
+            data = self._read_local(sco, ci, e - s)
+            if data is None:
+                remote.append((self, sco, ci, e - s, at))
+            else:
+                view[at:at + len(data)] = data
 
-    def _read_sco(self, sco: int, ci: int, count: int) -> bytes:
+    def read_locations(self, locs: np.ndarray) -> bytearray:
+        """The clusters at these locations of this volume (the scrubber's read)."""
         cs = self.cluster_size
-        if sco in self.local_scos:
-            fd = self.read_fds.get(sco)
-            if fd is None:
-                try:
-                    fd = os.open(self.sco_dir / str(sco), os.O_RDONLY)
-                except FileNotFoundError:
-                    self.local_scos.discard(sco)
-                    fd = None
-                if fd is not None:
-                    self.read_fds[sco] = fd
-            if fd is not None:
-                data = os.pread(fd, count * cs, ci * cs)
-                if len(data) == count * cs:
-                    self.wb.touch((self, sco))
-                    return data
-                raise DataError(f"{self.name}: SCO {sco} is shorter than expected")
-        try:
-            return self.store.get_range(self.ns, sco_name(sco), ci * cs, count * cs)
-        except NotFound:
-            raise DataError(f"{self.name}: SCO {sco} is missing from the backend") from None
+        out = bytearray(len(locs) * cs)
+        remote: list[tuple[Volume, int, int, int, int]] = []
+        with self.lock:
+            self._fill(out, np.arange(len(locs)), locs, remote)
+        for _vol, sco, ci, count, at in remote:
+            out[at:at + count * cs] = self.store.get_range(self.ns, sco_name(sco), ci * cs, count * cs)
+        return out
+
+    def _read_local(self, sco: int, ci: int, count: int) -> bytes | None:
+        if sco not in self.local_scos:
+            return None
+        cs = self.cluster_size
+        fd = self.read_fds.get(sco)
+        if fd is None:
+            try:
+                fd = os.open(self.sco_dir / str(sco), os.O_RDONLY)
+            except FileNotFoundError:
+                self.local_scos.discard(sco)
+                return None
+            self.read_fds[sco] = fd
+        data = os.pread(fd, count * cs, ci * cs)
+        if len(data) != count * cs:
+            raise DataError(f"{self.name}: SCO {sco} is shorter than expected")
+        self.wb.touch((self, sco))
+        return data
 
     def extents(self, offset: int, length: int, snapshot: str | None = None) -> list[tuple[int, int, bool]]:
         """Allocated and unallocated runs covering [offset, offset+length)."""
