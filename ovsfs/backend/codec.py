@@ -148,10 +148,8 @@ def decode(frags: dict[int, bytes | bytearray], k: int, m: int, stored_len: int)
     if len(frags) < k:
         raise DataError(f"only {len(frags)} of the {k} fragments needed are readable")
     if all(i in frags for i in range(k)):
-        fsize = len(frags[0]) - EC_HEADER
         # Systematic code: the data fragments are the chunk, no arithmetic needed.
-        out = b"".join(memoryview(frags[i])[EC_HEADER:] for i in range(k))
-        return out[:stored_len] if len(out) >= stored_len and fsize >= 0 else _dec(frags, k, m)
+        return b"".join(memoryview(frags[i])[EC_HEADER:] for i in range(k))[:stored_len]
     return _dec(frags, k, m)[:stored_len]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ovsfs.backend.manifest import NONE, Manifest
 from ovsfs.backend.placement import AsdSet
-from ovsfs.errors import BackendError, DataError
+from ovsfs.errors import BackendError, DataError, OvsfsError
 
 log = logging.getLogger("ovsfs.backend.index")
 _ENT = struct.Struct(">HHI")
@@ -106,7 +106,7 @@ class Index:
         def scan(c):  # type: ignore[no-untyped-def]
             try:
                 return c.scan("n/"), c.scan("m/")
-            except BackendError as e:
+            except OvsfsError as e:
                 log.warning("cannot scan %s: %s", c.addr, e)
                 return {}, {}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ovsfs.backend.asd_client import AsdClient
-from ovsfs.errors import BackendError, NoSpace, NotFound
+from ovsfs.errors import BackendError, NoSpace, NotFound, OvsfsError
 
 
 class AsdSet:
@@ -42,7 +42,7 @@ class AsdSet:
         try:
             c.info()
             self.by_id[c.asd_id] = c
-        except BackendError:
+        except OvsfsError:
             self.pending.append(c)
         return c
 
@@ -109,8 +109,9 @@ class AsdSet:
         return list(Counter(c.node for c in self.live()).values())
 
     def choose(self, n: int, x: int, exclude: Iterable[str] = (), node_use: Counter[str] | None = None,
-               prefer: Iterable[str] = ()) -> list[str]:
-        """n distinct live ASD ids, at most x per node counting `node_use` already placed."""
+               prefer: Iterable[str] = (), at_least: int | None = None) -> list[str]:
+        """n distinct live ASD ids (or as few as `at_least`), at most x per node counting
+        `node_use` already placed."""
         excluded = set(exclude)
         per_node = Counter(node_use or {})
         preferred = [p for p in prefer if p in self.by_id]
@@ -124,7 +125,7 @@ class AsdSet:
             if per_node[c.node] < x:
                 out.append(c.asd_id)
                 per_node[c.node] += 1
-        if len(out) < n:
+        if len(out) < (n if at_least is None else at_least):
             raise NoSpace(f"need {n} ASDs (at most {x} per node), only {len(out)} usable")
         return out
 

@@ -78,6 +78,15 @@ class Preset:
                 return p
         return None
 
+    def choose_degraded(self, asds_per_node: Iterable[int]) -> Policy | None:
+        """When no policy gets all k+m fragments placed: the first one that still gets c
+        (the rest are left to maintenance, as with a slow ASD)."""
+        counts = list(asds_per_node)
+        for p in self.policies:
+            if sum(min(n, p.x) for n in counts) >= p.c:
+                return p
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["policies"] = [[p.k, p.m, p.c, p.x] for p in self.policies]

@@ -21,7 +21,6 @@ is missing, unreachable or fails its CRC is replaced by decoding from the others
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +35,7 @@ from ovsfs.backend.placement import AsdSet
 from ovsfs.backend.policy import EC_HEADER, Preset
 from ovsfs.backend.store import check_name
 from ovsfs.backend.writer import ObjectWriter
-from ovsfs.errors import BackendError, DataError, NotFound
+from ovsfs.errors import BackendError, DataError, NotFound, OvsfsError
 
 log = logging.getLogger("ovsfs.backend.proxy")
 
@@ -65,6 +64,7 @@ class ProxyStore:
         self.ccache = ChunkCache()
         self.dirty: set[tuple[str, str]] = set()
         self.dirty_lock = threading.Lock()
+        self._locks = [threading.Lock() for _ in range(64)]
         self.writer = ObjectWriter(self)
         from ovsfs.backend.maintenance import Maintenance  # maintenance drives the proxy
         self.maintenance = Maintenance(self, down_timeout=down_timeout)
@@ -76,6 +76,10 @@ class ProxyStore:
         self.pool.shutdown(wait=True)
         self.index.close()
         self.asds.close()
+
+    def obj_lock(self, ns: str, name: str) -> threading.Lock:
+        """Serialises manifest replacement of one object (put vs repair)."""
+        return self._locks[hash((ns, name)) % len(self._locks)]
 
     def mark_dirty(self, ns: str, name: str) -> None:
         with self.dirty_lock:
@@ -109,7 +113,7 @@ class ProxyStore:
             try:
                 fn(c)
                 return True
-            except BackendError:
+            except OvsfsError:
                 return False
         return sum(self.pool.map(one, self.asds.live(writable=False)))
 
@@ -120,6 +124,14 @@ class ProxyStore:
         if not self.index.has_ns(ns):
             raise NotFound(f"backend namespace {ns} does not exist")
         self.writer.put(ns, name, data, self.preset)
+
+    def put_file(self, ns: str, name: str, path: Path) -> None:
+        """A sealed local file (SCO, TLog): read once, then the same path as put."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise BackendError(f"backend put {ns}/{name}: cannot read {path}: {e.strerror}") from e
+        self.put(ns, name, data)
 
     def install(self, ns: str, name: str, man: Manifest) -> None:
         """Make a freshly written manifest current and retire the version it replaces."""
@@ -138,14 +150,14 @@ class ProxyStore:
                 if c is not None:
                     try:
                         c.delete(key)
-                    except BackendError:
+                    except OvsfsError:
                         pass
         for a in man.replica_ids():
             c = self.asds.get(a)
             if c is not None and a not in keep_replicas:
                 try:
                     c.delete(manifest_key(ns, name))
-                except BackendError:
+                except OvsfsError:
                     pass
 
     def delete(self, ns: str, name: str) -> None:
@@ -166,7 +178,7 @@ class ProxyStore:
         for c in self.asds.live(writable=False):
             try:
                 u = c.usage()
-            except BackendError:
+            except OvsfsError:
                 continue
             cap += u["capacity"]
             free += u["free"]
@@ -241,7 +253,7 @@ class ProxyStore:
             return None
         try:
             return bytes(c.get_range(key, EC_HEADER + lo, n, crc=man.chunks[i].crcs[j]))
-        except BackendError as e:
+        except OvsfsError as e:
             log.info("fragment %s on %s unreadable (%s): decoding around it", key, c.addr, e)
             self.mark_dirty(*owner)
             return None
@@ -257,7 +269,7 @@ class ProxyStore:
             return None
         try:
             data = bytes(c.get(key, crc=crc))
-        except BackendError as e:
+        except OvsfsError as e:
             log.info("fragment %s on %s unreadable (%s)", key, c.addr, e)
             if not isinstance(e, NotFound) or c.up:
                 self.mark_dirty(*owner)
@@ -311,6 +323,3 @@ class ProxyStore:
     def now(self) -> float:
         return time.time()
 
-
-def new_vid() -> bytes:
-    return os.urandom(8)

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 from ovsfs.backend import codec
 from ovsfs.backend.index import manifest_key
-from ovsfs.backend.manifest import Chunk, Manifest
+from ovsfs.backend.manifest import NONE, Chunk, Manifest
 from ovsfs.backend.policy import Preset, chunk_layout
-from ovsfs.errors import BackendError, NoSpace
+from ovsfs.errors import BackendError, NoSpace, OvsfsError
 
 if TYPE_CHECKING:
     from ovsfs.backend.proxy import ProxyStore
@@ -29,7 +29,7 @@ class ChunkWrite:
     """The k+m fragment puts of one chunk, acknowledged once c succeed."""
 
     def __init__(self, proxy: "ProxyStore", man: Manifest, i: int, frags: list[bytes],
-                 targets: list[str], c: int) -> None:
+                 targets: list[str | None], c: int) -> None:
         self.proxy, self.man, self.i = proxy, man, i
         self.frags, self.targets, self.c = frags, targets, c
         self.cv = threading.Condition()
@@ -53,14 +53,14 @@ class ChunkWrite:
         if owner is not None and owner[0]:
             self.proxy.mark_dirty(*owner)  # failed after the put was acknowledged
 
-    def put_fragment(self, j: int, asd_id: str) -> bool:
+    def put_fragment(self, j: int, asd_id: str | None) -> bool:
         c = self.proxy.asds.get(asd_id)
         if c is None:
             return False
         try:
             c.put(self.man.fragment_key(self.i, j), self.frags[j], self.man.chunks[self.i].crcs[j])
             return True
-        except BackendError:
+        except OvsfsError:
             return False
 
     def wait_ack(self) -> None:
@@ -80,17 +80,19 @@ class ChunkWrite:
             failed = [j for j in range(len(self.targets)) if j not in self.ok]
         asds = self.proxy.asds
         used = Counter(asds.node_of(self.targets[j]) for j in self.ok)
+        tried = {t for t in self.targets if t}
         for j in failed:
             if len(self.ok) >= self.c:
                 break
             try:
-                (alt,) = asds.choose(1, self.man.policy.x, exclude=self.man.used_asds(), node_use=used)
+                (alt,) = asds.choose(1, self.man.policy.x, exclude=self.man.used_asds() | tried, node_use=used)
             except NoSpace:
                 break
             if self.put_fragment(j, alt):
                 self.man.set_fragment(self.i, j, alt)
                 self.ok.add(j)
                 used[asds.node_of(alt)] += 1
+            tried.add(alt)
         if len(self.ok) < self.c:
             raise BackendError(f"chunk {self.i}: only {len(self.ok)} of {self.c} fragments could be stored")
 
@@ -107,10 +109,11 @@ class ObjectWriter:
 
     def put(self, ns: str, name: str, data: bytes | memoryview, preset: Preset) -> Manifest:
         man, writes = self.write_object(data, preset)
-        degraded = self.write_manifest(ns, name, man)
-        for w in writes:
-            degraded |= w.acknowledge((ns, name))
-        self.proxy.install(ns, name, man)
+        with self.proxy.obj_lock(ns, name):
+            degraded = self.write_manifest(ns, name, man)
+            for w in writes:
+                degraded |= w.acknowledge((ns, name))
+            self.proxy.install(ns, name, man)
         if degraded:
             self.proxy.mark_dirty(ns, name)
         return man
@@ -118,7 +121,8 @@ class ObjectWriter:
     def write_object(self, data: bytes | memoryview, preset: Preset) -> tuple[Manifest, list[ChunkWrite]]:
         p = self.proxy
         view = memoryview(data).cast("B")
-        policy = preset.choose(p.asds.node_counts())
+        counts = p.asds.node_counts()
+        policy = preset.choose(counts) or preset.choose_degraded(counts)
         if policy is None:
             raise NoSpace(f"preset {preset.name}: no policy fits the {len(p.asds.live())} live ASDs")
         k, m = policy.k, policy.m
@@ -139,8 +143,10 @@ class ObjectWriter:
                 stored, flags = codec.transform(view[i * chunk:(i + 1) * chunk], preset.compression,
                                                 aead, vid, i)
                 frags, crcs, fsize = codec.encode(stored, k, m)
-                targets = p.asds.choose(k + m, policy.x)
-                man.chunks.append(Chunk(len(stored), fsize, flags, [man.asd_index(t) for t in targets], crcs))
+                placed = p.asds.choose(k + m, policy.x, at_least=policy.c)
+                targets: list[str | None] = [*placed, *[None] * (k + m - len(placed))]
+                man.chunks.append(Chunk(len(stored), fsize, flags,
+                                        [NONE if t is None else man.asd_index(t) for t in targets], crcs))
                 w = ChunkWrite(p, man, i, frags, targets, policy.c)
                 w.start()
                 writes.append(w)
@@ -158,7 +164,7 @@ class ObjectWriter:
         Returns True when fewer copies than that could be made (maintenance adds them)."""
         p = self.proxy
         want = man.policy.m + 1
-        prefer = [man.asds[i] for i in (man.chunks[0].asds if man.chunks else [])]
+        prefer = [man.asds[i] for i in (man.chunks[0].asds if man.chunks else []) if i != NONE]
         try:
             targets = p.asds.choose(min(want, len(p.asds.live(writable=False))), want,
                                     prefer=prefer)
@@ -192,7 +198,7 @@ class ObjectWriter:
                     return False
                 c.put(key, blob)
                 return True
-            except BackendError:
+            except OvsfsError:
                 return False
 
         results = list(p.pool.map(one, targets))

@@ -162,6 +162,9 @@ class ClusterMap:
                 out[sel] = arr[addrs[sel] & PAGE_MASK]
         return out
 
+    def update_one(self, addr: int, loc: int) -> None:
+        self._page_for_write(addr >> PAGE_SHIFT)[addr & PAGE_MASK] = loc
+
     def update(self, addrs: np.ndarray, locs: np.ndarray) -> None:
         """Set locations at the current epoch; later entries win over earlier ones."""
         n = len(addrs)

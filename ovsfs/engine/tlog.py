@@ -10,6 +10,7 @@ MARK   a = op code,         b = payload length; the JSON payload follows, padded
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -24,7 +25,15 @@ WRITE, RELOC, MARK = 1, 2, 3
 SNAPSHOT, DELETE_SNAPSHOT, ROLLBACK, RESIZE = 1, 2, 3, 4
 
 
-def writes(addrs: np.ndarray, locs: np.ndarray, crcs: np.ndarray) -> bytes:
+_ONE = struct.Struct("<IIQQ")
+assert _ONE.size == SIZE
+
+
+def write_one(addr: int, loc: int, crc: int) -> bytes:
+    return _ONE.pack(WRITE, crc, addr, loc)
+
+
+def writes(addrs: np.ndarray, locs: np.ndarray, crcs: np.ndarray | list[int]) -> bytes:
     rec = np.empty(len(addrs), dtype=RECORD)
     rec["kind"] = WRITE
     rec["crc"] = crcs
@@ -33,7 +42,7 @@ def writes(addrs: np.ndarray, locs: np.ndarray, crcs: np.ndarray) -> bytes:
     return rec.tobytes()
 
 
-def relocs(old: np.ndarray, new: np.ndarray, crcs: np.ndarray) -> bytes:
+def relocs(old: np.ndarray, new: np.ndarray, crcs: np.ndarray | list[int]) -> bytes:
     rec = np.empty(len(old), dtype=RECORD)
     rec["kind"] = RELOC
     rec["crc"] = crcs

@@ -301,6 +301,18 @@ class Volume:
         if not reqs:
             return
         cs = self.cluster_size
+        if len(reqs) == 1:
+            off, data = reqs[0]
+            n = len(data)
+            if n and off >= 0 and not (off | n) & (cs - 1):
+                # One aligned request (a door's queue depth 1): no numpy bookkeeping.
+                self._check_range(off, n)
+                self.wb.reserve(n)
+                with self.lock:
+                    self._check_open()
+                    self._check_range(off, n)
+                    self._append(np.arange(off // cs, (off + n) // cs, dtype=np.uint64), data)
+                return
         n = len(reqs)
         offs = np.fromiter((r[0] for r in reqs), dtype=np.int64, count=n)
         lens = np.fromiter((len(r[1]) for r in reqs), dtype=np.int64, count=n)
@@ -376,11 +388,14 @@ class Volume:
             base = (self.sco_no << SCO_SHIFT) | self.sco_idx
             seg = np.arange(base, base + take, dtype=np.uint64)
             locs[pos:pos + take] = seg
-            crcs = np.fromiter((crc32c.crc32c(chunk[i * cs:(i + 1) * cs]) for i in range(take)),
-                               dtype=np.uint32, count=take)
+            crcs = [crc32c.crc32c(chunk[i * cs:(i + 1) * cs]) for i in range(take)]
             # The map follows each SCO's records at once: the next roll may seal the TLog
             # and commit the map, and a commit must cover every record before it.
-            if moved_from is None:
+            if moved_from is None and take == 1:
+                addr = int(addrs[pos])
+                self._tlog_append(tlog.write_one(addr, base, int(crcs[0])))
+                self.map.update_one(addr, base)
+            elif moved_from is None:
                 self._tlog_append(tlog.writes(addrs[pos:pos + take], seg, crcs))
                 self.map.update(addrs[pos:pos + take], seg)
             else:

@@ -1,0 +1,408 @@
+"""The vPool filesystem: pyfuse3 operations over the shared engine.
+
+Every engine call runs in a worker thread (`trio.to_thread.run_sync`), one call per FUSE
+request; pyfuse3 runs many requests at once as trio tasks. Files are opened with
+direct_io and no kernel caching (attribute and entry timeouts of 0), so a write through
+another door (NBD, vhost-user, iSCSI) is visible here at once and vice versa.
+
+Decisions (see tree.py for the layout):
+- Only volumes live in a vPool. A name that does not end in `.raw` is refused with
+  EPERM (create, mknod, rename to it), mkdir inside a vPool too; a bad volume name gets
+  EINVAL, a name over 200 characters (before `.raw`) ENAMETOOLONG.
+- A new file is an in-memory zero-length placeholder until the first truncate to a
+  positive multiple of the cluster size creates the volume (`truncate -s 10G`,
+  `qemu-img create -f raw`, `fallocate -l`). Truncate to another size resizes; sizes that
+  are not a multiple of the cluster size, shrinking over written data, and truncating a
+  volume to 0 (O_TRUNC, `cp` onto a volume) get EINVAL.
+- Volumes have a fixed size: a write past the end gets ENOSPC (a write that crosses the
+  end writes up to the end and returns a short count, like a block device).
+- rm deletes the volume (EBUSY while it is open here or exported through another door);
+  mv renames within a vPool (EXDEV across vPools, EEXIST rather than replacing a volume,
+  EBUSY while in use). mkdir at the top creates a vPool.
+- `.snapshots/NAME/SNAP.raw` are read-only (EROFS for writes, truncate, rm, mv).
+- fsync and fdatasync are vol.flush(); close does not flush. fallocate PUNCH_HOLE and
+  ZERO_RANGE are trim / write_zeroes; SEEK_DATA / SEEK_HOLE come from the cluster map
+  (both through lowlevel.py, as pyfuse3 lacks them). st_blocks reports the full size:
+  allocation is not counted per getattr.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyfuse3
+import trio
+
+from ovsfs.errors import OvsfsError
+from ovsfs.fuse.batch import WriteBatcher
+from ovsfs.fuse.ranges import RangeOps
+from ovsfs.fuse.tree import SUFFIX, Tree, fail, volume_name
+
+log = logging.getLogger("ovsfs.fuse")
+
+TIMEOUT = 0.0             # entry and attribute timeouts: other doors change things too
+BLKSIZE = 1 << 20         # st_blksize: tools size their buffers from it
+INLINE_MAX = int(os.environ.get("OVSFS_FUSE_INLINE_MAX", 64 << 10))  # bytes; 0 = always a thread
+RELEASE_WAIT = 0.5        # seconds rm / mv wait for releases still in flight
+
+
+@dataclass
+class Handle:
+    ino: int
+    vol: Any = None             # None while the file is a placeholder
+    snapshot: str | None = None
+    user: str | None = None     # what we acquired on vol
+    writable: bool = True
+
+
+class VpoolFS(RangeOps, pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__()
+        self.engine = engine
+        self.tree = Tree(engine)
+        self.handles: dict[int, Handle] = {}
+        self.hlock = threading.Lock()
+        self.next_fh = 1
+        self.dirs: dict[int, list[tuple[str, pyfuse3.EntryAttributes]]] = {}
+        self.mtimes: dict[int, int] = {}
+        self.batchers: weakref.WeakKeyDictionary[Any, WriteBatcher] = weakref.WeakKeyDictionary()
+        self.started = time.time_ns()
+
+    # ---- plumbing -----------------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable, *args: Any) -> Any:
+        """Run fn in a worker thread; engine errors become FUSEError(errno)."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OvsfsError as e:
+            if e.errno == errno.EIO:
+                log.error("%s: %s", what, e)
+            else:
+                log.debug("%s: %s", what, e)
+            raise fail(e.errno) from None
+        except OSError as e:
+            log.error("%s: %s", what, e)
+            raise fail(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", what)
+            raise fail(errno.EIO) from None
+
+    def _attr(self, key: tuple, ino: int) -> pyfuse3.EntryAttributes:
+        """Attributes of a key (synchronous; in a worker thread)."""
+        self.tree.check(key)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.entry_timeout = a.attr_timeout = TIMEOUT
+        a.st_uid, a.st_gid = os.getuid(), os.getgid()
+        a.st_blksize = BLKSIZE
+        t = self.started
+        kind = key[0]
+        if kind in ("root", "pool", "snaps", "snapdir"):
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+        else:
+            a.st_nlink = 1
+            if kind == "vol":
+                vol = self.tree.by_ns(key[1])
+                a.st_mode = stat.S_IFREG | 0o644
+                a.st_size = vol.size
+                t = int(vol.meta.get("created", 0) * 1e9)
+            elif kind == "snap":
+                snap = self.tree.snapshot(self.tree.by_ns(key[1]), key[2])
+                a.st_mode = stat.S_IFREG | 0o444
+                a.st_size = snap["size"]
+                t = int(snap["created"] * 1e9)
+            else:
+                a.st_mode = stat.S_IFREG | 0o644
+            a.st_blocks = (a.st_size + 511) // 512
+        a.st_ctime_ns = t
+        a.st_atime_ns = a.st_mtime_ns = self.mtimes.get(ino, t)
+        return a
+
+    def _entry(self, key: tuple) -> pyfuse3.EntryAttributes:
+        return self._attr(key, self.tree.inodes.ino(key))
+
+    def _pool_of(self, ino: int) -> str:
+        key = self.tree.inodes.key(ino)
+        if key[0] == "pool":
+            return key[1]
+        if key[0] in ("snaps", "snapdir", "snap"):
+            raise fail(errno.EROFS)
+        raise fail(errno.EPERM if key[0] == "root" else errno.ENOTDIR)
+
+    def _new_fh(self, h: Handle) -> int:
+        with self.hlock:
+            fh, self.next_fh = self.next_fh, self.next_fh + 1
+            self.handles[fh] = h
+            return fh
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise fail(errno.EBADF) from None
+
+    # ---- names --------------------------------------------------------------------------
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        name = os.fsdecode(name)
+        return await self._call(f"lookup {name}",
+                                lambda: self._entry(self.tree.child(self.tree.inodes.key(parent_inode), name)))
+
+    async def getattr(self, inode, ctx=None):
+        return await self._call("getattr", lambda: self._attr(self.tree.inodes.key(inode), inode))
+
+    async def opendir(self, inode, ctx):
+        def build() -> list[tuple[str, pyfuse3.EntryAttributes]]:
+            out = []
+            for name, key in self.tree.listing(self.tree.inodes.key(inode)):
+                try:
+                    out.append((name, self._entry(key)))
+                except pyfuse3.FUSEError:
+                    continue  # gone meanwhile
+            return out
+        entries = await self._call("opendir", build)
+        fh = self._new_fh(Handle(inode))
+        self.dirs[fh] = entries
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        entries = self.dirs.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, attr = entries[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, i + 1):
+                break
+
+    async def releasedir(self, fh):
+        self.dirs.pop(fh, None)
+        with self.hlock:
+            self.handles.pop(fh, None)
+
+    async def statfs(self, ctx):
+        usage = await self._call("statfs", self.engine.store.usage)
+        s = pyfuse3.StatvfsData()
+        bs = self.engine.cfg.engine.cluster_size
+        s.f_bsize = s.f_frsize = bs
+        s.f_blocks = usage["capacity"] // bs
+        s.f_bfree = s.f_bavail = usage["free"] // bs
+        s.f_files = len(self.engine.volumes) + 1
+        s.f_ffree = s.f_favail = 1 << 20
+        s.f_namemax = 200 + len(SUFFIX)
+        return s
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        if parent_inode != pyfuse3.ROOT_INODE:
+            self._pool_of(parent_inode)
+            raise fail(errno.EPERM)
+        name = os.fsdecode(name)
+        await self._call(f"mkdir {name}", self.engine.create_vpool, name)
+        return await self.lookup(parent_inode, os.fsencode(name))
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise fail(errno.EPERM)
+
+    def _make_pending(self, parent_inode: int, name: bytes) -> tuple:
+        pool = self._pool_of(parent_inode)
+        base = volume_name(os.fsdecode(name))
+        with self.tree.lock:
+            if base in self.engine.volumes or any(n == base for (_p, n) in self.tree.pending):
+                raise fail(errno.EEXIST)
+            self.tree.pending[(pool, base)] = time.time()
+        log.info("new file %s/%s%s: a placeholder until its first truncate", pool, base, SUFFIX)
+        return ("pending", pool, base)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        def run() -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+            key = self._make_pending(parent_inode, name)
+            attr = self._entry(key)
+            fh = self._new_fh(Handle(attr.st_ino))
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), attr
+        return await self._call("create", run)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if not stat.S_ISREG(mode):
+            raise fail(errno.EPERM)
+        return await self._call("mknod", lambda: self._entry(self._make_pending(parent_inode, name)))
+
+    async def unlink(self, parent_inode, name, ctx):
+        def run() -> None:
+            pool = self._pool_of(parent_inode)
+            fname = os.fsdecode(name)
+            key = self.tree.child(("pool", pool), fname)
+            if key[0] == "snaps":
+                raise fail(errno.EISDIR)
+            if key[0] == "pending":
+                with self.tree.lock:
+                    self.tree.pending.pop((key[1], key[2]), None)
+                return
+            self._settled(fname[:-len(SUFFIX)])
+            self.engine.delete_volume(fname[:-len(SUFFIX)])
+        await self._call(f"unlink {os.fsdecode(name)}", run)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        def run() -> None:
+            pool = self._pool_of(parent_inode_old)
+            new_pool = self._pool_of(parent_inode_new)
+            if new_pool != pool:
+                raise fail(errno.EXDEV)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                raise fail(errno.EINVAL)
+            old, new = os.fsdecode(name_old), os.fsdecode(name_new)
+            key = self.tree.child(("pool", pool), old)
+            if key[0] == "snaps":
+                raise fail(errno.EPERM)
+            base_new = volume_name(new)
+            if old == new:
+                return
+            if self.tree.name_taken(pool, base_new):
+                raise fail(errno.EEXIST)  # never replace a volume
+            if key[0] == "pending":
+                with self.tree.lock:
+                    self.tree.pending[(pool, base_new)] = self.tree.pending.pop((pool, key[2]))
+                self.tree.inodes.rebind(key, ("pending", pool, base_new))
+                return
+            self._settled(old[:-len(SUFFIX)])
+            self.engine.rename_volume(old[:-len(SUFFIX)], base_new)
+        await self._call(f"rename {os.fsdecode(name_old)}", run)
+
+    def _settled(self, name: str) -> None:
+        """Wait (up to RELEASE_WAIT) for releases of handles that are already closed.
+
+        The kernel sends RELEASE asynchronously after close(2), so `dd ...; rm` could
+        otherwise see EBUSY for a file nobody has open any more."""
+        vol = self.engine.volumes.get(name)
+        if vol is None:
+            return
+        deadline = time.monotonic() + RELEASE_WAIT
+        while vol.users and set(vol.users) <= {"fuse"} and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise fail(errno.EPERM)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise fail(errno.EPERM)
+
+    # ---- attributes ---------------------------------------------------------------------
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        def run() -> pyfuse3.EntryAttributes:
+            key = self.tree.inodes.key(inode)
+            if fields.update_size:
+                self._truncate(inode, key, attr.st_size)
+            elif key[0] == "snap" and (fields.update_mode or fields.update_uid or fields.update_gid):
+                raise fail(errno.EROFS)
+            return self._attr(self.tree.inodes.key(inode), inode)
+        return await self._call("setattr", run)
+
+    def _truncate(self, inode: int, key: tuple, size: int) -> None:
+        kind = key[0]
+        if kind == "snap":
+            raise fail(errno.EROFS)
+        if kind == "pending":
+            if size == 0:
+                return
+            _, pool, base = key
+            vol = self.engine.create_volume(base, size, pool)
+            with self.tree.lock:
+                self.tree.pending.pop((pool, base), None)
+            self.tree.inodes.rebind(key, ("vol", vol.ns))
+            with self.hlock:
+                waiting = [h for h in self.handles.values() if h.ino == inode and h.vol is None]
+            for h in waiting:
+                vol.acquire("fuse")
+                h.vol, h.user = vol, "fuse"
+            return
+        if kind != "vol":
+            raise fail(errno.EISDIR)
+        vol = self.tree.by_ns(key[1])
+        if size == 0:
+            raise fail(errno.EINVAL)  # a volume cannot be empty; rm deletes it
+        if size != vol.size:
+            vol.resize(size)
+            self.mtimes[inode] = time.time_ns()
+
+    # ---- files --------------------------------------------------------------------------
+
+    async def open(self, inode, flags, ctx):
+        def run() -> pyfuse3.FileInfo:
+            key = self.tree.inodes.key(inode)
+            writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+            h = Handle(inode, writable=writable)
+            if writable and flags & os.O_TRUNC:
+                # libfuse asks for atomic O_TRUNC: truncating a volume to 0 is refused (EINVAL).
+                self._truncate(inode, key, 0)
+            if key[0] == "vol":
+                h.vol, h.user = self.tree.by_ns(key[1]), "fuse"
+            elif key[0] == "snap":
+                if writable:
+                    raise fail(errno.EROFS)
+                vol = self.tree.by_ns(key[1])
+                self.tree.snapshot(vol, key[2])
+                h.vol, h.snapshot, h.user = vol, key[2], f"snapshot:{key[2]}"
+            elif key[0] == "pending":
+                self.tree.check(key)
+            else:
+                raise fail(errno.EISDIR)
+            if h.vol is not None:
+                h.vol.acquire(h.user)
+            return pyfuse3.FileInfo(fh=self._new_fh(h), direct_io=True, keep_cache=False)
+        return await self._call("open", run)
+
+    async def read(self, fh, off, size):
+        h = self._handle(fh)
+        vol = h.vol
+        if vol is None:
+            return b""
+        if h.snapshot is None:
+            end = vol.size
+        else:
+            end = (await self._call("read", self.tree.snapshot, vol, h.snapshot))["size"]
+        n = min(size, end - off)
+        if n <= 0:
+            return b""
+        return await self._call(f"read {vol.name} {off}+{n}", vol.read, off, n, h.snapshot)
+
+    async def write(self, fh, off, buf):
+        h = self._handle(fh)
+        vol = h.vol
+        if h.snapshot is not None:
+            raise fail(errno.EROFS)
+        if vol is None or off >= vol.size:
+            raise fail(errno.ENOSPC)
+        n = min(len(buf), vol.size - off)
+        data = buf if n == len(buf) else memoryview(buf)[:n]
+        b = self.batchers.get(vol)
+        if b is None:
+            b = self.batchers[vol] = WriteBatcher(vol, self._call)
+        if n > INLINE_MAX or not b.want_inline() or not self._write_inline(vol, off, data):
+            await b.write(off, data)
+        self.mtimes[h.ino] = time.time_ns()
+        return n
+
+    async def fsync(self, fh, datasync):
+        h = self._handle(fh)
+        if h.vol is not None and h.snapshot is None:
+            await self._call(f"fsync {h.vol.name}", h.vol.flush)
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        with self.hlock:
+            h = self.handles.pop(fh, None)
+        if h is not None and h.vol is not None and h.user:
+            await self._call("release", h.vol.release, h.user)

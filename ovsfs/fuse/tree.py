@@ -1,0 +1,197 @@
+"""The names and inodes of the vPool tree (no pyfuse3 here; plain, synchronous, thread-safe).
+
+    MNT/                          one directory per vPool
+    MNT/POOL/NAME.raw             volume NAME of vPool POOL, a regular file of its size
+    MNT/POOL/.snapshots/NAME/     one directory per volume of the vPool
+    MNT/POOL/.snapshots/NAME/SNAP.raw   snapshot SNAP of NAME, read-only
+
+Inode keys: ("root",), ("pool", P), ("snaps", P), ("snapdir", NS), ("vol", NS),
+("snap", NS, SNAP), ("pending", P, NAME). Volumes are keyed by backend namespace, so an
+inode survives a rename through any door. Inode numbers are never reused while mounted.
+
+A file created in a vPool (create, mknod, `truncate -s` on a new name) is a *pending*
+volume: a zero-length placeholder kept in memory by this mount, until its first
+truncate to a positive multiple of the cluster size creates the volume. Placeholders are
+not stored anywhere: they vanish at unmount.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import Any
+
+import pyfuse3
+
+from ovsfs.engine.volume import NAME_RE
+from ovsfs.errors import NotFound
+
+ROOT = pyfuse3.ROOT_INODE
+SUFFIX = ".raw"
+SNAPDIR = ".snapshots"
+MAX_NAME = 200
+
+
+def fail(err: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(err)
+
+
+def volume_name(name: str) -> str:
+    """NAME for a file name NAME.raw; errno for anything that cannot be a volume."""
+    if not name.endswith(SUFFIX):
+        # Only volumes live in a vPool: a VM's config file belongs elsewhere.
+        raise fail(errno.EPERM)
+    base = name[:-len(SUFFIX)]
+    if len(base) > MAX_NAME:
+        raise fail(errno.ENAMETOOLONG)
+    if not NAME_RE.match(base):
+        raise fail(errno.EINVAL)
+    return base
+
+
+class Inodes:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_key: dict[tuple, int] = {("root",): ROOT}
+        self.by_ino: dict[int, tuple] = {ROOT: ("root",)}
+        self.next = ROOT + 1
+
+    def ino(self, key: tuple) -> int:
+        with self.lock:
+            i = self.by_key.get(key)
+            if i is None:
+                i, self.next = self.next, self.next + 1
+                self.by_key[key] = i
+                self.by_ino[i] = key
+            return i
+
+    def key(self, ino: int) -> tuple:
+        try:
+            return self.by_ino[ino]
+        except KeyError:
+            raise fail(errno.ENOENT) from None
+
+    def rebind(self, old: tuple, new: tuple) -> None:
+        """Give `new` the inode of `old` (a pending file became a volume, or was renamed)."""
+        with self.lock:
+            i = self.by_key.pop(old, None)
+            if i is None:
+                return
+            prev = self.by_key.pop(new, None)
+            if prev is not None:
+                self.by_ino.pop(prev, None)
+            self.by_key[new] = i
+            self.by_ino[i] = new
+
+
+class Tree:
+    """Name resolution over the engine; every method is synchronous (run it in a thread)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.inodes = Inodes()
+        self.lock = threading.Lock()
+        self.pending: dict[tuple[str, str], float] = {}   # (vPool, NAME) -> creation time
+
+    # ---- objects behind keys ----------------------------------------------------------
+
+    def pools(self) -> list[str]:
+        return sorted(p["name"] for p in self.engine.list_vpools())
+
+    def has_pool(self, name: str) -> bool:
+        try:
+            self.engine.vpool(name)
+        except NotFound:
+            return False
+        return True
+
+    def volumes(self, pool: str) -> list[Any]:
+        return sorted((v for v in list(self.engine.volumes.values()) if v.vpool == pool), key=lambda v: v.name)
+
+    def by_ns(self, ns: str) -> Any:
+        for v in list(self.engine.volumes.values()):
+            if v.ns == ns:
+                return v
+        raise fail(errno.ENOENT)
+
+    def snapshot(self, vol: Any, name: str) -> dict[str, Any]:
+        for s in vol.list_snapshots():
+            if s["name"] == name:
+                return s
+        raise fail(errno.ENOENT)
+
+    def volume_in(self, pool: str, base: str) -> Any | None:
+        vol = self.engine.volumes.get(base)
+        return vol if vol is not None and vol.vpool == pool else None
+
+    # ---- lookups ------------------------------------------------------------------------
+
+    def child(self, parent: tuple, name: str) -> tuple:
+        kind = parent[0]
+        if kind == "root":
+            if not self.has_pool(name):
+                raise fail(errno.ENOENT)
+            return ("pool", name)
+        if kind == "pool":
+            pool = parent[1]
+            if name == SNAPDIR:
+                return ("snaps", pool)
+            if not name.endswith(SUFFIX):
+                raise fail(errno.ENOENT)
+            base = name[:-len(SUFFIX)]
+            vol = self.volume_in(pool, base)
+            if vol is not None:
+                return ("vol", vol.ns)
+            with self.lock:
+                if (pool, base) in self.pending:
+                    return ("pending", pool, base)
+            raise fail(errno.ENOENT)
+        if kind == "snaps":
+            vol = self.volume_in(parent[1], name)
+            if vol is None:
+                raise fail(errno.ENOENT)
+            return ("snapdir", vol.ns)
+        if kind == "snapdir":
+            if not name.endswith(SUFFIX):
+                raise fail(errno.ENOENT)
+            vol = self.by_ns(parent[1])
+            self.snapshot(vol, name[:-len(SUFFIX)])
+            return ("snap", parent[1], name[:-len(SUFFIX)])
+        raise fail(errno.ENOTDIR)
+
+    def listing(self, key: tuple) -> list[tuple[str, tuple]]:
+        kind = key[0]
+        if kind == "root":
+            return [(p, ("pool", p)) for p in self.pools()]
+        if kind == "pool":
+            pool = key[1]
+            out = [(SNAPDIR, ("snaps", pool))]
+            out += [(v.name + SUFFIX, ("vol", v.ns)) for v in self.volumes(pool)]
+            with self.lock:
+                out += [(n + SUFFIX, ("pending", p, n)) for (p, n) in sorted(self.pending) if p == pool]
+            return out
+        if kind == "snaps":
+            return [(v.name, ("snapdir", v.ns)) for v in self.volumes(key[1])]
+        if kind == "snapdir":
+            vol = self.by_ns(key[1])
+            return [(s["name"] + SUFFIX, ("snap", key[1], s["name"])) for s in vol.list_snapshots()]
+        raise fail(errno.ENOTDIR)
+
+    def check(self, key: tuple) -> None:
+        """ENOENT when the object behind a key is gone (deleted through another door)."""
+        kind = key[0]
+        if kind in ("pool", "snaps") and not self.has_pool(key[1]):
+            raise fail(errno.ENOENT)
+        if kind in ("vol", "snapdir"):
+            self.by_ns(key[1])
+        if kind == "snap":
+            self.snapshot(self.by_ns(key[1]), key[2])
+        if kind == "pending":
+            with self.lock:
+                if (key[1], key[2]) not in self.pending:
+                    raise fail(errno.ENOENT)
+
+    def name_taken(self, pool: str, base: str) -> bool:
+        """Volume names are global across vPools; placeholders count too."""
+        with self.lock:
+            return base in self.engine.volumes or any(n == base for (_p, n) in self.pending)
