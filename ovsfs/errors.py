@@ -70,6 +70,13 @@ class BackendError(OvsfsError):
     http_status = 502
 
 
+class WouldBlock(OvsfsError):
+    """A `nowait` call that would have had to wait (lock busy, buffer full, backend read)."""
+
+    errno = errno.EAGAIN
+    http_status = 503
+
+
 class ConfigError(OvsfsError):
     errno = errno.EINVAL
     http_status = 400

@@ -16,7 +16,8 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import crc32c
 import numpy as np
@@ -27,10 +28,21 @@ from ovsfs.dtl import DtlSink, NoDtl
 from ovsfs.engine import tlog
 from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap
 from ovsfs.engine.writebuffer import WriteBuffer
-from ovsfs.errors import AlreadyExists, Busy, DataError, InvalidArgument, NotFound, OutOfRange
+from ovsfs.errors import AlreadyExists, Busy, DataError, InvalidArgument, NotFound, OutOfRange, WouldBlock
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 IDX_MASK = (1 << SCO_SHIFT) - 1
+
+
+@contextmanager
+def _hold(lock: threading.RLock, nowait: bool) -> Iterator[None]:
+    """Hold a volume lock; with nowait, WouldBlock instead of waiting for it."""
+    if not lock.acquire(blocking=not nowait):
+        raise WouldBlock("volume busy")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_name(kind: str, name: str) -> str:
@@ -154,15 +166,19 @@ class Volume:
             return bytes(buf)
         return bytes(memoryview(buf)[start:start + length])
 
-    def readv(self, reqs: Sequence[tuple[int, int]], snapshot: str | None = None) -> list[bytes]:
-        """Many reads in one map pass and one sorted sweep over the SCOs."""
+    def readv(self, reqs: Sequence[tuple[int, int]], snapshot: str | None = None,
+              nowait: bool = False) -> list[bytes]:
+        """Many reads in one map pass and one sorted sweep over the SCOs.
+
+        nowait=True: WouldBlock unless every cluster is in the local write buffer and no
+        lock is busy (see writev)."""
         if not reqs:
             return []
         n = len(reqs)
         offs = np.fromiter((r[0] for r in reqs), dtype=np.int64, count=n)
         lens = np.fromiter((r[1] for r in reqs), dtype=np.int64, count=n)
         cs = self.cluster_size
-        with self.lock:
+        with _hold(self.lock, nowait):
             epoch, size = self._view(snapshot)
         if offs.min() < 0 or lens.min() < 0 or (offs + lens).max() > size:
             for o, ln in reqs:
@@ -172,7 +188,7 @@ class Volume:
         counts = (offs + lens_c - 1) // cs - firsts + 1
         starts = np.cumsum(counts) - counts
         addrs = (np.repeat(firsts, counts) + np.arange(int(counts.sum())) - np.repeat(starts, counts)).astype(np.uint64)
-        buf = self._read_clusters(addrs, epoch)
+        buf = self._read_clusters(addrs, epoch, nowait)
         view = memoryview(buf)
         out = []
         for o, ln, f, st in zip(offs.tolist(), lens.tolist(), firsts.tolist(), starts.tolist()):
@@ -180,7 +196,8 @@ class Volume:
             out.append(bytes(view[b:b + ln]))
         return out
 
-    def _resolve(self, addrs: np.ndarray, epoch: int | None) -> list[tuple["Volume", np.ndarray, np.ndarray]]:
+    def _resolve(self, addrs: np.ndarray, epoch: int | None,
+                 nowait: bool = False) -> list[tuple["Volume", np.ndarray, np.ndarray]]:
         """Which volume of the clone chain holds each cluster: [(volume, indexes, locations)]."""
         out = []
         idx = np.arange(len(addrs))
@@ -188,7 +205,7 @@ class Volume:
         ep = epoch
         depth = 0
         while vol is not None and len(idx):
-            with vol.lock:
+            with _hold(vol.lock, nowait):
                 locs = vol.map.lookup(addrs[idx], ep)
             have = locs > ZERO_LOC
             if have.any():
@@ -199,7 +216,7 @@ class Volume:
             depth += 1
         return out
 
-    def _read_clusters(self, addrs: np.ndarray, epoch: int | None) -> bytearray:
+    def _read_clusters(self, addrs: np.ndarray, epoch: int | None, nowait: bool = False) -> bytearray:
         """Clusters as of `epoch`. Local SCOs are read under each volume's lock (eviction
         closes their files); backend reads happen after it is released, so a slow backend
         never holds up writers. An SCO the scrubber removed meanwhile means the map moved
@@ -208,9 +225,11 @@ class Volume:
         out = bytearray(len(addrs) * cs)
         for attempt in range(2):
             remote: list[tuple[Volume, int, int, int, int]] = []
-            for vol, idx, locs in self._resolve(addrs, epoch):
-                with vol.lock:
+            for vol, idx, locs in self._resolve(addrs, epoch, nowait):
+                with _hold(vol.lock, nowait):
                     vol._fill(out, idx, locs, remote)
+                if nowait and remote:
+                    raise WouldBlock("data must come from the backend")
             try:
                 for vol, sco, ci, count, at in remote:
                     out[at:at + count * cs] = vol.store.get_range(vol.ns, sco_name(sco), ci * cs, count * cs)
@@ -297,10 +316,20 @@ class Volume:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.writev([(offset, data)])
 
-    def writev(self, reqs: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+    def writev(self, reqs: Sequence[tuple[int, bytes | bytearray | memoryview]], nowait: bool = False) -> None:
+        """Write a batch; acknowledged (durable against a process crash) on return.
+
+        nowait=True is for a door's event loop: the write happens only if nothing can make
+        it wait (volume lock free, write buffer has room, whole clusters); otherwise
+        WouldBlock is raised before anything is written, and the door hands the same
+        batch to a worker thread. It saves a thread hop at queue depth 1.
+        """
         if not reqs:
             return
         cs = self.cluster_size
+        if nowait:
+            self._writev_nowait(reqs)
+            return
         if len(reqs) == 1:
             off, data = reqs[0]
             n = len(data)
@@ -363,6 +392,33 @@ class Volume:
                 data_parts.append(bytes(data))
             if data_parts:
                 self._append(np.concatenate(addr_parts), b"".join(data_parts))
+
+    def _writev_nowait(self, reqs: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        cs = self.cluster_size
+        total = 0
+        for off, data in reqs:
+            n = len(data)
+            if not n or (off | n) & (cs - 1):
+                raise WouldBlock("only whole, non-empty clusters are written without waiting")
+            self._check_range(off, n)
+            total += n
+        if not self.wb.try_reserve(total):
+            raise WouldBlock("write buffer full")
+        if not self.lock.acquire(blocking=False):
+            self.wb.unreserve(total)
+            raise WouldBlock("volume busy")
+        try:
+            try:
+                self._check_open()
+                for off, data in reqs:
+                    self._check_range(off, len(data))  # a resize may have come in between
+            except Exception:
+                self.wb.unreserve(total)
+                raise
+            addrs = np.concatenate([np.arange(o // cs, (o + len(d)) // cs, dtype=np.uint64) for o, d in reqs])
+            self._append(addrs, reqs[0][1] if len(reqs) == 1 else b"".join(d for _o, d in reqs))
+        finally:
+            self.lock.release()
 
     def _check_open(self) -> None:
         if self.closed:

@@ -63,6 +63,19 @@ class WriteBuffer:
                 if not self.queue and not self.busy:
                     self.cv.wait(0.05)
 
+    def try_reserve(self, nbytes: int) -> bool:
+        """reserve() that never waits: False when the bytes do not fit now."""
+        with self.cv:
+            if self.pending + nbytes <= self.limit or self.pending == 0:
+                self.pending += nbytes
+                return True
+            return False
+
+    def unreserve(self, nbytes: int) -> None:
+        with self.cv:
+            self.pending -= nbytes
+            self.cv.notify_all()
+
     def add_pending(self, nbytes: int) -> None:
         """Count bytes already in the write buffer (found at start-up) without waiting."""
         with self.cv:

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from ovsfs.errors import OvsfsError
+from ovsfs.errors import OvsfsError, WouldBlock
 from ovsfs.fuse.tree import fail
 
 log = logging.getLogger("ovsfs.fuse")
@@ -19,7 +19,6 @@ log = logging.getLogger("ovsfs.fuse")
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 SEEK_DATA, SEEK_HOLE = 3, 4
 SEEK_WINDOW = 1 << 30     # extents are scanned a GiB at a time
-INLINE_ROOM = 64 << 20    # write-buffer headroom an inline write needs
 
 
 class RangeOps:
@@ -29,15 +28,14 @@ class RangeOps:
     def _write_inline(self, vol: Any, off: int, data: Any) -> bool:
         """A small write straight from the event loop when nothing can make it wait.
 
-        A thread hop costs more than a small engine write (an append to the open SCO in
-        the page cache, one TLog record, a map update). Only when the volume lock is free
-        and the write buffer has room (so `reserve` cannot wait); else False. The rare
+        A thread hop costs more than a small engine write; the engine's nowait call
+        writes only when the volume lock is free and the write buffer has room, and
+        says WouldBlock otherwise (then the caller goes through a thread). The rare
         write that seals an SCO and TLog also commits the map here (milliseconds)."""
-        wb = vol.wb
-        if wb.pending + INLINE_ROOM > wb.limit or not vol.lock.acquire(blocking=False):
-            return False
         try:
-            vol.write(off, data)
+            vol.writev([(off, data)], nowait=True)
+        except WouldBlock:
+            return False
         except OvsfsError as e:
             if e.errno == errno.EIO:
                 log.error("write %s %d+%d: %s", vol.name, off, len(data), e)
@@ -45,8 +43,6 @@ class RangeOps:
         except OSError as e:
             log.error("write %s %d+%d: %s", vol.name, off, len(data), e)
             raise fail(e.errno or errno.EIO) from None
-        finally:
-            vol.lock.release()
         return True
 
     def _file(self, ino: int) -> tuple[Any, str | None, int]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
+from ovsfs.errors import OvsfsError
 from ovsfs.nbd import protocol as P
 from ovsfs.nbd.negotiation import CONTEXT_ID, Closed, Negotiation
 from ovsfs.nbd.transmission import (
@@ -29,6 +30,7 @@ log = logging.getLogger("ovsfs.nbd")
 RECV_SIZE = 1 << 20
 OUT_LIMIT = 64 << 20           # queued reply bytes before the reader waits for the sender
 BLOCK_STATUS_CAP = 1 << 30     # bytes described per BLOCK_STATUS request at most
+INLINE_MAX = 256 << 10         # groups up to this many data bytes may run in the event loop
 
 
 class Connection(Negotiation):
@@ -216,6 +218,22 @@ class Connection(Negotiation):
                 bstat.append(r)
         failed: dict[int, BaseException] = {}
         results: dict[int, Any] = {}
+        kw = {"snapshot": snap} if snap else {}
+        # Small groups first try the engine's nowait calls from the event loop: at queue
+        # depth 1 the thread hop costs more than the engine work. Anything that would wait
+        # (or fail) goes to the worker thread below, which sorts out errors per request.
+        small = sum(r.length for r in writes) + sum(r.length for r in reads) <= INLINE_MAX
+        if small and (writes or reads) and not (trims or zeroes or bstat):
+            try:
+                if writes:
+                    vol.writev([(r.offset, r.data) for r in writes], nowait=True)
+                    writes = []
+                if reads:
+                    for r, d in zip(reads, vol.readv([(r.offset, r.length) for r in reads], nowait=True, **kw)):
+                        results[id(r)] = d
+                    reads = []
+            except OvsfsError:
+                pass
 
         def work() -> None:
             if writes:
@@ -238,7 +256,6 @@ class Connection(Negotiation):
                 except Exception as e:
                     failed[id(r)] = e
             if reads:
-                kw = {"snapshot": snap} if snap else {}
                 try:
                     for r, d in zip(reads, vol.readv([(r.offset, r.length) for r in reads], **kw)):
                         results[id(r)] = d

@@ -278,3 +278,38 @@ def test_uploaded_scos_are_evicted_and_read_back_from_the_backend(tmp_path: Path
         assert vol.read(0, 1024 * CS) == data
     finally:
         eng.close()
+
+
+def test_nowait_calls_never_wait(engine: Engine) -> None:
+    from ovsfs.errors import WouldBlock
+    vol = engine.create_volume("v", 64 * CS)
+    vol.writev([(0, b"a" * CS), (8 * CS, b"b" * 2 * CS)], nowait=True)
+    assert vol.readv([(0, 10), (8 * CS, 2 * CS)], nowait=True) == [b"a" * 10, b"b" * 2 * CS]
+    with pytest.raises(WouldBlock):
+        vol.writev([(1, b"x")], nowait=True)     # needs read-modify-write
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with vol.lock:
+            held.set()
+            release.wait(10)
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(10)
+    try:
+        pending = engine.wb.status()["pending_bytes"]
+        with pytest.raises(WouldBlock):
+            vol.writev([(0, b"c" * CS)], nowait=True)
+        with pytest.raises(WouldBlock):
+            vol.readv([(0, CS)], nowait=True)
+        assert engine.wb.status()["pending_bytes"] == pending, "a refused write must give its reservation back"
+    finally:
+        release.set()
+        t.join()
+    assert vol.read(0, CS) == b"a" * CS
+    vol.sync()
+    engine.wb.drop_cache()
+    with pytest.raises(WouldBlock):
+        vol.readv([(0, CS)], nowait=True)        # only on the backend now
+    assert vol.readv([(0, CS)]) == [b"a" * CS]
