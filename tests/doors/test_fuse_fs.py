@@ -224,6 +224,7 @@ def test_errors_map_to_errno(fz: InprocFuse, caplog: pytest.LogCaptureFixture) -
     def full(*_a: object) -> None:
         raise NoSpace("write buffer full")
     v.write = full  # type: ignore[method-assign]
+    v.writev = full  # type: ignore[method-assign]
     fd = os.open(fz.pool / "v.raw", os.O_WRONLY)
     try:
         assert oserr(os.pwrite, fd, b"x" * 4096, 0) == errno.ENOSPC
