@@ -43,6 +43,10 @@ class RangeOps:
         except OSError as e:
             log.error("write %s %d+%d: %s", vol.name, off, len(data), e)
             raise fail(e.errno or errno.EIO) from None
+        except Exception:
+            # Anything else escaping a handler would end pyfuse3's main loop: the mount.
+            log.exception("write %s %d+%d failed", vol.name, off, len(data))
+            raise fail(errno.EIO) from None
         return True
 
     def _file(self, ino: int) -> tuple[Any, str | None, int]:

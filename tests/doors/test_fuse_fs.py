@@ -221,7 +221,7 @@ def test_errors_map_to_errno(fz: InprocFuse, caplog: pytest.LogCaptureFixture) -
         assert oserr(f.read, 4096) == errno.EIO
     assert any("SCO" in r.getMessage() for r in caplog.records if r.name == "ovsfs.fuse")
 
-    def full(*_a: object) -> None:
+    def full(*_a: object, **_k: object) -> None:
         raise NoSpace("write buffer full")
     v.write = full  # type: ignore[method-assign]
     v.writev = full  # type: ignore[method-assign]
