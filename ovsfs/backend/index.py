@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ovsfs.backend.manifest import NONE, Manifest
 from ovsfs.backend.placement import AsdSet
-from ovsfs.errors import BackendError, DataError, OvsfsError
+from ovsfs.errors import DataError, OvsfsError
 
 log = logging.getLogger("ovsfs.backend.index")
 _ENT = struct.Struct(">HHI")

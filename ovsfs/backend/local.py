@@ -23,6 +23,15 @@ class LocalStore:
         check_name("object", name)
         return self._ns(ns) / name
 
+    def _target(self, ns: str, name: str) -> Path:
+        """Where a new object goes; its namespace must exist."""
+        path = self._obj(ns, name)
+        if not path.parent.is_dir():
+            if not self._ns(ns).is_dir():
+                raise NotFound(f"backend namespace {ns} does not exist")
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     def create_namespace(self, ns: str) -> None:
         self._ns(ns).mkdir(parents=True, exist_ok=True)
 
@@ -33,11 +42,7 @@ class LocalStore:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
     def put(self, ns: str, name: str, data: bytes | memoryview) -> None:
-        path = self._obj(ns, name)
-        if not path.parent.is_dir():
-            if not self._ns(ns).is_dir():
-                raise NotFound(f"backend namespace {ns} does not exist")
-            path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._target(ns, name)
         tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
         try:
             # Write-then-rename keeps put atomic; fsync so the object survives a power loss
@@ -58,11 +63,7 @@ class LocalStore:
 
     def put_file(self, ns: str, name: str, path: Path) -> None:
         """Hard-link a sealed file in when it is on the same file system: no copy at all."""
-        dest = self._obj(ns, name)
-        if not dest.parent.is_dir():
-            if not self._ns(ns).is_dir():
-                raise NotFound(f"backend namespace {ns} does not exist")
-            dest.parent.mkdir(parents=True, exist_ok=True)
+        dest = self._target(ns, name)
         tmp = dest.with_name(f".{dest.name}.tmp.{os.getpid()}")
         try:
             tmp.unlink(missing_ok=True)

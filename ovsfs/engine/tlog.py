@@ -33,22 +33,21 @@ def write_one(addr: int, loc: int, crc: int) -> bytes:
     return _ONE.pack(WRITE, crc, addr, loc)
 
 
-def writes(addrs: np.ndarray, locs: np.ndarray, crcs: np.ndarray | list[int]) -> bytes:
-    rec = np.empty(len(addrs), dtype=RECORD)
-    rec["kind"] = WRITE
+def _records(kind: int, a: np.ndarray, b: np.ndarray, crcs: np.ndarray | list[int]) -> bytes:
+    rec = np.empty(len(a), dtype=RECORD)
+    rec["kind"] = kind
     rec["crc"] = crcs
-    rec["a"] = addrs
-    rec["b"] = locs
+    rec["a"] = a
+    rec["b"] = b
     return rec.tobytes()
+
+
+def writes(addrs: np.ndarray, locs: np.ndarray, crcs: np.ndarray | list[int]) -> bytes:
+    return _records(WRITE, addrs, locs, crcs)
 
 
 def relocs(old: np.ndarray, new: np.ndarray, crcs: np.ndarray | list[int]) -> bytes:
-    rec = np.empty(len(old), dtype=RECORD)
-    rec["kind"] = RELOC
-    rec["crc"] = crcs
-    rec["a"] = old
-    rec["b"] = new
-    return rec.tobytes()
+    return _records(RELOC, old, new, crcs)
 
 
 def mark(op: int, payload: dict[str, Any]) -> bytes:

@@ -12,25 +12,27 @@ the upload thread, so uploads always make progress.
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import crc32c
 import numpy as np
 
 from ovsfs.backend.store import Store
 from ovsfs.config import EngineSection
 from ovsfs.dtl import DtlSink, NoDtl
 from ovsfs.engine import tlog
+from ovsfs.engine.log import LogWriter
 from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap
+from ovsfs.engine.names import check_name, sco_name, tlog_name
+from ovsfs.engine.snapshots import SnapshotOps
 from ovsfs.engine.writebuffer import WriteBuffer
-from ovsfs.errors import AlreadyExists, Busy, DataError, InvalidArgument, NotFound, OutOfRange, WouldBlock
+from ovsfs.errors import Busy, DataError, InvalidArgument, NotFound, OutOfRange, WouldBlock
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
+__all__ = ["Volume", "check_name", "sco_name", "tlog_name", "IDX_MASK"]
+
 IDX_MASK = (1 << SCO_SHIFT) - 1
 
 
@@ -45,22 +47,7 @@ def _hold(lock: threading.RLock, nowait: bool) -> Iterator[None]:
         lock.release()
 
 
-def check_name(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise InvalidArgument(
-            f"bad {kind} name {name!r}: use 1-200 of A-Z a-z 0-9 . _ - (not starting with '.')")
-    return name
-
-
-def sco_name(n: int) -> str:
-    return f"sco/{n:016x}"
-
-
-def tlog_name(n: int) -> str:
-    return f"tlog/{n:016x}"
-
-
-class Volume:
+class Volume(LogWriter, SnapshotOps):
     def __init__(self, meta: dict[str, Any], wb_root: Path, store: Store, wb: WriteBuffer,
                  cfg: EngineSection, parent: "Volume | None" = None,
                  has_clones: Callable[["Volume", int | None], bool] | None = None) -> None:
@@ -424,150 +411,6 @@ class Volume:
         if self.closed:
             raise Busy(f"volume {self.name} is closed")
 
-    def _append(self, addrs: np.ndarray, buf: bytes, moved_from: np.ndarray | None = None) -> None:
-        """Append whole clusters: one pwrite per SCO touched, one TLog write, one map update.
-
-        With `moved_from` (the scrubber) the clusters are old locations moved to new
-        ones: RELOC records, and every map version pointing at them is switched.
-        """
-        cs = self.cluster_size
-        n = len(addrs)
-        locs = np.empty(n, dtype=np.uint64)
-        view = memoryview(buf)
-        pos = 0
-        while pos < n:
-            if self.sco_fd is None or self.sco_idx >= self.sco_clusters:
-                self._roll_sco()
-            take = min(n - pos, self.sco_clusters - self.sco_idx)
-            chunk = view[pos * cs:(pos + take) * cs]
-            os.pwrite(self.sco_fd, chunk, self.sco_idx * cs)  # type: ignore[arg-type]
-            base = (self.sco_no << SCO_SHIFT) | self.sco_idx
-            seg = np.arange(base, base + take, dtype=np.uint64)
-            locs[pos:pos + take] = seg
-            crcs = [crc32c.crc32c(chunk[i * cs:(i + 1) * cs]) for i in range(take)]
-            # The map follows each SCO's records at once: the next roll may seal the TLog
-            # and commit the map, and a commit must cover every record before it.
-            if moved_from is None and take == 1:
-                addr = int(addrs[pos])
-                self._tlog_append(tlog.write_one(addr, base, int(crcs[0])))
-                self.map.update_one(addr, base)
-            elif moved_from is None:
-                self._tlog_append(tlog.writes(addrs[pos:pos + take], seg, crcs))
-                self.map.update(addrs[pos:pos + take], seg)
-            else:
-                self._tlog_append(tlog.relocs(moved_from[pos:pos + take], seg, crcs))
-                self.map.relocate(moved_from[pos:pos + take], seg)
-            self.sco_idx += take
-            pos += take
-        if moved_from is None:
-            self.dtl.append(self.name, addrs, locs, buf)
-        self.write_seq += 1
-
-    def _tlog_append(self, rec: bytes) -> None:
-        if self.tlog_fd is None:
-            self._open_tlog()
-        os.write(self.tlog_fd, rec)  # type: ignore[arg-type]
-        self.tlog_off += len(rec)
-
-    def _open_tlog(self) -> None:
-        self.tlog_no = self.next_tlog
-        self.next_tlog += 1
-        path = self.tlog_dir / str(self.tlog_no)
-        self.tlog_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.tlog_off = 0
-        self.unsynced.add(path)
-        self.dir_dirty = True
-
-    def _roll_sco(self) -> None:
-        if self.sco_fd is not None:
-            self._seal_sco()
-            if self.scos_in_tlog >= self.cfg.tlog_scos:
-                self._seal_tlog()
-        self.sco_no = self.next_sco
-        self.next_sco += 1
-        self.sco_idx = 0
-        path = self.sco_dir / str(self.sco_no)
-        self.sco_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.local_scos.add(self.sco_no)
-        self.unsynced.add(path)
-        self.dir_dirty = True
-
-    def _seal_sco(self) -> None:
-        """Close the open SCO and queue its upload (it never changes again)."""
-        assert self.sco_fd is not None
-        os.close(self.sco_fd)
-        self.sco_fd = None
-        self.scos_in_tlog += 1
-        self.queue_sco_upload(self.sco_no, self.sco_idx * self.cluster_size)
-
-    def queue_sco_upload(self, n: int, nbytes: int) -> None:
-        path = self.sco_dir / str(n)
-
-        def upload() -> None:
-            if self.deleted:
-                return
-            if not path.exists():
-                self.wb.forget((self, n), pending=nbytes)
-                return
-            self.store.put_file(self.ns, sco_name(n), path)
-            self.wb.uploaded((self, n), nbytes, lambda: self.evict_sco(n))
-        self.wb.submit(f"{self.name} SCO {n}", upload)
-
-    def _seal_tlog(self) -> None:
-        """Close the open TLog, queue its upload, and commit the map at this boundary."""
-        if self.tlog_fd is None:
-            return
-        os.close(self.tlog_fd)
-        self.tlog_fd = None
-        self.scos_in_tlog = 0
-        self.queue_tlog_upload(self.tlog_no)
-        self.tlog_no, self.tlog_off = self.next_tlog, 0   # replay resumes at the next TLog
-        self.tlogs_since_checkpoint += 1
-        if self.tlogs_since_checkpoint >= self.cfg.backend_checkpoint_tlogs:
-            self.tlogs_since_checkpoint = 0
-            self.commit()
-            self.queue_checkpoint()
-        elif time.monotonic() - self.last_commit > 1.0:
-            self.commit()
-
-    def queue_tlog_upload(self, n: int) -> None:
-        path = self.tlog_dir / str(n)
-
-        def upload() -> None:
-            if self.deleted or not path.exists():
-                return
-            self.store.put_file(self.ns, tlog_name(n), path)
-            with self.lock:
-                self.uploaded_tlogs.add(n)
-                # Replay never needs a TLog below the committed position once it is uploaded.
-                if n < self.committed_tlog:
-                    path.unlink(missing_ok=True)
-        self.wb.submit(f"{self.name} TLog {n}", upload)
-
-    def queue_checkpoint(self) -> None:
-        from ovsfs.engine.recovery import queue_checkpoint
-        queue_checkpoint(self)
-
-    def commit(self) -> None:
-        """Make the local map durable with the TLog position it reflects."""
-        self.map.commit(self.meta_record())
-        self.committed_tlog = self.tlog_no
-        self.last_commit = time.monotonic()
-        for p in self.tlog_dir.iterdir():
-            # Local TLogs below the commit point are only needed until they are uploaded.
-            if p.name.isdigit() and int(p.name) < self.committed_tlog and int(p.name) in self.uploaded_tlogs:
-                p.unlink(missing_ok=True)
-
-    def evict_sco(self, n: int) -> None:
-        with self.lock:
-            if n == self.sco_no and self.sco_fd is not None:
-                return
-            fd = self.read_fds.pop(n, None)
-            if fd is not None:
-                os.close(fd)
-            self.local_scos.discard(n)
-            (self.sco_dir / str(n)).unlink(missing_ok=True)
-
     def trim(self, offset: int, length: int) -> None:
         """Release clusters: they read as zeros and their old data becomes garbage."""
         self._check_range(offset, length)
@@ -600,153 +443,6 @@ class Volume:
 
     write_zeroes = trim
 
-    # ---- durability ------------------------------------------------------------------------
-
-    def flush(self) -> None:
-        """Return once every write acknowledged before the call is on local disk.
-
-        Group commit: callers arriving while a flush runs wait for the next one, which
-        covers all of them with a single round of fsyncs.
-        """
-        with self.lock:
-            target = self.write_seq
-        with self.flush_cv:
-            while self.synced_seq < target:
-                if not self.flushing:
-                    self.flushing = True
-                    break
-                self.flush_cv.wait()
-            else:
-                return
-        seq, ok = target, False
-        try:
-            with self.lock:
-                seq = self.write_seq
-                paths = list(self.unsynced)
-                self.unsynced.clear()
-                if self.sco_fd is not None:
-                    self.unsynced.add(self.sco_dir / str(self.sco_no))
-                if self.tlog_fd is not None:
-                    self.unsynced.add(self.tlog_dir / str(self.tlog_no))
-                dirs = [self.sco_dir, self.tlog_dir] if self.dir_dirty else []
-                self.dir_dirty = False
-            for p in paths + dirs:
-                try:
-                    fd = os.open(p, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue  # uploaded and evicted: the backend holds it
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            self.dtl.flush()
-            ok = True
-        finally:
-            with self.flush_cv:
-                self.flushing = False
-                if ok:
-                    self.synced_seq = max(self.synced_seq, seq)
-                else:
-                    with self.lock:
-                        self.unsynced.update(paths)
-                        self.dir_dirty = True
-                self.flush_cv.notify_all()
-
-    def seal(self) -> None:
-        """Close the open SCO and TLog early so that everything so far can be uploaded."""
-        with self.lock:
-            if self.sco_fd is not None:
-                self._seal_sco()
-            if self.tlog_fd is not None:
-                self._seal_tlog()
-
-    def sync(self, timeout: float | None = None) -> None:
-        """Return once everything written so far is on the backend."""
-        self.seal()
-        if not self.wb.drain(timeout):
-            from ovsfs.errors import BackendError
-            raise BackendError(f"{self.name}: backend did not take the uploads in time ({self.wb.last_error})")
-
-    # ---- snapshots -------------------------------------------------------------------------
-
-    def create_snapshot(self, name: str) -> dict[str, Any]:
-        check_name("snapshot", name)
-        with self.lock:
-            self._check_open()
-            if any(s["name"] == name for s in self.snapshots):
-                raise AlreadyExists(f"snapshot {self.name}@{name} already exists")
-            snap = {"name": name, "epoch": self.map.epoch, "size": self.size, "created": time.time()}
-            self._tlog_append(tlog.mark(tlog.SNAPSHOT, snap))
-            self.apply_snapshot(snap)
-            self.write_seq += 1
-            return dict(snap)
-
-    def apply_snapshot(self, snap: dict[str, Any]) -> None:
-        if self.map.epoch != snap["epoch"]:
-            raise DataError(f"{self.name}: TLog snapshot epoch {snap['epoch']} does not follow map epoch {self.map.epoch}")
-        self.map.new_epoch()
-        self.snapshots.append(snap)
-
-    def list_snapshots(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return [dict(s) for s in self.snapshots]
-
-    def delete_snapshot(self, name: str) -> None:
-        with self.lock:
-            self._check_open()
-            snap = self._snapshot(name)
-            if self.has_clones(self, snap["epoch"]):
-                raise Busy(f"snapshot {self.name}@{name} has clones")
-            if self.users.get(f"snapshot:{name}"):
-                raise Busy(f"snapshot {self.name}@{name} is in use")
-            self._tlog_append(tlog.mark(tlog.DELETE_SNAPSHOT, {"name": name}))
-            self.apply_delete_snapshot(name)
-            self.write_seq += 1
-
-    def apply_delete_snapshot(self, name: str) -> None:
-        snap = self._snapshot(name)
-        later = [s["epoch"] for s in self.snapshots if s["epoch"] > snap["epoch"]]
-        self.map.fold(snap["epoch"], min(later) if later else self.map.epoch)
-        self.snapshots.remove(snap)
-
-    def rollback(self, name: str) -> None:
-        with self.lock:
-            self._check_open()
-            snap = self._snapshot(name)
-            for s in self.snapshots:
-                if s["epoch"] > snap["epoch"] and self.has_clones(self, s["epoch"]):
-                    raise Busy(f"snapshot {self.name}@{s['name']} after {name} has clones")
-            self._tlog_append(tlog.mark(tlog.ROLLBACK, {"name": name}))
-            self.apply_rollback(name)
-            self.write_seq += 1
-
-    def apply_rollback(self, name: str) -> None:
-        snap = self._snapshot(name)
-        self.map.rollback(snap["epoch"])
-        self.snapshots = [s for s in self.snapshots if s["epoch"] <= snap["epoch"]]
-        self.size = snap["size"]
-        self.map.resize(self._nclusters())
-
-    # ---- size ------------------------------------------------------------------------------
-
-    def resize(self, size: int) -> None:
-        if size <= 0 or size % self.cluster_size:
-            raise InvalidArgument(f"size {size} is not a positive multiple of the cluster size {self.cluster_size}")
-        with self.lock:
-            self._check_open()
-            if size < self.size:
-                used = [e for e in self.extents(size, self.size - size) if e[2]]
-                if used:
-                    raise InvalidArgument(
-                        f"cannot shrink {self.name} to {size}: data is written at offset {used[0][0]}")
-            self._tlog_append(tlog.mark(tlog.RESIZE, {"size": size}))
-            self.apply_resize(size)
-            self.write_seq += 1
-
-    def apply_resize(self, size: int) -> None:
-        self.size = size
-        self.map.resize(self._nclusters())
-
     # ---- users and info --------------------------------------------------------------------
 
     def acquire(self, user: str) -> None:
@@ -776,11 +472,6 @@ class Volume:
                 "map_stored_bytes": self.map.stored_bytes(),
                 "users": dict(self.users),
             }
-
-    def maybe_commit(self, interval: float) -> None:
-        with self.lock:
-            if not self.closed and time.monotonic() - self.last_commit >= interval:
-                self.commit()
 
     def close(self) -> None:
         """Clean close: everything durable locally, map committed, no replay next time."""
