@@ -39,8 +39,18 @@ class EngineSection:
 
 @dataclass
 class BackendSection:
-    kind: str = "local"
-    path: str = "backend"
+    kind: str = "local"               # local (a directory) | asd (erasure coded over ASDs)
+    path: str = "backend"             # the local backend's directory
+    # kind = "asd": ASDs to attach at start ("HOST:PORT"); `ovsfs backend asd add` adds more.
+    asds: list[str] = field(default_factory=list)
+    # ASD processes the daemon starts and stops itself (`ovsfs run --asds N`), disks at
+    # STATE/asd/0..N-1, one storage node each; their ports are fixed so that a restart
+    # finds the same ASDs at the same addresses.
+    local_asds: int = 0
+    local_asd_ports: list[int] = field(default_factory=list)
+    preset: str = "default"           # the preset the proxy writes with
+    down_timeout: float = 900.0       # seconds an ASD may be down before its data is rebuilt
+    fragment_cache_size: int = 256 << 20  # bytes of fragments cached on local disk
 
 
 @dataclass
@@ -98,10 +108,38 @@ class Config:
             raise ConfigError("engine.map_cache_pages must be at least 4")
         if not 0.0 <= e.scrub_threshold <= 1.0:
             raise ConfigError("engine.scrub_threshold must be between 0 and 1")
-        if self.backend.kind not in ("local",):
-            raise ConfigError(f"backend.kind {self.backend.kind!r} is not known (local)")
+        self._validate_backend()
         if self.nbd.tls not in ("off", "optional", "required"):
             raise ConfigError("nbd.tls must be off, optional or required")
+
+
+    def _validate_backend(self) -> None:
+        b = self.backend
+        if b.kind not in ("local", "asd"):
+            raise ConfigError(f"backend.kind {b.kind!r} is not known (local, asd)")
+        for addr in b.asds:
+            host, sep, port = addr.rpartition(":") if isinstance(addr, str) else ("", "", "")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"backend.asds entry {addr!r} must be HOST:PORT")
+        if not 0 <= b.local_asds <= 64:
+            raise ConfigError(f"backend.local_asds must be 0..64, not {b.local_asds}")
+        ports = b.local_asd_ports
+        if any(not isinstance(p, int) or isinstance(p, bool) or not 0 < p < 65536 for p in ports):
+            raise ConfigError("backend.local_asd_ports must be port numbers 1..65535")
+        if len(ports) != b.local_asds or len(set(ports)) != len(ports):
+            # Fixed ports are what lets a restart find the same ASDs: they cannot be left out.
+            raise ConfigError(f"backend.local_asd_ports must list {b.local_asds} distinct ports "
+                              f"(one per local ASD), not {len(ports)}")
+        if b.kind == "local" and (b.asds or b.local_asds):
+            raise ConfigError('backend.asds and backend.local_asds need backend.kind = "asd"')
+        if b.kind == "asd" and not (b.asds or b.local_asds):
+            raise ConfigError('backend.kind = "asd" needs backend.asds or backend.local_asds')
+        if b.down_timeout < 0:
+            raise ConfigError("backend.down_timeout must not be negative")
+        if b.fragment_cache_size < 0:
+            raise ConfigError("backend.fragment_cache_size must not be negative")
+        if not b.preset:
+            raise ConfigError("backend.preset must name a preset")
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -148,6 +186,24 @@ def load(path: Path | None, state_dir: Path) -> Config:
     cfg.state_dir = Path(state_dir).absolute()
     cfg.validate()
     return cfg
+
+
+def default_toml(local_asds: int = 0, ports: list[int] | None = None, preset_note: str = "") -> str:
+    """The config `ovsfs run` writes on first start: the local backend, or N local ASDs."""
+    if not local_asds:
+        return DEFAULT_TOML
+    backend = (
+        '[backend]\n'
+        '# erasure coded over ASD processes this daemon starts (STATE/asd/0..N-1)\n'
+        'kind = "asd"\n'
+        'asds = []\n'
+        f'local_asds = {local_asds}\n'
+        f'local_asd_ports = [{", ".join(str(p) for p in ports or [])}]\n'
+        + (f'# {preset_note}\n' if preset_note else '')
+        + 'preset = "default"\n'
+        'down_timeout = 900.0\n'
+        f'fragment_cache_size = {256 << 20}\n')
+    return DEFAULT_TOML.replace('[backend]\nkind = "local"\npath = "backend"\n', backend)
 
 
 DEFAULT_TOML = """\

@@ -1,8 +1,9 @@
 """The node daemon: one trio nursery running the engine's management API and every door.
 
 `ovsfs daemon --config FILE` is the service form (systemd, Type=notify); `ovsfs run
---state DIR` is the embedded single-node default, which writes a default config into
-the state directory on first start.
+--state DIR [--asds N]` is the embedded single-node default, which writes a default config
+into the state directory on first start (with --asds: N local ASD processes, their ports
+and the preset chosen for them, so that a restart finds the same ASDs).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any, Callable
 
 import trio
 
-from ovsfs.config import DEFAULT_TOML, Config, load
-from ovsfs.errors import OvsfsError
+from ovsfs.config import Config, default_toml, load
+from ovsfs.errors import ConfigError, OvsfsError
+from ovsfs.node_backend import NodeBackend, free_ports, preset_note
 
 log = logging.getLogger("ovsfs.daemon")
 
@@ -107,8 +109,7 @@ async def _watchdog(notify: Notifier, interval: float) -> None:
         await trio.sleep(interval)
 
 
-async def amain(cfg: Config) -> int:
-    from ovsfs.backend.local import LocalStore
+async def amain(cfg: Config, backend: NodeBackend) -> int:
     from ovsfs.engine.engine import Engine
     from ovsfs.mgmt.api import Api
     from ovsfs.mgmt.http import serve_unix
@@ -116,13 +117,23 @@ async def amain(cfg: Config) -> int:
     notify = Notifier()
     # Held open through engine.close() so a second signal cannot interrupt the clean close.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        notify("STATUS=opening the backend")
+        try:
+            # The proxy talks to ASDs and may rebuild its index from them: not on the event loop.
+            store = await trio.to_thread.run_sync(backend.open)
+        except Exception as e:
+            log.error("cannot open the %s backend: %s", cfg.backend.kind, getattr(e, "message", None) or e,
+                      exc_info=not isinstance(e, (OvsfsError, OSError)))
+            return 1
         notify("STATUS=opening the engine")
-        engine = Engine(cfg, LocalStore(cfg.path(cfg.backend.path)))
+        engine = Engine(cfg, store)
         try:
             await trio.to_thread.run_sync(engine.open)
         except Exception as e:
             log.error("cannot open the engine: %s", getattr(e, "message", None) or e,
                       exc_info=not isinstance(e, OvsfsError))
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(backend.close)
             return 1
         rc = 0
         try:
@@ -144,7 +155,7 @@ async def amain(cfg: Config) -> int:
                     doors[name] = "starting"
                     await nursery.start(_door, name, serve, engine, cfg, doors)
                 # The API comes last: once /status answers, every door is listening.
-                await nursery.start(serve_unix, sock, Api(engine, cfg, doors))
+                await nursery.start(serve_unix, sock, Api(engine, cfg, doors, backend))
                 log.info("management API on %s", sock)
                 interval = notify.watchdog_interval()
                 if interval:
@@ -166,6 +177,11 @@ async def amain(cfg: Config) -> int:
                     log.info("engine closed")
                 except Exception:
                     log.exception("closing the engine failed")
+                    rc = 1
+                try:
+                    await trio.to_thread.run_sync(backend.close)
+                except Exception:
+                    log.exception("closing the backend failed")
                     rc = 1
     return rc
 
@@ -200,19 +216,30 @@ class StateLock:
             self.fd = None
 
 
-def load_config(config: Path | None, state: Path, embedded: bool) -> Config:
+def load_config(config: Path | None, state: Path, embedded: bool, asds: int | None = None) -> Config:
     if embedded:
         state.mkdir(parents=True, exist_ok=True)
         config = state / "ovsfs.toml"
         if not config.exists():
-            config.write_text(DEFAULT_TOML)
-    return load(config, state)
+            if asds:
+                # Ports are picked once and written down: the proxy knows ASDs by address.
+                text = default_toml(asds, free_ports(asds), preset_note(asds))
+            else:
+                text = default_toml()
+            config.write_text(text)
+    cfg = load(config, state)
+    if asds is not None and (cfg.backend.kind != "asd" or cfg.backend.local_asds != asds):
+        have = (f"{cfg.backend.local_asds} local ASDs" if cfg.backend.kind == "asd"
+                else f"the {cfg.backend.kind} backend")
+        raise ConfigError(f"{config} is set up for {have}, not --asds {asds}; "
+                          f"edit backend.local_asds there or use a new state directory")
+    return cfg
 
 
-def main(config: Path | None, state: Path, embedded: bool) -> int:
+def main(config: Path | None, state: Path, embedded: bool, asds: int | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
     try:
-        cfg = load_config(config, state, embedded)
+        cfg = load_config(config, state, embedded, asds)
     except OvsfsError as e:
         print(f"ovsfs: error: {e.message}", file=sys.stderr)
         return 1
@@ -232,9 +259,16 @@ def main(config: Path | None, state: Path, embedded: bool) -> int:
         print(f"ovsfs: error: cannot prepare {cfg.state_dir}: {e.strerror or e}", file=sys.stderr)
         return 1
     log.info("ovsfs daemon (pid %d) starting on %s", os.getpid(), cfg.state_dir)
+    backend = NodeBackend(cfg)
     try:
-        rc = trio.run(amain, cfg)
+        # Before the event loop: the ASDs are this process's children for its whole life.
+        backend.spawn()
+        rc = trio.run(amain, cfg, backend)
+    except OvsfsError as e:
+        log.error("cannot start: %s", e.message)
+        rc = 1
     finally:
+        backend.stop()  # every ASD this daemon started, by PID, whatever happened above
         lock.release()
     log.info("stopped (exit %d)", rc)
     return rc

@@ -2,7 +2,9 @@
 
 `daemon` starts `ovsfs run --state <tmp>/var` with a small test config; `daemon_factory`
 does the same with config overrides (e.g. {"fuse": {"enabled": True}}) and can start
-several. Every daemon a test starts is stopped at teardown, by PID.
+several; `asds=N` runs it as `ovsfs run --asds N` (erasure-coded backend over N local
+ASD processes, which the daemon stops itself). Every daemon a test starts is stopped at
+teardown, by PID.
 """
 
 from __future__ import annotations
@@ -69,6 +71,17 @@ def to_toml(cfg: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 class _Unix(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -83,8 +96,9 @@ class _Unix(http.client.HTTPConnection):
 class Daemon:
     """One `ovsfs run` process on its own state directory."""
 
-    def __init__(self, base: Path, config: dict[str, Any]) -> None:
+    def __init__(self, base: Path, config: dict[str, Any], asds: int = 0) -> None:
         self.base = base
+        self.asds = asds
         self.state = base / "var"
         self.run_dir = self.state / "run"
         self.mgmt_socket = self.run_dir / "ovsfs.sock"
@@ -114,7 +128,8 @@ class Daemon:
         assert not self.running(), f"daemon {self.pid} is already running"
         with open(self.log_path, "ab") as logf:
             # Own session: a ^C at the terminal goes to pytest, which stops the daemon by PID.
-            self.proc = subprocess.Popen([OVSFS, "run", "--state", str(self.state)], stdin=subprocess.DEVNULL,
+            extra = ["--asds", str(self.asds)] if self.asds else []
+            self.proc = subprocess.Popen([OVSFS, "run", "--state", str(self.state), *extra], stdin=subprocess.DEVNULL,
                                          stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout
@@ -188,11 +203,16 @@ class Daemon:
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """daemon_factory(config_overrides=None, start=True) -> Daemon, on a fresh state dir."""
+    """daemon_factory(config_overrides=None, start=True, asds=0) -> Daemon, on a fresh state dir."""
     made: list[Daemon] = []
 
-    def make(config_overrides: dict[str, Any] | None = None, start: bool = True) -> Daemon:
-        d = Daemon(tmp_path / f"node{len(made)}", _merge(TEST_CONFIG, config_overrides or {}))
+    def make(config_overrides: dict[str, Any] | None = None, start: bool = True, asds: int = 0) -> Daemon:
+        config = _merge(TEST_CONFIG, config_overrides or {})
+        if asds:
+            # What `ovsfs run --asds N` writes on a first start, on top of the small test config.
+            config = _merge(config, {"backend": {"kind": "asd", "local_asds": asds,
+                                                 "local_asd_ports": free_ports(asds)}})
+        d = Daemon(tmp_path / f"node{len(made)}", config, asds)
         made.append(d)
         return d.start() if start else d
 

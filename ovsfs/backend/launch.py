@@ -1,12 +1,15 @@
-"""Glue for the node daemon and CLI: start local ASDs, open a proxy from the state dir.
+"""Glue for the node daemon and CLI: start and stop local ASDs, open a proxy from the state dir.
 
-`ovsfs run --asds N` calls spawn_asds(state/"asd", N) then open_proxy(state/"proxy",
-addrs); the CLI's preset/backend commands use open_proxy on an existing state dir.
+`ovsfs run --asds N` calls spawn_asds(state/"asd", N, ports=...) then
+open_proxy(state/"proxy", addrs), and stop_asds() on the way out.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,25 +18,64 @@ from ovsfs.backend.policy import PresetStore
 from ovsfs.backend.proxy import ProxyStore
 from ovsfs.errors import BackendError
 
+PR_SET_PDEATHSIG = 1
 
-def spawn_asds(base: Path, n: int, node: str = "node1", host: str = "127.0.0.1") -> list[tuple[subprocess.Popen[str], str]]:
-    """Start n ASD processes on base/asd<i>; returns (process, "host:port") pairs.
-    The caller stops them by PID (they are its children)."""
-    out = []
-    for i in range(n):
-        d = Path(base) / f"asd{i}"
-        port_file = d / "port"
-        listen = f"{host}:{port_file.read_text().strip() if port_file.exists() else 0}"
-        p = subprocess.Popen([sys.executable, "-m", "ovsfs.backend.asd", "--path", str(d),
-                              "--listen", listen, "--node", f"{node}-{i}" if n > 1 else node],
-                             stdout=subprocess.PIPE, text=True)
-        m = re.search(r"listening on (\S+)", p.stdout.readline() if p.stdout else "")
-        if not m:
-            p.kill()
-            raise BackendError(f"ASD {d} did not start")
-        port_file.write_text(m.group(1).rpartition(":")[2])  # same port on the next start
-        out.append((p, m.group(1)))
+
+def _child_setup() -> None:
+    # Runs in the child before exec: SIGTERM when the spawning daemon dies, even by
+    # SIGKILL, so a crashed daemon leaves no ASD behind holding its ports.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn_asds(base: Path, n: int, node: str = "node1", host: str = "127.0.0.1",
+               ports: list[int] | None = None) -> list[tuple[subprocess.Popen[str], str]]:
+    """Start n ASD processes with disks at base/0..n-1; returns (process, "host:port") pairs.
+
+    Each ASD is its own storage node (`NODE-i`) for placement. `ports` fixes the ports
+    (0 or None: any free one). The caller stops them by PID (stop_asds); if one fails to
+    start, those already started are stopped here.
+    """
+    out: list[tuple[subprocess.Popen[str], str]] = []
+    try:
+        for i in range(n):
+            d = Path(base) / str(i)
+            port = ports[i] if ports else 0
+            # Own session: a ^C at the terminal must not stop the ASDs before the daemon
+            # has flushed its volumes to them; the daemon stops them itself.
+            p = subprocess.Popen([sys.executable, "-m", "ovsfs.backend.asd", "--path", str(d),
+                                  "--listen", f"{host}:{port}", "--node", f"{node}-{i}"],
+                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                 start_new_session=True, preexec_fn=_child_setup)
+            out.append((p, ""))
+            m = re.search(r"listening on (\S+)", p.stdout.readline() if p.stdout else "")
+            if not m:
+                raise BackendError(f"ASD {d} did not start (port {port} in use?)")
+            out[-1] = (p, m.group(1))
+    except BaseException:
+        stop_asds([p for p, _ in out])
+        raise
     return out
+
+
+def stop_asds(procs: list[subprocess.Popen[str]], timeout: float = 10.0) -> None:
+    """SIGTERM each ASD by PID, wait, SIGKILL what is left."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+        if p.stdout is not None:
+            p.stdout.close()
 
 
 def open_proxy(state: Path, addrs: list[str] | None = None, preset: str = "default",

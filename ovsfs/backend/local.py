@@ -61,8 +61,12 @@ class LocalStore:
             tmp.unlink(missing_ok=True)
             raise BackendError(f"backend put {ns}/{name} failed: {e.strerror}") from e
 
-    def put_file(self, ns: str, name: str, path: Path) -> None:
-        """Hard-link a sealed file in when it is on the same file system: no copy at all."""
+    def put_file(self, ns: str, name: str, path: Path, sync: bool = True) -> None:
+        """Hard-link a sealed file in when it is on the same file system: no copy at all.
+
+        The link shares the inode, so with sync=False the caller's fsync of its own path
+        (before it removes it) makes this object durable too; the directory entry is
+        always made durable here."""
         dest = self._target(ns, name)
         tmp = dest.with_name(f".{dest.name}.tmp.{os.getpid()}")
         try:
@@ -72,17 +76,10 @@ class LocalStore:
             self.put(ns, name, Path(path).read_bytes())
             return
         try:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if sync:
+                _fsync(tmp)
             os.rename(tmp, dest)
-            dfd = os.open(dest.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync(dest.parent)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise BackendError(f"backend put {ns}/{name} failed: {e.strerror}") from e
@@ -131,3 +128,11 @@ class LocalStore:
     def usage(self) -> dict[str, int]:
         st = os.statvfs(self.root)
         return {"capacity": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

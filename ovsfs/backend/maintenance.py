@@ -77,6 +77,7 @@ class Maintenance:
         now = time.time()
         lost = {c.asd_id for c in p.asds.all()
                 if c.down_since is not None and now - c.down_since >= self.down_timeout}
+        lost |= self.replaced()
         with p.dirty_lock:
             todo, p.dirty = set(p.dirty), set()
         if lost:
@@ -92,6 +93,16 @@ class Maintenance:
                     log.warning("repair of %s/%s failed, retrying later: %s", ns, name, e)
                     with p.dirty_lock:
                         p.dirty.add((ns, name))
+
+    def replaced(self) -> set[str]:
+        """ASD ids that fragments are placed on but no registered ASD has any more: a disk
+        replaced by an empty one (it came back under its address with a new id) or dropped.
+        Known only once every registered address has answered: until then a missing id may
+        be an ASD that is merely unreachable."""
+        p = self.proxy
+        if p.asds.pending:
+            return set()
+        return {a for a, n in list(p.asds.load.items()) if n > 0 and p.asds.get(a) is None}
 
     # -- one object --------------------------------------------------------------
 
@@ -311,7 +322,9 @@ class Maintenance:
                 except OvsfsError:
                     row["up"] = False
             asds.append(row)
-        down = {a["asd_id"] for a in asds if not a["up"]} | set(p.asds.draining)
+        # Fragments on a replaced disk (an id no registered ASD has) are missing too.
+        down = ({a["asd_id"] for a in asds if not a["up"]} | set(p.asds.draining)
+                | {a for a, n in list(p.asds.load.items()) if n > 0 and p.asds.get(a) is None})
         items = p.index.items()
         with p.dirty_lock:
             dirty = set(p.dirty)

@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ovsfs.cli.client import CliError, Client, q, socket_path, state_dir
+from ovsfs.cli import backend_cmds
+from ovsfs.cli.client import CliError, q, state_dir
+from ovsfs.cli.common import client_for as _client
+from ovsfs.cli.common import out as _out
+from ovsfs.cli.common import size_arg as _size
 from ovsfs.cli.output import Progress, print_info, print_table
-from ovsfs.errors import OvsfsError
-from ovsfs.mgmt.units import format_size, parse_size
-
-
-def _client(args: argparse.Namespace, timeout: float | None = None) -> Client:
-    sock = args.socket or os.environ.get("OVSFS_SOCKET")
-    return Client(Path(sock) if sock else socket_path(state_dir(args.state)), timeout)
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except OvsfsError as e:
-        raise CliError(e.message) from None
-
-
-def _out(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        human(data)
+from ovsfs.mgmt.units import format_size
 
 
 def _snapref(text: str) -> tuple[str, str]:
@@ -52,7 +35,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ovsfs import daemon
 
-    return daemon.main(None, state_dir(args.state), embedded=True)
+    return daemon.main(None, state_dir(args.state), embedded=True, asds=args.asds)
 
 
 # ---- node -----------------------------------------------------------------------------------
@@ -88,8 +71,11 @@ def cmd_vpool_create(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"name": args.name}
     if args.sco_clusters:
         body["sco_clusters"] = args.sco_clusters
+    if args.preset:
+        body["preset"] = args.preset
     rec = _client(args).call("POST", "/vpools", body)
-    _out(args, rec, lambda r: print(f"created vPool {r['name']}"))
+    _out(args, rec, lambda r: print(f"created vPool {r['name']}"
+                                    + (f" with preset {r['preset']}" if r.get("preset") else "")))
     return 0
 
 
@@ -97,7 +83,8 @@ def cmd_vpool_list(args: argparse.Namespace) -> int:
     pools = _client(args).call("GET", "/vpools")
     _out(args, pools, lambda ps: print_table(
         ps, [("NAME", "name"), ("CLUSTER", lambda p: format_size(p["cluster_size"])),
-             ("SCO", lambda p: format_size(p["sco_clusters"] * p["cluster_size"])), ("VOLUMES", "volumes")]))
+             ("SCO", lambda p: format_size(p["sco_clusters"] * p["cluster_size"])),
+             ("PRESET", lambda p: p.get("preset") or "-"), ("VOLUMES", "volumes")]))
     return 0
 
 
@@ -229,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = cmd(sub, "daemon", cmd_daemon, "run the node daemon with a config file (the systemd service)")
     d.add_argument("--config", required=True, metavar="FILE", help="node configuration (TOML)")
-    cmd(sub, "run", cmd_run, "run the embedded single-node daemon (writes DIR/ovsfs.toml on first start)")
+    r = cmd(sub, "run", cmd_run, "run the embedded single-node daemon (writes DIR/ovsfs.toml on first start)")
+    r.add_argument("--asds", type=int, metavar="N",
+                   help="erasure-coded backend over N local ASD processes (disks at DIR/asd/0..N-1)")
     cmd(sub, "status", cmd_status, "show the daemon's status")
     s = cmd(sub, "scrub", cmd_scrub, "reclaim garbage of one volume or of all")
     s.add_argument("volume", nargs="?")
@@ -238,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd(vp, "create", cmd_vpool_create, "create a vPool")
     s.add_argument("name")
     s.add_argument("--sco-clusters", type=int, help="clusters per SCO (default from the config)")
+    s.add_argument("--preset", help="backend preset of the vPool (asd backend)")
     cmd(vp, "list", cmd_vpool_list, "list vPools")
 
     vo = sub.add_parser("volume", help="manage volumes").add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -280,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("snapshot")
     s = cmd(sn, "list", cmd_snapshot_list, "list a volume's snapshots")
     s.add_argument("volume")
+    backend_cmds.register(sub, vo, cmd)
     return p
 
 

@@ -26,15 +26,23 @@ def print_info(info: dict[str, Any]) -> None:
 
 
 class Progress:
-    """A tqdm bar on a terminal; otherwise one plain line per ~10% on stderr."""
+    """A tqdm bar on a terminal; otherwise one plain line per ~10% on stderr.
 
-    def __init__(self, what: str) -> None:
+    `unit` "B" counts bytes; anything else (e.g. "objects") counts items. A job that
+    starts over (a second repair pass) restarts the bar and the percentages."""
+
+    def __init__(self, what: str, unit: str = "B") -> None:
         self.what = what
+        self.unit = unit
         self.tty = sys.stderr.isatty()
         self.bar: Any = None
         self.next_pct = 10
+        self.last = 0
 
     def __call__(self, done: int, total: int) -> None:
+        if done < self.last:
+            self.next_pct = 10  # started over
+        self.last = done
         if self.tty:
             if self.bar is None:
                 import shutil
@@ -43,13 +51,17 @@ class Progress:
 
                 # A terminal that reports a 0x0 size (a bare pty) would hide the bar: assume 80x24.
                 cols, rows = shutil.get_terminal_size()
-                self.bar = tqdm(total=total, desc=self.what, unit="B", unit_scale=True, unit_divisor=1024,
+                byte = self.unit == "B"
+                self.bar = tqdm(total=total, desc=self.what, unit=self.unit, unit_scale=byte, unit_divisor=1024,
                                 file=sys.stderr, leave=False, ncols=cols, nrows=rows)
+            if self.bar.total != total:
+                self.bar.total = total
             self.bar.update(done - self.bar.n)
             return
         pct = done * 100 // total if total else 100
         if pct >= self.next_pct:
-            print(f"ovsfs: {self.what}: {pct}% ({done} of {total} bytes)", file=sys.stderr, flush=True)
+            unit = "bytes" if self.unit == "B" else self.unit
+            print(f"ovsfs: {self.what}: {pct}% ({done} of {total} {unit})", file=sys.stderr, flush=True)
             self.next_pct = (pct // 10 + 1) * 10
 
     def __enter__(self) -> "Progress":

@@ -133,7 +133,8 @@ class Engine:
 
     # ---- vPools -------------------------------------------------------------------------
 
-    def create_vpool(self, name: str, sco_clusters: int | None = None) -> dict[str, Any]:
+    def create_vpool(self, name: str, sco_clusters: int | None = None,
+                     preset: str | None = None) -> dict[str, Any]:
         check_name("vPool", name)
         with self.lock:
             if self.registry.get(f"/vpools/{name}") is not None:
@@ -142,7 +143,7 @@ class Engine:
             if not 1 <= sc <= 65535:
                 raise InvalidArgument(f"sco_clusters must be 1..65535, not {sc}")
             rec = {"name": name, "sco_clusters": sc, "cluster_size": self.cfg.engine.cluster_size,
-                   "created": time.time()}
+                   "preset": preset, "created": time.time()}
             self.registry.put(f"/vpools/{name}", rec)
             return rec
 

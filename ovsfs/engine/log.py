@@ -111,7 +111,8 @@ class LogWriter(_Base):
             if not path.exists():
                 self.wb.forget((self, n), pending=nbytes)
                 return
-            self.store.put_file(self.ns, sco_name(n), path)
+            # The SCO stays in the write buffer until evict_sco, which fsyncs it first.
+            self.store.put_file(self.ns, sco_name(n), path, sync=False)
             self.wb.uploaded((self, n), nbytes, lambda: self.evict_sco(n))
         self.wb.submit(f"{self.name} SCO {n}", upload)
 
@@ -168,7 +169,19 @@ class LogWriter(_Base):
             if fd is not None:
                 os.close(fd)
             self.local_scos.discard(n)
-            (self.sco_dir / str(n)).unlink(missing_ok=True)
+            path = self.sco_dir / str(n)
+            try:
+                # The upload may share this inode (a hard link): make it durable before
+                # the write buffer forgets it.
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.unsynced.discard(path)
+            path.unlink()
 
     # ---- durability ------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pyfuse3
 
-from ovsfs.engine.volume import NAME_RE
+from ovsfs.engine.names import NAME_RE
 from ovsfs.errors import NotFound
 
 ROOT = pyfuse3.ROOT_INODE

@@ -19,9 +19,11 @@ import trio
 from ovsfs.config import Config
 from ovsfs.engine.engine import Engine
 from ovsfs.errors import InvalidArgument, OvsfsError
+from ovsfs.mgmt.backend_api import BackendApi
 from ovsfs.mgmt.http import HttpError, Request, Response, Send
 from ovsfs.mgmt.transfer import ExportJob, ImportJob
 from ovsfs.mgmt.units import parse_size
+from ovsfs.node_backend import NodeBackend
 
 log = logging.getLogger("ovsfs.mgmt")
 
@@ -59,9 +61,11 @@ def _line(obj: Any) -> bytes:
 
 
 class Api:
-    def __init__(self, engine: Engine, cfg: Config, doors: dict[str, str]) -> None:
+    def __init__(self, engine: Engine, cfg: Config, doors: dict[str, str],
+                 backend: NodeBackend | None = None) -> None:
         self.engine = engine
         self.cfg = cfg
+        self.backend = backend
         self.doors = doors          # door name -> state, kept up to date by the daemon
         self.started = time.time()
         seg = r"([^/]+)"
@@ -78,7 +82,10 @@ class Api:
             (rf"/volumes/{seg}/snapshots/{seg}/clone", {"POST": self.clone}),
             (rf"/volumes/{seg}/import", {"POST": self.import_file}),
             (rf"/volumes/{seg}/export", {"POST": self.export_file}),
+            (rf"/volumes/{seg}/sync", {"POST": self.sync_volume}),
             (r"/scrub", {"POST": self.scrub}),
+            (r"/cache/drop", {"POST": self.drop_cache}),
+            *BackendApi(backend).routes(seg),
         ]
         self.routes = [(re.compile(p + "/?"), m) for p, m in self.routes]  # type: ignore[misc]
 
@@ -102,12 +109,29 @@ class Api:
             "node": self.cfg.node.name, "pid": os.getpid(), "state_dir": str(self.cfg.state_dir),
             "mgmt_socket": str(self.cfg.path(self.cfg.mgmt.socket)),
             "uptime": round(time.time() - self.started, 3), "doors": dict(self.doors), "engine": stats,
+            "backend": self.cfg.backend.kind,
         })
 
     async def scrub(self, req: Request) -> Response:
         name = _field(req.json(), "volume", str, required=False)
         results = await _call(self.engine.scrub, name)
         return Response(200, results)
+
+    async def drop_cache(self, req: Request) -> Response:
+        proxy = self.backend.proxy if self.backend is not None else None
+        wb = self.engine.wb
+
+        def drop() -> dict[str, int]:
+            before = wb.cached
+            wb.drop_cache()  # uploaded SCOs kept locally as a read cache
+            wb_freed = max(0, before - wb.cached)
+            frag_freed = proxy.drop_caches() if proxy is not None else 0
+            return {"write_buffer_bytes": wb_freed, "fragment_cache_bytes": frag_freed,
+                    "freed_bytes": wb_freed + frag_freed}
+
+        res = await _call(drop)
+        log.info("dropped caches: %d bytes freed", res["freed_bytes"])
+        return Response(200, res)
 
     # ---- vPools ------------------------------------------------------------------------
 
@@ -124,7 +148,12 @@ class Api:
         body = req.json()
         name = _field(body, "name", str)
         sco = _field(body, "sco_clusters", int, required=False)
-        rec = await _call(self.engine.create_vpool, name, sco)
+        preset = _field(body, "preset", str, required=False)
+        if preset is not None:
+            if self.backend is None or self.backend.kind != "asd":
+                raise HttpError(409, "the local backend has no presets")
+            await _call(self.backend.presets.get, preset)  # 404 when it does not exist
+        rec = await _call(self.engine.create_vpool, name, sco, preset)
         log.info("created vPool %s", name)
         return Response(201, rec)
 
@@ -163,6 +192,14 @@ class Api:
                 log.info("renamed volume %s to %s", name, new)
                 name = new
         return Response(200, await self._info(name))
+
+    async def sync_volume(self, req: Request, name: str) -> Response:
+        vol = await _call(self.engine.volume, name)
+        start = time.monotonic()
+        # Abandoned on shutdown rather than holding it up: the sync only waits for uploads,
+        # and closing the engine uploads everything anyway.
+        await trio.to_thread.run_sync(vol.sync, abandon_on_cancel=True)
+        return Response(200, {"volume": name, "seconds": round(time.monotonic() - start, 3)})
 
     async def delete_volume(self, req: Request, name: str) -> Response:
         await _call(self.engine.delete_volume, name)

@@ -28,9 +28,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("ovsfs.nbd")
 
 RECV_SIZE = 1 << 20
+RECV_MAX = P.MAX_PAYLOAD + 64  # one whole write request at most
 OUT_LIMIT = 64 << 20           # queued reply bytes before the reader waits for the sender
 BLOCK_STATUS_CAP = 1 << 30     # bytes described per BLOCK_STATUS request at most
 INLINE_MAX = 256 << 10         # groups up to this many data bytes may run in the event loop
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class Connection(Negotiation):
@@ -53,6 +60,7 @@ class Connection(Negotiation):
         self.closing = False
         self.logged: set[tuple[int, int]] = set()
         self.user = f"nbd:{cid}"
+        self._rb: bytearray | None = None
         self.acquired = False
 
     # ---- plumbing --------------------------------------------------------------------------
@@ -75,8 +83,15 @@ class Connection(Negotiation):
     async def run(self) -> None:
         why = "closed"
         try:
-            if await self.negotiate():
-                why = await self.transmission()
+            try:
+                if await self.negotiate():
+                    why = await self.transmission()
+            except BaseExceptionGroup as eg:
+                # Nurseries wrap what their tasks raise; one client's failure is one leaf.
+                leaf = _leaf(eg)
+                if not isinstance(leaf, Exception):
+                    raise
+                raise leaf from None
         except Closed as e:
             why = str(e)
         except P.ProtocolError as e:
@@ -120,6 +135,20 @@ class Connection(Negotiation):
             await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
             self.drained.set()
 
+    async def _receive(self, n: int) -> bytes | memoryview:
+        """receive_some, but into one reused buffer on plain sockets.
+
+        receive_some allocates a fresh n-byte buffer per call; at 1 MiB that is an mmap
+        and munmap per receive, which made the event loop spend most of its time in the
+        kernel. The parser copies what it keeps, so reusing the buffer is safe."""
+        sock = getattr(self.stream, "socket", None)
+        if sock is None:  # TLS
+            return await self.stream.receive_some(n)
+        if self._rb is None or len(self._rb) < n:
+            self._rb = bytearray(n)
+        got = await sock.recv_into(self._rb, n)
+        return memoryview(self._rb)[:got]
+
     async def transmission(self) -> str:
         ex = self.export
         assert ex is not None
@@ -135,7 +164,8 @@ class Connection(Negotiation):
                         if pending:
                             reqs = parser.feed(pending)
                         else:
-                            data = await self.stream.receive_some(max(RECV_SIZE, parser.want()))
+                            # want() can be a garbage length being skipped: never size a buffer by it.
+                            data = await self._receive(min(max(RECV_SIZE, parser.want()), RECV_MAX))
                             if not data:
                                 if parser.buf or parser.skip:
                                     why = "client vanished in the middle of a request"
@@ -145,9 +175,6 @@ class Connection(Negotiation):
                         pending = b""
                         if not reqs:
                             continue
-                        while self.out_bytes > OUT_LIMIT:
-                            self.drained = trio.Event()
-                            await self.drained.wait()
                         if await self._batch(reqs, bg):
                             why = "client disconnected (DISC)"
                             break
@@ -168,6 +195,9 @@ class Connection(Negotiation):
         for r in reqs:
             check_request(r, ex.size, read_only=ex.read_only, structured=self.structured, meta=meta)
         for g in groups(reqs):
+            while self.out_bytes > OUT_LIMIT:   # a client that does not read its replies
+                self.drained = trio.Event()
+                await self.drained.wait()
             head = g[0]
             if not head.error and head.type == P.CMD_DISC:
                 return True

@@ -134,6 +134,10 @@ def check_request(req: Request, size: int, *, read_only: bool, structured: bool,
     return req
 
 
+GROUP_MAX_READ = 64 << 20
+GROUP_MAX_REQUESTS = 1024
+
+
 def groups(reqs: Sequence[Request]) -> list[list[Request]]:
     """Split a batch into order-preserving groups that may each run as one engine call.
 
@@ -143,6 +147,7 @@ def groups(reqs: Sequence[Request]) -> list[list[Request]]:
     out: list[list[Request]] = []
     cur: list[Request] = []
     spans: list[tuple[int, int, bool]] = []     # (start, end, mutating) of cur
+    read_bytes = 0
     for r in reqs:
         if r.error:
             cur.append(r)
@@ -151,14 +156,19 @@ def groups(reqs: Sequence[Request]) -> list[list[Request]]:
             if cur:
                 out.append(cur)
             out.append([r])
-            cur, spans = [], []
+            cur, spans, read_bytes = [], [], 0
             continue
         s, e, mut = r.offset, r.offset + r.length, r.type in MUTATING
-        if e > s and any(a < e and s < b and (mut or m) for a, b, m in spans):
+        reads = r.length if r.type == CMD_READ else 0
+        # A group's reads are allocated at once: bound them, so a client cannot make one
+        # engine call hold gigabytes (the reply queue limit applies between groups).
+        full = len(cur) >= GROUP_MAX_REQUESTS or (reads and read_bytes + reads > GROUP_MAX_READ)
+        if cur and (full or (e > s and any(a < e and s < b and (mut or m) for a, b, m in spans))):
             out.append(cur)
-            cur, spans = [], []
+            cur, spans, read_bytes = [], [], 0
         cur.append(r)
         spans.append((s, e, mut))
+        read_bytes += reads
     if cur:
         out.append(cur)
     return out

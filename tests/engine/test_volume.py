@@ -160,10 +160,10 @@ class GatedStore(LocalStore):
             self.gate.wait()
         super().put(ns, name, data)
 
-    def put_file(self, ns: str, name: str, path: Path) -> None:
+    def put_file(self, ns: str, name: str, path: Path, sync: bool = True) -> None:
         if name.startswith("sco/"):
             self.gate.wait()
-        super().put_file(ns, name, path)
+        super().put_file(ns, name, path, sync)
 
 
 def test_full_write_buffer_makes_writes_wait_not_fail(tmp_path: Path) -> None:
