@@ -61,12 +61,8 @@ class LocalStore:
             tmp.unlink(missing_ok=True)
             raise BackendError(f"backend put {ns}/{name} failed: {e.strerror}") from e
 
-    def put_file(self, ns: str, name: str, path: Path, sync: bool = True) -> None:
-        """Hard-link a sealed file in when it is on the same file system: no copy at all.
-
-        The link shares the inode, so with sync=False the caller's fsync of its own path
-        (before it removes it) makes this object durable too; the directory entry is
-        always made durable here."""
+    def put_file(self, ns: str, name: str, path: Path) -> None:
+        """Hard-link a sealed file in when it is on the same file system: no copy at all."""
         dest = self._target(ns, name)
         tmp = dest.with_name(f".{dest.name}.tmp.{os.getpid()}")
         try:
@@ -76,8 +72,7 @@ class LocalStore:
             self.put(ns, name, Path(path).read_bytes())
             return
         try:
-            if sync:
-                _fsync(tmp)
+            _fsync(tmp)
             os.rename(tmp, dest)
             _fsync(dest.parent)
         except OSError as e:

@@ -125,7 +125,7 @@ class ProxyStore:
             raise NotFound(f"backend namespace {ns} does not exist")
         self.writer.put(ns, name, data, self.preset)
 
-    def put_file(self, ns: str, name: str, path: Path, sync: bool = True) -> None:
+    def put_file(self, ns: str, name: str, path: Path) -> None:
         """A sealed local file (SCO, TLog): read once, then the same path as put."""
         try:
             data = Path(path).read_bytes()

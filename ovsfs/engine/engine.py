@@ -21,6 +21,7 @@ from ovsfs.cluster.store import ConfigStore
 from ovsfs.config import Config
 from ovsfs.engine.recovery import open_volume
 from ovsfs.engine.scrub import scrub_volume
+from ovsfs.engine.names import MAX_VOLUME_SIZE
 from ovsfs.engine.volume import Volume, check_name
 from ovsfs.engine.writebuffer import WriteBuffer
 from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound
@@ -28,7 +29,6 @@ from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound
 log = logging.getLogger("ovsfs.engine")
 
 MAX_CLONE_DEPTH = 255
-MAX_VOLUME_SIZE = 1 << 50  # 1 PiB: the map addresses 2^48 clusters, this keeps far below
 
 
 class Engine:
@@ -215,7 +215,11 @@ class Engine:
             if depth >= MAX_CLONE_DEPTH:
                 raise InvalidArgument(f"clone chain of {src} is already {depth} deep (max {MAX_CLONE_DEPTH})")
             ref = {"ns": parent.ns, "name": parent.name, "snapshot": snapshot, "epoch": snap["epoch"]}
-            return self.create_volume(new, snap["size"], vpool or parent.vpool, parent=ref)
+            # The parent's lock keeps the snapshot from being deleted or rolled away until
+            # the clone is registered (from then on has_clones protects it).
+            with parent.lock:
+                parent._snapshot(snapshot)
+                return self.create_volume(new, snap["size"], vpool or parent.vpool, parent=ref)
 
     def delete_volume(self, name: str) -> None:
         with self.lock:
@@ -225,10 +229,13 @@ class Engine:
             if self._has_clones(vol, None):
                 raise Busy(f"volume {name} has clones")
             with vol.lock:
-                vol.deleted = True
-                pending = vol.sco_idx * vol.cluster_size if vol.sco_fd is not None else 0
+                if vol.users:
+                    raise Busy(f"volume {name} is in use by {', '.join(sorted(vol.users))}")
+                vol.deleted = True   # no write gets in after this (_check_open)
+                # The open SCO never reaches the upload queue: its bytes are given back here.
+                open_bytes = vol.sco_idx * vol.cluster_size if vol.sco_fd is not None else 0
             vol.close()
-            self.wb.forget_owner(vol, pending)
+            self.wb.forget_owner(vol, open_bytes)
             del self.volumes[name]
             self.registry.delete(f"/volumes/{name}")
             # Queued behind the volume's uploads, which see `deleted` and do nothing.

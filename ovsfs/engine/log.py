@@ -60,6 +60,7 @@ class LogWriter(_Base):
                 self._tlog_append(tlog.relocs(moved_from[pos:pos + take], seg, crcs))
                 self.map.relocate(moved_from[pos:pos + take], seg)
             self.sco_idx += take
+            self.appended += take * cs
             pos += take
         if moved_from is None:
             self.dtl.append(self.name, addrs, locs, buf)
@@ -106,13 +107,10 @@ class LogWriter(_Base):
         path = self.sco_dir / str(n)
 
         def upload() -> None:
-            if self.deleted:
-                return
-            if not path.exists():
+            if self.deleted or not path.exists():
                 self.wb.forget((self, n), pending=nbytes)
                 return
-            # The SCO stays in the write buffer until evict_sco, which fsyncs it first.
-            self.store.put_file(self.ns, sco_name(n), path, sync=False)
+            self.store.put_file(self.ns, sco_name(n), path)
             self.wb.uploaded((self, n), nbytes, lambda: self.evict_sco(n))
         self.wb.submit(f"{self.name} SCO {n}", upload)
 
@@ -170,18 +168,8 @@ class LogWriter(_Base):
                 os.close(fd)
             self.local_scos.discard(n)
             path = self.sco_dir / str(n)
-            try:
-                # The upload may share this inode (a hard link): make it durable before
-                # the write buffer forgets it.
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                return
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self.unsynced.discard(path)
-            path.unlink()
+            self.unsynced.discard(path)   # the backend copy is durable (put_file fsyncs)
+            path.unlink(missing_ok=True)
 
     # ---- durability ------------------------------------------------------------------------
 

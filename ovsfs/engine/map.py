@@ -45,7 +45,8 @@ class ClusterMap:
         self.db_path = Path(db_path)
         self.db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit must survive a power loss, because local TLogs below it are deleted.
+        self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS pages (page INTEGER, epoch INTEGER, data BLOB,"
             " PRIMARY KEY (page, epoch)) WITHOUT ROWID")

@@ -6,6 +6,8 @@ import re
 
 from ovsfs.errors import InvalidArgument
 
+MAX_VOLUME_SIZE = 1 << 50  # 1 PiB: far below what the map can address (2^48 clusters)
+
 NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 
 

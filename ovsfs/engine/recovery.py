@@ -82,10 +82,21 @@ def _replay_local(vol: Volume, meta: dict[str, Any]) -> int:
     for n in _local_numbers(vol.tlog_dir):
         if n < start:
             continue
-        data = (vol.tlog_dir / str(n)).read_bytes()
-        if n == start and off:
-            data = data[off:]
-        count += apply(vol, tlog.parse(data), verify=True)
+        path = vol.tlog_dir / str(n)
+        data = bytearray(path.read_bytes())
+        before = bytes(data)
+        count += apply(vol, tlog.parse(memoryview(data)[off if n == start else 0:]), verify=True)
+        if data != before:
+            # Torn writes were turned into no-op records: keep them out of the upload (and
+            # so out of any rebuild from the backend) as well.
+            tmp = path.with_name(f".{n}.tmp")
+            tmp.write_bytes(data)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
         vol.next_tlog = max(vol.next_tlog, n + 1)
     return count
 
@@ -115,6 +126,8 @@ def apply(vol: Volume, segments: Iterable[tlog.Segment], verify: bool) -> int:
             addrs, locs = seg.records["a"].copy(), seg.records["b"].copy()
             if verify:
                 good = _verify(vol, locs, seg.records["crc"])
+                if not good.all():
+                    seg.records["kind"][~good] = tlog.NOOP  # written back by _replay_local
                 addrs, locs = addrs[good], locs[good]
             vol.map.update(addrs, locs)
             if len(locs):

@@ -48,6 +48,9 @@ def scrub_volume(vol: Volume, threshold: float) -> dict[str, Any]:
         if low:
             moved = live[np.isin(live >> SCO_SHIFT, np.array(low, dtype=np.uint64))]
             buf = vol.read_locations(moved)
+            # Counted without waiting: waiting here, under the volume lock, could deadlock
+            # with the upload thread; the budget is exceeded by at most this one move.
+            vol.wb.add_pending(len(moved) * cs)
             vol._append(np.zeros(len(moved), dtype=np.uint64), bytes(buf), moved_from=moved)
         victims = dead + low
         if victims:

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ovsfs.engine import tlog
-from ovsfs.engine.names import check_name
+from ovsfs.engine.names import MAX_VOLUME_SIZE, check_name
 from ovsfs.errors import AlreadyExists, Busy, DataError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -70,6 +70,8 @@ class SnapshotOps(_Base):
             for s in self.snapshots:
                 if s["epoch"] > snap["epoch"] and self.has_clones(self, s["epoch"]):
                     raise Busy(f"snapshot {self.name}@{s['name']} after {name} has clones")
+                if s["epoch"] > snap["epoch"] and self.users.get(f"snapshot:{s['name']}"):
+                    raise Busy(f"snapshot {self.name}@{s['name']} after {name} is in use")
             self._tlog_append(tlog.mark(tlog.ROLLBACK, {"name": name}))
             self.apply_rollback(name)
             self.write_seq += 1
@@ -86,6 +88,8 @@ class SnapshotOps(_Base):
     def resize(self, size: int) -> None:
         if size <= 0 or size % self.cluster_size:
             raise InvalidArgument(f"size {size} is not a positive multiple of the cluster size {self.cluster_size}")
+        if size > MAX_VOLUME_SIZE:
+            raise InvalidArgument(f"size {size} is over the maximum of {MAX_VOLUME_SIZE} bytes")
         with self.lock:
             self._check_open()
             if size < self.size:

@@ -19,7 +19,7 @@ import numpy as np
 RECORD = np.dtype([("kind", "<u4"), ("crc", "<u4"), ("a", "<u8"), ("b", "<u8")])
 SIZE = RECORD.itemsize  # 24
 
-WRITE, RELOC, MARK = 1, 2, 3
+NOOP, WRITE, RELOC, MARK = 0, 1, 2, 3   # NOOP: a torn write found at replay, neutralised
 
 # Marker op codes
 SNAPSHOT, DELETE_SNAPSHOT, ROLLBACK, RESIZE = 1, 2, 3, 4

@@ -95,6 +95,7 @@ class Volume(LogWriter, SnapshotOps):
         self.users: dict[str, int] = {}
         self.closed = False
         self.deleted = False
+        self.appended = 0                      # bytes appended to SCOs (write-buffer accounting)
         self.replayed = 0                      # TLog records replayed at open (0 after a clean stop)
 
     # ---- small helpers -------------------------------------------------------------------
@@ -193,6 +194,8 @@ class Volume(LogWriter, SnapshotOps):
         depth = 0
         while vol is not None and len(idx):
             with _hold(vol.lock, nowait):
+                if vol.closed:
+                    raise Busy(f"volume {vol.name} is closed")
                 locs = vol.map.lookup(addrs[idx], ep)
             have = locs > ZERO_LOC
             if have.any():
@@ -323,8 +326,7 @@ class Volume(LogWriter, SnapshotOps):
             if n and off >= 0 and not (off | n) & (cs - 1):
                 # One aligned request (a door's queue depth 1): no numpy bookkeeping.
                 self._check_range(off, n)
-                self.wb.reserve(n)
-                with self.lock:
+                with self._budget(n):
                     self._check_open()
                     self._check_range(off, n)
                     self._append(np.arange(off // cs, (off + n) // cs, dtype=np.uint64), data)
@@ -346,8 +348,7 @@ class Volume(LogWriter, SnapshotOps):
                 return
         firsts = offs // cs
         counts = (ends - 1) // cs - firsts + 1
-        self.wb.reserve(int(counts.sum()) * cs)
-        with self.lock:
+        with self._budget(int(counts.sum()) * cs):
             self._check_open()
             if int(ends.max()) > self.size:  # shrunk meanwhile
                 self._check_range(int(offs[0]), int(lens[0]))
@@ -389,26 +390,37 @@ class Volume(LogWriter, SnapshotOps):
                 raise WouldBlock("only whole, non-empty clusters are written without waiting")
             self._check_range(off, n)
             total += n
-        if not self.wb.try_reserve(total):
-            raise WouldBlock("write buffer full")
-        if not self.lock.acquire(blocking=False):
-            self.wb.unreserve(total)
-            raise WouldBlock("volume busy")
-        try:
-            try:
-                self._check_open()
-                for off, data in reqs:
-                    self._check_range(off, len(data))  # a resize may have come in between
-            except Exception:
-                self.wb.unreserve(total)
-                raise
+        with self._budget(total, nowait=True):
+            self._check_open()
+            for off, data in reqs:
+                self._check_range(off, len(data))  # a resize may have come in between
             addrs = np.concatenate([np.arange(o // cs, (o + len(d)) // cs, dtype=np.uint64) for o, d in reqs])
             self._append(addrs, reqs[0][1] if len(reqs) == 1 else b"".join(d for _o, d in reqs))
+
+    @contextmanager
+    def _budget(self, nbytes: int, nowait: bool = False) -> Iterator[None]:
+        """Reserve write-buffer room (before the lock: reserve may wait for uploads), then
+        hold the lock; whatever the body did not append is given back, so a failed write
+        never keeps budget."""
+        if nowait:
+            if not self.wb.try_reserve(nbytes):
+                raise WouldBlock("write buffer full")
+        else:
+            self.wb.reserve(nbytes)
+        if not self.lock.acquire(blocking=not nowait):
+            self.wb.unreserve(nbytes)
+            raise WouldBlock("volume busy")
+        before = self.appended
+        try:
+            yield
         finally:
+            unused = nbytes - (self.appended - before)
+            if unused > 0:
+                self.wb.unreserve(unused)
             self.lock.release()
 
     def _check_open(self) -> None:
-        if self.closed:
+        if self.closed or self.deleted:
             raise Busy(f"volume {self.name} is closed")
 
     def trim(self, offset: int, length: int) -> None:
