@@ -110,13 +110,22 @@ class Disk:
                 if not (self.root / "asd.json").exists():
                     self._write_meta()
         try:
-            os.write(fd, head)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)  # a put is acknowledged durable
+            try:
+                os.write(fd, head)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)  # a put is acknowledged durable
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dfd = os.open(path.parent, os.O_RDONLY)   # ... and so is its name
+        try:
+            os.fsync(dfd)
         finally:
-            os.close(fd)
-        os.rename(tmp, path)
+            os.close(dfd)
 
     def _open(self, key: str) -> tuple[int, int, int, int, bytes]:
         path = self._path(key)

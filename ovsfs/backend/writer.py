@@ -180,8 +180,11 @@ class ObjectWriter:
             extra = spare[:want - len(ok)]
             tried |= set(extra)
             ok += self._copies(man, key, extra)
-        if not ok:
-            raise BackendError(f"manifest of {ns}/{name} could not be stored on any ASD")
+        # One copy is one ASD loss from losing the object: acknowledge only with two
+        # (or every live ASD, on a backend that has fewer).
+        need = min(2, want, len(p.asds.live(writable=False)))
+        if len(ok) < max(need, 1):
+            raise BackendError(f"manifest of {ns}/{name} stored on {len(ok)} ASD(s); {max(need, 1)} needed")
         if set(ok) != set(targets):
             self._copies(man, key, ok)  # copies name each other: rewrite them with the final list
         return len(ok) < want

@@ -94,6 +94,8 @@ class WriteBatcher:
                     for s in batch:
                         s.error = e
                     if not isinstance(e, Exception):
+                        for s in batch:   # cancelled: wake the writers of this batch too
+                            s.done.set()
                         raise
                 for s in batch:
                     s.done.set()
