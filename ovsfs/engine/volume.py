@@ -36,6 +36,13 @@ __all__ = ["Volume", "check_name", "sco_name", "tlog_name", "IDX_MASK"]
 IDX_MASK = (1 << SCO_SHIFT) - 1
 
 
+def _fetch(out: bytearray, remote: list[tuple["Volume", int, int, int, int]]) -> None:
+    """Read the runs that are no longer in any write buffer from the backend."""
+    for vol, sco, ci, count, at in remote:
+        cs = vol.cluster_size
+        out[at:at + count * cs] = vol.store.get_range(vol.ns, sco_name(sco), ci * cs, count * cs)
+
+
 @contextmanager
 def _hold(lock: threading.RLock, nowait: bool) -> Iterator[None]:
     """Hold a volume lock; with nowait, WouldBlock instead of waiting for it."""
@@ -221,12 +228,11 @@ class Volume(LogWriter, SnapshotOps):
                 if nowait and remote:
                     raise WouldBlock("data must come from the backend")
             try:
-                for vol, sco, ci, count, at in remote:
-                    out[at:at + count * cs] = vol.store.get_range(vol.ns, sco_name(sco), ci * cs, count * cs)
+                _fetch(out, remote)
                 return out
-            except NotFound:
+            except NotFound as e:
                 if attempt:
-                    raise DataError(f"{self.name}: SCO {sco} is missing from the backend") from None
+                    raise DataError(f"{self.name}: SCO data is missing from the backend ({e.message})") from None
         return out
 
     def _fill(self, out: bytearray, idx: np.ndarray, locs: np.ndarray,
@@ -258,8 +264,7 @@ class Volume(LogWriter, SnapshotOps):
         remote: list[tuple[Volume, int, int, int, int]] = []
         with self.lock:
             self._fill(out, np.arange(len(locs)), locs, remote)
-        for _vol, sco, ci, count, at in remote:
-            out[at:at + count * cs] = self.store.get_range(self.ns, sco_name(sco), ci * cs, count * cs)
+        _fetch(out, remote)
         return out
 
     def _read_local(self, sco: int, ci: int, count: int) -> bytes | None:

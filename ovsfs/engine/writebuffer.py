@@ -42,23 +42,17 @@ class WriteBuffer:
 
     # ---- budget -----------------------------------------------------------------------
 
-    def reserve(self, nbytes: int, timeout: float | None = None) -> None:
+    def reserve(self, nbytes: int) -> None:
         """Count bytes about to be written; waits while the buffer is full of unsent SCOs."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self.cv:
                 if self.pending + nbytes <= self.limit or self.pending == 0 or self.stopping:
                     self.pending += nbytes
                     return
-                idle = not self.queue and not self.busy
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    from ovsfs.errors import NoSpace
-                    raise NoSpace("write buffer full and the backend is not taking uploads")
-                if not idle:
-                    self.cv.wait(left if left is not None else 1.0)
+                if self.queue or self.busy:
+                    self.cv.wait(1.0)
                     continue
-            self.on_pressure()
+            self.on_pressure()   # nothing queued: open SCOs of idle volumes hold the budget
             with self.cv:
                 if not self.queue and not self.busy:
                     self.cv.wait(0.05)
