@@ -47,6 +47,7 @@ class Index:
         self.asds = asds
         self.lock = threading.RLock()
         self.objects: dict[str, dict[str, Manifest]] = {}
+        self.ns_presets: dict[str, bytes] = {}  # namespace -> its preset (JSON), when bound
         self.rebuilt = False
 
     # -- load / save -------------------------------------------------------------
@@ -74,8 +75,10 @@ class Index:
             name = data[pos + a:pos + a + b].decode()
             pos += a + b
             bucket = self.objects.setdefault(ns, {})
-            if b:  # an entry without a name just records the namespace
+            if b:  # an entry without a name just records the namespace (and its preset)
                 self._add_load(bucket, name, Manifest.decode(data[pos:pos + c]))
+            elif c:
+                self.ns_presets[ns] = bytes(data[pos:pos + c])
             pos += c
 
     def close(self) -> None:
@@ -85,7 +88,8 @@ class Index:
         with self.lock:
             for ns, objs in self.objects.items():
                 nb = ns.encode()
-                parts.append(_ENT.pack(len(nb), 0, 0) + nb)
+                pb = self.ns_presets.get(ns, b"")
+                parts.append(_ENT.pack(len(nb), 0, len(pb)) + nb + pb)
                 for name, man in objs.items():
                     blob, name_b = man.encode(), name.encode()
                     parts.append(_ENT.pack(len(nb), len(name_b), len(blob)) + nb + name_b + blob)
@@ -113,9 +117,13 @@ class Index:
         with ThreadPoolExecutor(max(1, len(live))) as pool:
             results = list(pool.map(scan, live))
         objects: dict[str, dict[str, Manifest]] = {}
+        presets: dict[str, bytes] = {}
         for nss, mans in results:
-            for key in nss:
-                objects.setdefault(unquote_ns(key[2:]), {})
+            for key, value in nss.items():
+                ns = unquote_ns(key[2:])
+                objects.setdefault(ns, {})
+                if len(value) > 1 and ns not in presets:  # b"\x01" + preset JSON
+                    presets[ns] = bytes(value[1:])
             for key, blob in mans.items():
                 qns, _, name = key[2:].partition("/")
                 try:
@@ -128,6 +136,7 @@ class Index:
                     bucket[name] = man
         with self.lock:
             self.objects = {}
+            self.ns_presets = presets
             self.asds.load.clear()
             for ns, objs in objects.items():
                 bucket = self.objects.setdefault(ns, {})
@@ -178,12 +187,19 @@ class Index:
         with self.lock:
             return ns in self.objects
 
-    def add_ns(self, ns: str) -> None:
+    def add_ns(self, ns: str, preset: bytes | None = None) -> None:
         with self.lock:
             self.objects.setdefault(ns, {})
+            if preset:
+                self.ns_presets[ns] = preset
+
+    def ns_preset(self, ns: str) -> bytes | None:
+        with self.lock:
+            return self.ns_presets.get(ns)
 
     def drop_ns(self, ns: str) -> dict[str, Manifest]:
         with self.lock:
+            self.ns_presets.pop(ns, None)
             objs = self.objects.pop(ns, {})
             for man in objs.values():
                 self._count(man, -1)

@@ -32,7 +32,9 @@ class LocalStore:
             path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def create_namespace(self, ns: str) -> None:
+    def create_namespace(self, ns: str, preset: str | None = None) -> None:
+        """A directory; the local store keeps every object as one plain file, so it has no
+        presets and `preset` is ignored."""
         self._ns(ns).mkdir(parents=True, exist_ok=True)
 
     def delete_namespace(self, ns: str) -> None:

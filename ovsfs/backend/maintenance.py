@@ -238,15 +238,20 @@ class Maintenance:
             items = p.index.items()
             fixed = 0
             failed = []
+            with p.dirty_lock:
+                reported = set(p.dirty)  # a full verifying pass settles what was reported before it
             with self.lock:
                 for done, (ns, name, _m) in enumerate(items, 1):
                     try:
                         fixed += self.fix(ns, name, lost=lost, verify=True)
                     except OvsfsError as e:
                         failed.append(f"{ns}/{name}: {e}")
+                        reported.discard((ns, name))
                     if progress:
                         progress({"pass": n + 1, "done": done, "total": len(items), "fragments": total + fixed})
             total += fixed
+            with p.dirty_lock:
+                p.dirty -= reported
             if fixed == 0 and not failed:
                 break
         return {"fragments_rebuilt": total, "objects": len(p.index.items()), "failed": failed,
@@ -336,4 +341,6 @@ class Maintenance:
                 "free": sum(a.get("free", 0) for a in asds),
                 "namespaces": len(p.index.namespaces()), "objects": len(items),
                 "degraded_objects": degraded, "fragments_rebuilt": self.repaired,
-                "fragment_cache": p.fcache.stats(), "preset": p.preset.to_dict()}
+                "fragment_cache": p.fcache.stats(), "preset": p.preset.to_dict(),
+                "namespace_presets": {ns: p.namespace_preset(ns).name for ns in p.index.namespaces()
+                                      if p.index.ns_preset(ns)}}

@@ -46,10 +46,19 @@ class AsdSet:
             self.pending.append(c)
         return c
 
+    def attach(self, member: "AsdClient") -> None:
+        """Register a ready-made member that behaves like an AsdClient (asd_id, node,
+        up, put/get/...): e.g. a whole Store under a stacked proxy (ovsfs.backend.stacked).
+        Such members are not written to the registry file: their owner attaches them."""
+        member.ping()  # its id is known up front: registered even while down
+        with self.lock:
+            self.by_id[member.asd_id] = member
+
     def _save(self) -> None:
         if not self.registry:
             return
-        addrs = [c.addr for c in self.by_id.values()] + [c.addr for c in self.pending]
+        clients = [c for c in [*self.by_id.values(), *self.pending] if isinstance(c, AsdClient)]
+        addrs = [c.addr for c in clients]
         self.registry.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.registry.with_suffix(".tmp")
         tmp.write_text(json.dumps({"asds": addrs}, indent=1))

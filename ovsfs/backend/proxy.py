@@ -20,6 +20,7 @@ is missing, unreachable or fails its CRC is replaced by decoding from the others
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -32,7 +33,7 @@ from ovsfs.backend.cache import ChunkCache, FragmentCache
 from ovsfs.backend.index import Index, manifest_key, ns_key
 from ovsfs.backend.manifest import Manifest
 from ovsfs.backend.placement import AsdSet
-from ovsfs.backend.policy import EC_HEADER, Preset
+from ovsfs.backend.policy import EC_HEADER, Preset, PresetStore
 from ovsfs.backend.store import check_name
 from ovsfs.backend.writer import ObjectWriter
 from ovsfs.errors import BackendError, DataError, NotFound, OvsfsError
@@ -44,14 +45,18 @@ class ProxyStore:
     def __init__(self, asds: AsdSet | Iterable[str], preset: Preset | None = None,
                  state_dir: Path | None = None, keyring: codec.KeyRing | None = None,
                  cache_bytes: int = 256 << 20, io_threads: int = 32,
-                 maintenance: bool = True, down_timeout: float = 900.0) -> None:
+                 maintenance: bool = True, down_timeout: float = 900.0,
+                 presets: PresetStore | None = None) -> None:
         self.state_dir = Path(state_dir) if state_dir else None
         if self.state_dir:
             self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Where create_namespace(ns, preset="name") looks names up (the node's presets).
+        self.presets = presets or (PresetStore(self.state_dir / "presets.json") if self.state_dir else None)
         self.asds = asds if isinstance(asds, AsdSet) else AsdSet(
             self.state_dir / "asds.json" if self.state_dir else None, asds)
         self.preset = preset or Preset()
         self.preset.validate()
+        self._preset_cache: dict[bytes, Preset] = {}
         if keyring is None and self.state_dir:
             keyring = codec.KeyRing(self.state_dir / "keys.json")
         self.keys = keyring
@@ -88,14 +93,50 @@ class ProxyStore:
 
     # -- namespaces --------------------------------------------------------------
 
-    def create_namespace(self, ns: str) -> None:
+    def create_namespace(self, ns: str, preset: str | Preset | None = None) -> None:
+        """Create a namespace; with `preset` (a name from the preset store, or a Preset)
+        its objects are written with that preset instead of the proxy's default. The
+        preset itself is kept in the namespace record on every ASD, so the binding
+        survives the loss of the node's state (the index rebuild reads it back)."""
         check_name("namespace", ns)
-        if self.index.has_ns(ns):
+        blob = b""
+        if preset is not None:
+            p = self._resolve_preset(preset)
+            blob = json.dumps(p.to_dict(), sort_keys=True).encode()
+        if self.index.has_ns(ns) and (not blob or self.index.ns_preset(ns) == blob):
             return
-        ok = self._everywhere(lambda c: c.put(ns_key(ns), b"\x01"))
+        ok = self._everywhere(lambda c: c.put(ns_key(ns), b"\x01" + blob))
         if not ok:
             raise BackendError(f"no ASD took namespace {ns}")
-        self.index.add_ns(ns)
+        self.index.add_ns(ns, blob or None)
+
+    def _resolve_preset(self, preset: str | Preset) -> Preset:
+        if isinstance(preset, Preset):
+            p = preset
+        elif preset == self.preset.name:
+            p = self.preset
+        elif self.presets is None:
+            raise NotFound(f"preset {preset} does not exist (this proxy has no preset store)")
+        else:
+            p = self.presets.get(preset)
+        p.validate()
+        if p.encryption != "none" and self.keys is None:
+            raise BackendError(f"preset {p.name} encrypts: needs a key file (state_dir or keyring)")
+        return p
+
+    def namespace_preset(self, ns: str) -> Preset:
+        """The preset new objects of namespace ns are written with."""
+        blob = self.index.ns_preset(ns)
+        if not blob:
+            return self.preset
+        p = self._preset_cache.get(blob)
+        if p is None:
+            try:
+                p = Preset.from_dict(json.loads(blob))
+            except (ValueError, OvsfsError) as e:
+                raise DataError(f"namespace {ns}: unreadable preset record: {e}") from None
+            self._preset_cache[blob] = p
+        return p
 
     def delete_namespace(self, ns: str) -> None:
         check_name("namespace", ns)
@@ -123,7 +164,7 @@ class ProxyStore:
         check_name("object", name)
         if not self.index.has_ns(ns):
             raise NotFound(f"backend namespace {ns} does not exist")
-        self.writer.put(ns, name, data, self.preset)
+        self.writer.put(ns, name, data, self.namespace_preset(ns))
 
     def put_file(self, ns: str, name: str, path: Path) -> None:
         """A sealed local file (SCO, TLog): read once, then the same path as put."""
@@ -319,6 +360,10 @@ class ProxyStore:
 
     def status(self) -> dict:  # type: ignore[type-arg]
         return self.maintenance.status()
+
+    def refresh(self) -> None:
+        """Ping every ASD now (marks them up/down); a stacked member calls this as its health probe."""
+        self.asds.refresh()
 
     def now(self) -> float:
         return time.time()

@@ -193,7 +193,7 @@ class Engine:
                    "created": time.time()}
             parent_vol = self._by_ns(parent["ns"]) if parent else None
             vol = self._volume(rec, parent_vol)
-            open_volume(vol, create=True)
+            open_volume(vol, create=True, preset=pool.get("preset"))
             self.registry.put(f"/volumes/{name}", rec)
             self.volumes[name] = vol
             log.info("created volume %s (%d bytes) in vPool %s", name, size, vpool)

@@ -42,11 +42,11 @@ def _local_numbers(directory: Any) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def open_volume(vol: Volume, create: bool) -> None:
+def open_volume(vol: Volume, create: bool, preset: str | None = None) -> None:
     vol.sco_dir.mkdir(parents=True, exist_ok=True)
     vol.tlog_dir.mkdir(parents=True, exist_ok=True)
     if create:
-        vol.store.create_namespace(vol.ns)
+        vol.store.create_namespace(vol.ns, preset=preset)
         vol.store.put(vol.ns, "volume.json", json.dumps(vol.meta).encode())
     vol.map = ClusterMap(vol.dir / "map.db", vol._nclusters(), vol.cfg.map_cache_pages)
     backend = set(vol.store.list(vol.ns))
