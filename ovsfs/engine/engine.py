@@ -68,7 +68,13 @@ class Engine:
             return vol
 
         for rec in records:
-            vol = open_one(rec)
+            try:
+                vol = open_one(rec)
+            except NotFound as e:
+                # A volume whose deletion was cut short (volume.json already gone) or whose
+                # namespace is lost: serve the others, say which one is missing.
+                log.error("volume %s not opened: %s", rec["name"], e.message)
+                continue
             self.volumes[vol.name] = vol
         self._ticker = threading.Thread(target=self._tick, name="ovsfs-commit", daemon=True)
         self._ticker.start()
@@ -228,6 +234,10 @@ class Engine:
                 raise Busy(f"volume {name} is in use by {', '.join(sorted(vol.users))}")
             if self._has_clones(vol, None):
                 raise Busy(f"volume {name} has clones")
+            # First, and synchronously: without volume.json the namespace is no volume any
+            # more, so a crash before the queued namespace deletion runs cannot bring the
+            # volume back (open() would otherwise adopt it from the backend).
+            self.store.delete(vol.ns, "volume.json")
             with vol.lock:
                 if vol.users:
                     raise Busy(f"volume {name} is in use by {', '.join(sorted(vol.users))}")

@@ -384,3 +384,28 @@ def test_torn_write_is_dropped_at_replay_and_never_reaches_the_backend(tmp_path:
         assert eng.volume("v").read(CS, 4) == b"kept"
     finally:
         eng.close()
+
+
+def test_a_deleted_volume_stays_deleted_across_a_crash(tmp_path: Path) -> None:
+    from .helpers import crash
+    cfg = small_config(tmp_path)
+    eng = Engine(cfg)
+    eng.open()
+    eng.create_vpool("default")
+    eng.create_volume("gone", 64 * CS).write(0, b"x" * CS)
+    eng.create_volume("kept", 64 * CS).write(0, b"k" * CS)
+    eng.volume("gone").sync()
+    gate = threading.Event()
+    eng.wb.submit("stall", gate.wait)       # the upload queue stops moving...
+    eng.delete_volume("gone")
+    with eng.wb.cv:
+        eng.wb.queue.clear()                # ...and the crash loses the queued namespace deletion
+    gate.set()
+    crash(eng)
+    eng = Engine(cfg)
+    eng.open()
+    try:
+        assert [v["name"] for v in eng.list_volumes()] == ["kept"]
+        assert eng.volume("kept").read(0, 1) == b"k"
+    finally:
+        eng.close()
