@@ -51,16 +51,32 @@ def _os_error(what: str, path: Path, e: OSError) -> OvsfsError:
     return InvalidArgument(f"cannot {what} {path}: {e.strerror or e}")
 
 
-class ImportJob:
-    """Copy a file into a volume; create the volume (sized to the file) when it is missing."""
+class _Job:
+    """A copy between a file and a volume: the file it has open and the volume it holds."""
 
-    def __init__(self, engine: Engine, name: str, path: Any, vpool: str | None) -> None:
+    def __init__(self, engine: Engine, name: str, path: Any, user: str) -> None:
         self.engine = engine
         self.name = name
         self.path = _check_path(path)
-        self.vpool = vpool
         self.fd: int | None = None
         self.vol: Volume | None = None
+        self.user = user   # the name it holds the volume (or snapshot) under
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.vol is not None:
+            self.vol.release(self.user)
+            self.vol = None
+
+
+class ImportJob(_Job):
+    """Copy a file into a volume; create the volume (sized to the file) when it is missing."""
+
+    def __init__(self, engine: Engine, name: str, path: Any, vpool: str | None) -> None:
+        super().__init__(engine, name, path, "import")
+        self.vpool = vpool
         self.created = False
         self.total = 0
         self.written = 0
@@ -90,7 +106,7 @@ class ImportJob:
             if self.total > self.vol.size:
                 raise InvalidArgument(f"{self.path} ({self.total} bytes) is larger than volume "
                                       f"{self.name} ({self.vol.size} bytes)")
-            self.vol.acquire("import")
+            self.vol.acquire(self.user)
         except BaseException:
             self.vol = None
             self.abort()
@@ -146,26 +162,13 @@ class ImportJob:
         self.abort()
         return result
 
-    def abort(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        if self.vol is not None:
-            self.vol.release("import")
-            self.vol = None
 
-
-class ExportJob:
+class ExportJob(_Job):
     """Copy a volume (or one of its snapshots) to a file, leaving holes where it is empty."""
 
     def __init__(self, engine: Engine, name: str, path: Any, snapshot: str | None) -> None:
-        self.engine = engine
-        self.name = name
-        self.path = _check_path(path)
+        super().__init__(engine, name, path, "export")
         self.snapshot = snapshot or None
-        self.fd: int | None = None
-        self.vol: Volume | None = None
-        self.user = ""
         self.total = 0
         self.written = 0
         self.sparse = True
@@ -174,7 +177,6 @@ class ExportJob:
         vol = self.engine.volume(self.name)
         if self.snapshot is None:
             self.total = vol.size
-            self.user = "export"
         else:
             snaps = [s for s in vol.list_snapshots() if s["name"] == self.snapshot]
             if not snaps:
@@ -234,11 +236,3 @@ class ExportJob:
                   "bytes": self.total, "written": self.written}
         self.abort()
         return result
-
-    def abort(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        if self.vol is not None:
-            self.vol.release(self.user)
-            self.vol = None
