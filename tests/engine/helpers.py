@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from ovsfs.config import Config, load
 from ovsfs.engine.engine import Engine
@@ -19,6 +21,17 @@ def small_config(state: Path, **engine: int) -> Config:
     for k, v in engine.items():
         setattr(cfg.engine, k, v)
     return cfg
+
+
+@contextmanager
+def opened(cfg: Config) -> Iterator[Engine]:
+    """An engine opened on cfg, closed cleanly at the end."""
+    eng = Engine(cfg)
+    eng.open()
+    try:
+        yield eng
+    finally:
+        eng.close()
 
 
 def crash(engine: Engine) -> None:

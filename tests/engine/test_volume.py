@@ -14,7 +14,7 @@ from ovsfs.backend.local import LocalStore
 from ovsfs.engine.engine import MAX_CLONE_DEPTH, Engine
 from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange
 
-from .helpers import small_config
+from .helpers import opened, small_config
 
 CS = 4096
 
@@ -228,13 +228,9 @@ def test_clean_restart_replays_nothing(tmp_path: Path) -> None:
     for i in range(64):
         vol.write(i * CS, bytes([i]) * CS)
     eng.close()
-    eng = Engine(cfg)
-    eng.open()
-    try:
+    with opened(cfg) as eng:
         assert eng.volume("v").replayed == 0
         assert eng.volume("v").read(63 * CS, CS) == bytes([63]) * CS
-    finally:
-        eng.close()
 
 
 def test_volumes_found_again_from_the_backend_alone(tmp_path: Path) -> None:
@@ -251,22 +247,16 @@ def test_volumes_found_again_from_the_backend_alone(tmp_path: Path) -> None:
     import shutil
     shutil.rmtree(tmp_path / "wb")
     shutil.rmtree(tmp_path / "cluster")
-    eng = Engine(cfg)
-    eng.open()
-    try:
+    with opened(cfg) as eng:
         vol = eng.volume("v")
         assert vol.read(0, 4) == b"newr"
         assert vol.read(0, 4, snapshot="s1") == b"kept"
         assert [s["name"] for s in vol.list_snapshots()] == ["s1"]
-    finally:
-        eng.close()
 
 
 def test_uploaded_scos_are_evicted_and_read_back_from_the_backend(tmp_path: Path) -> None:
     cfg = small_config(tmp_path)
-    eng = Engine(cfg)
-    eng.open()
-    try:
+    with opened(cfg) as eng:
         eng.create_vpool("default")
         vol = eng.create_volume("v", 1024 * CS)
         data = os.urandom(1024 * CS)
@@ -277,8 +267,6 @@ def test_uploaded_scos_are_evicted_and_read_back_from_the_backend(tmp_path: Path
         assert len(vol.local_scos) < len(engine_scos := eng.store.list(vol.ns, "sco/"))
         assert len(engine_scos) >= 1024 // cfg.engine.sco_clusters
         assert vol.read(0, 1024 * CS) == data
-    finally:
-        eng.close()
 
 
 def test_nowait_calls_never_wait(engine: Engine) -> None:
@@ -366,24 +354,16 @@ def test_torn_write_is_dropped_at_replay_and_never_reaches_the_backend(tmp_path:
     with open(sco_path, "r+b") as f:   # the page never reached the disk
         f.seek(idx * CS)
         f.write(bytes(CS))
-    eng = Engine(cfg)
-    eng.open()
-    try:
+    with opened(cfg) as eng:
         vol = eng.volume("v")
         assert vol.read(0, 4) == b"old!"
         assert vol.read(CS, 4) == b"kept"
         vol.sync()
-    finally:
-        eng.close()
     shutil.rmtree(tmp_path / "wb")
     shutil.rmtree(tmp_path / "cluster")
-    eng = Engine(cfg)
-    eng.open()
-    try:
+    with opened(cfg) as eng:
         assert eng.volume("v").read(0, 4) == b"old!"
         assert eng.volume("v").read(CS, 4) == b"kept"
-    finally:
-        eng.close()
 
 
 def test_a_deleted_volume_stays_deleted_across_a_crash(tmp_path: Path) -> None:
@@ -402,10 +382,6 @@ def test_a_deleted_volume_stays_deleted_across_a_crash(tmp_path: Path) -> None:
         eng.wb.queue.clear()                # ...and the crash loses the queued namespace deletion
     gate.set()
     crash(eng)
-    eng = Engine(cfg)
-    eng.open()
-    try:
+    with opened(cfg) as eng:
         assert [v["name"] for v in eng.list_volumes()] == ["kept"]
         assert eng.volume("kept").read(0, 1) == b"k"
-    finally:
-        eng.close()
