@@ -143,6 +143,8 @@ class Config:
             raise ConfigError("backend.down_timeout must not be negative")
         if b.fragment_cache_size < 0:
             raise ConfigError("backend.fragment_cache_size must not be negative")
+        if b.gc_interval < 0 or b.gc_grace < 0:
+            raise ConfigError("backend.gc_interval and backend.gc_grace must not be negative")
         if not b.preset:
             raise ConfigError("backend.preset must name a preset")
 

@@ -395,7 +395,11 @@ class ProxyStore:
         return self.fcache.drop()
 
     def status(self) -> dict:  # type: ignore[type-arg]
-        return self.maintenance.status()
+        st = self.maintenance.status()
+        # Deletes not yet confirmed by every ASD, and whether the index has every ASD's records.
+        st["tombstones"] = len(self.index.tombstones()) + len(self.index.ns_tombstones())
+        st["index_complete"] = self.index.complete()
+        return st
 
     def refresh(self) -> None:
         """Ping every ASD now (marks them up/down); a stacked member calls this as its health probe."""
