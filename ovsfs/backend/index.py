@@ -217,9 +217,11 @@ class Index:
 
     def _merge_ns(self, ns: str, rec: NsRecord) -> bool:
         self.clock.observe(rec.seq)
-        if rec.seq <= self.ns_tombs.get(ns, -1) or rec.seq < self.ns_seq.get(ns, -1):
+        if rec.seq <= self.ns_tombs.get(ns, -1):
             return False
         if rec.live:
+            if rec.seq < self.ns_seq.get(ns, -1):
+                return False
             self.objects.setdefault(ns, {})
             changed = rec.seq > self.ns_seq.get(ns, -1)
             self.ns_seq[ns] = rec.seq
@@ -258,6 +260,8 @@ class Index:
         if isinstance(rec, Tombstone):
             if ns in self.objects:
                 self._add_load(self.objects[ns], name, None)
+                if not self.objects[ns] and ns not in self.ns_seq:
+                    del self.objects[ns]  # known only through that object: the same in any order
             self.tombs.setdefault(ns, {})[name] = rec.seq
         else:
             self._drop_tomb(ns, name)

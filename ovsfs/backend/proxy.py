@@ -156,7 +156,7 @@ class ProxyStore:
         absent ASD still holds is collected by `Maintenance.gc`. Raises BackendError when
         too few ASDs took the tombstone."""
         check_name("namespace", ns)
-        if not self.index.has_ns(ns):
+        if not self.index.has_ns(ns) and self.index.complete():
             return
         with self.obj_lock(ns, ""):
             seq = self.clock.next()
@@ -234,8 +234,8 @@ class ProxyStore:
         the fragments go. Raises BackendError when too few ASDs took the tombstone."""
         check_name("object", name)
         with self.obj_lock(ns, name):
-            if self.index.get(ns, name) is None:
-                return
+            if self.index.get(ns, name) is None and self.index.complete():
+                return  # (an incomplete index may lack a copy a late ASD holds: tombstone it anyway)
             seq = self.clock.next()
             blob, key = Tombstone(seq).encode(), manifest_key(ns, name)
             self._need_quorum(self._everywhere(lambda c: c.put(key, blob)), f"{ns}/{name}")
