@@ -9,7 +9,9 @@ ASDs that answer).
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -265,5 +267,48 @@ def test_gc_takes_fragments_of_crashed_puts_only_after_the_grace_period(cluster:
         assert "f/00000000deadbeef/0/0" not in keys and "f/00000000feedf00d/0/1" in keys
         assert proxy.get("vol", "live") == b"z" * 5000
         c.close()
+    finally:
+        proxy.close()
+
+
+def test_delete_while_an_asd_is_frozen(cluster: AsdCluster, tmp_path: Path) -> None:
+    """The ASD hangs (SIGSTOP) instead of refusing: deletes time out on it, succeed on the
+    others, and win over what it still holds once it thaws, after a crash of the proxy."""
+    from ovsfs.backend.placement import AsdSet
+    from ovsfs.backend.policy import Preset
+    from ovsfs.backend.proxy import ProxyStore
+
+    state = tmp_path / "st"
+
+    def open_proxy() -> ProxyStore:
+        asds = AsdSet(state / "asds.json", list(cluster.addrs.values()), timeout=1.0)
+        return ProxyStore(asds, Preset(policies=[POLICY], max_fragment_size=64 * KiB), state_dir=state,
+                          down_timeout=3600, gc_interval=0)
+
+    proxy = open_proxy()
+    pid = None
+    try:
+        proxy.create_namespace("vol")
+        proxy.create_namespace("gone")
+        for name in ["keep", "del"]:
+            proxy.put("vol", name, name.encode() * 1000)
+        proxy.put("gone", "a", b"a" * 1000)
+        frozen = _asd_index(cluster, proxy.index.get("vol", "del").replica_ids()[0])
+        pid = cluster.procs[frozen].pid
+        os.kill(pid, signal.SIGSTOP)
+        proxy.delete("vol", "del")
+        proxy.delete_namespace("gone")
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        proxy.close()
+    _crash(state)
+    proxy = open_proxy()
+    try:
+        assert proxy.index.complete()
+        assert proxy.namespaces() == ["vol"] and proxy.list("vol") == ["keep"]
+        assert proxy.get("vol", "keep") == b"keep" * 1000
+        assert proxy.maintenance.gc(grace=0)["tombstones_left"] == 0
+        assert _keys_on(cluster, frozen, "m") <= {"vol%2Fkeep"}
     finally:
         proxy.close()
