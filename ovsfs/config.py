@@ -51,6 +51,11 @@ class BackendSection:
     preset: str = "default"           # the preset the proxy writes with
     down_timeout: float = 900.0       # seconds an ASD may be down before its data is rebuilt
     fragment_cache_size: int = 256 << 20  # bytes of fragments cached on local disk
+    # Garbage collection of what ASDs that were away still hold (deleted objects, replaced
+    # versions, fragments of puts that crashed): a pass every gc_interval seconds (0: only
+    # `ovsfs backend gc`); orphaned fragments younger than gc_grace seconds are left alone.
+    gc_interval: float = 600.0
+    gc_grace: float = 3600.0
 
 
 @dataclass
@@ -138,6 +143,8 @@ class Config:
             raise ConfigError("backend.down_timeout must not be negative")
         if b.fragment_cache_size < 0:
             raise ConfigError("backend.fragment_cache_size must not be negative")
+        if b.gc_interval < 0 or b.gc_grace < 0:
+            raise ConfigError("backend.gc_interval and backend.gc_grace must not be negative")
         if not b.preset:
             raise ConfigError("backend.preset must name a preset")
 

@@ -126,7 +126,8 @@ class NodeBackend:
         removed = set(self.removed())
         addrs = [a for a in [*self.local_addrs, *b.asds] if a not in removed]
         proxy = open_proxy(self.proxy_dir, addrs, b.preset, cache_bytes=b.fragment_cache_size,
-                           down_timeout=b.down_timeout)
+                           down_timeout=b.down_timeout, gc_interval=b.gc_interval,
+                           gc_grace=b.gc_grace)
         self.proxy = proxy
         return proxy
 

@@ -21,6 +21,7 @@ import socketserver
 import struct
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,20 @@ class Disk:
         keys = (f"{kind}/{_unquote(n)}" for n in names)
         return sorted(k for k in keys if k.startswith(prefix))
 
+    def ages(self, prefix: str) -> tuple[list[str], list[float]]:
+        """Keys under a prefix with the seconds since each was written, by this disk's own
+        clock (garbage collection spares young fragments: a put may still be under way)."""
+        keys, ages = [], []
+        now = time.time()
+        for key in self.list(prefix):
+            try:
+                mtime = self._path(key).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            keys.append(key)
+            ages.append(max(0.0, now - mtime))
+        return keys, ages
+
     def usage(self) -> dict[str, Any]:
         try:
             st = os.statvfs(self.root)
@@ -271,6 +286,9 @@ class AsdServer(socketserver.ThreadingTCPServer):
                 return {"ok": True}, b""
             if op == "list":
                 return {"ok": True, "keys": d.list(str(h.get("prefix", "")))}, b""
+            if op == "ages":
+                keys, ages = d.ages(str(h.get("prefix", "")))
+                return {"ok": True, "keys": keys, "ages": ages}, b""
             if op == "scan":
                 return self._scan(str(h.get("prefix", "")))
             if op == "usage":

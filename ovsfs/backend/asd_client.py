@@ -146,6 +146,11 @@ class AsdClient:
         reply, _ = self.call({"op": "list", "prefix": prefix})
         return list(reply["keys"])
 
+    def ages(self, prefix: str) -> dict[str, float]:
+        """Keys under a prefix -> seconds since written (by the ASD's clock)."""
+        reply, _ = self.call({"op": "ages", "prefix": prefix})
+        return dict(zip(reply["keys"], (float(a) for a in reply["ages"])))
+
     def scan(self, prefix: str) -> dict[str, bytes]:
         reply, data = self.call({"op": "scan", "prefix": prefix})
         out: dict[str, bytes] = {}

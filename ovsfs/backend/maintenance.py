@@ -69,8 +69,31 @@ class Maintenance:
             try:
                 self.proxy.asds.refresh()
                 self._auto()
+                self.late_and_gc()
             except Exception:  # noqa: BLE001 - the loop must survive anything; it retries next round
                 log.exception("maintenance round failed")
+
+    # -- late ASDs, garbage --------------------------------------------------------
+
+    gc_interval = 600.0   # seconds between background garbage-collection passes (0: never)
+    gc_grace = 3600.0     # seconds a fragment must have existed before it may be taken for garbage
+    _last_gc = 0.0
+
+    def late_and_gc(self) -> None:
+        """Each round: merge ASDs the index does not cover yet (back after a crash-time
+        rebuild, or never reached); every gc_interval: a garbage-collection pass."""
+        self.proxy.index.merge_late()
+        now = time.monotonic()
+        if self.gc_interval > 0 and now - self._last_gc >= self.gc_interval:
+            self._last_gc = now
+            self.gc()
+
+    def gc(self, progress: Progress | None = None, grace: float | None = None) -> dict[str, Any]:
+        """One garbage-collection pass now (ovsfs.backend.gc); `grace` overrides gc_grace."""
+        from ovsfs.backend.gc import collect
+
+        with self.lock:
+            return collect(self.proxy, self.gc_grace if grace is None else grace, progress)
 
     def _auto(self) -> None:
         p = self.proxy

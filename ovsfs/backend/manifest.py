@@ -143,3 +143,49 @@ class Manifest:
             man.chunks.append(Chunk(man.chunk_len(i), -(-man.chunk_len(i) // policy.k), 0,
                                     list(range(width)), [0] * width))
         return man
+
+
+# -- tombstones ------------------------------------------------------------------------
+# A deleted object's manifest key holds a tombstone instead: its sequence number is
+# above every manifest of the object, so a late ASD bringing back an old manifest
+# loses to it (highest sequence wins). A namespace record (key n/NS) is either live
+# (b"\x02" + seq + preset JSON; the older b"\x01" + preset has seq 0) or a tombstone
+# (b"\x00" + seq): objects of the namespace with lower sequence numbers are dead.
+_TOMB = struct.Struct(">2sBQ")
+_NSREC = struct.Struct(">BQ")
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    seq: int
+
+    def encode(self) -> bytes:
+        return _TOMB.pack(b"OT", 1, self.seq)
+
+
+def decode_record(data: bytes) -> "Manifest | Tombstone":
+    """What an ASD holds under a manifest key: a manifest or a tombstone (DataError if neither)."""
+    if data[:2] == b"OT":
+        if len(data) != _TOMB.size:
+            raise DataError("damaged tombstone")
+        return Tombstone(_TOMB.unpack(data)[2])
+    return Manifest.decode(data)
+
+
+@dataclass(frozen=True)
+class NsRecord:
+    seq: int
+    live: bool
+    preset: bytes = b""
+
+    def encode(self) -> bytes:
+        return _NSREC.pack(2 if self.live else 0, self.seq) + (self.preset if self.live else b"")
+
+    @classmethod
+    def decode(cls, data: bytes) -> "NsRecord":
+        if data[:1] == b"\x01":               # before sequence numbers: oldest possible
+            return cls(0, True, bytes(data[1:]))
+        if len(data) < _NSREC.size or data[0] not in (0, 2):
+            raise DataError("damaged namespace record")
+        kind, seq = _NSREC.unpack_from(data, 0)
+        return cls(seq, kind == 2, bytes(data[_NSREC.size:]) if kind == 2 else b"")

@@ -26,14 +26,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ovsfs.backend import codec
 from ovsfs.backend.cache import ChunkCache, FragmentCache
 from ovsfs.backend.index import Index, manifest_key, ns_key
-from ovsfs.backend.manifest import Manifest
+from ovsfs.backend.manifest import Manifest, NsRecord, Tombstone
 from ovsfs.backend.placement import AsdSet
 from ovsfs.backend.policy import EC_HEADER, Preset, PresetStore
+from ovsfs.backend.seq import SeqClock
 from ovsfs.backend.store import check_name
 from ovsfs.backend.writer import ObjectWriter
 from ovsfs.errors import BackendError, DataError, NotFound, OvsfsError
@@ -46,7 +47,10 @@ class ProxyStore:
                  state_dir: Path | None = None, keyring: codec.KeyRing | None = None,
                  cache_bytes: int = 256 << 20, io_threads: int = 32,
                  maintenance: bool = True, down_timeout: float = 900.0,
-                 presets: PresetStore | None = None) -> None:
+                 presets: PresetStore | None = None, clock: Callable[[], int] = time.time_ns,
+                 gc_interval: float = 600.0, gc_grace: float = 3600.0) -> None:
+        """`clock`: the wall clock in ns that manifest sequence numbers start from (tests
+        fake it; numbers stay monotonic when it steps back, see ovsfs.backend.seq)."""
         self.state_dir = Path(state_dir) if state_dir else None
         if self.state_dir:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +67,11 @@ class ProxyStore:
         if self.preset.encryption != "none" and self.keys is None:
             raise BackendError("encryption needs a key file (state_dir or keyring)")
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="proxy-io")
-        self.index = Index(self.state_dir / "manifests.bin" if self.state_dir else None, self.asds)
+        self.clock = SeqClock(self.state_dir / "seq" if self.state_dir else None, now=clock)
+        # Version ids of puts whose manifest is not installed yet: GC leaves their fragments alone.
+        self.inflight: set[bytes] = set()
+        self.index = Index(self.state_dir / "manifests.bin" if self.state_dir else None, self.asds,
+                           self.clock)
         self.index.open()
         self.fcache = FragmentCache(self.state_dir / "fragcache" if self.state_dir else None, cache_bytes)
         self.ccache = ChunkCache()
@@ -73,6 +81,8 @@ class ProxyStore:
         self.writer = ObjectWriter(self)
         from ovsfs.backend.maintenance import Maintenance  # maintenance drives the proxy
         self.maintenance = Maintenance(self, down_timeout=down_timeout)
+        self.maintenance.gc_interval, self.maintenance.gc_grace = gc_interval, gc_grace
+        self.maintenance._last_gc = time.monotonic()  # not at once: a start has enough to do
         if maintenance:
             self.maintenance.start()
 
@@ -105,10 +115,12 @@ class ProxyStore:
             blob = json.dumps(p.to_dict(), sort_keys=True).encode()
         if self.index.has_ns(ns) and (not blob or self.index.ns_preset(ns) == blob):
             return
-        ok = self._everywhere(lambda c: c.put(ns_key(ns), b"\x01" + blob))
-        if not ok:
-            raise BackendError(f"no ASD took namespace {ns}")
-        self.index.add_ns(ns, blob or None)
+        with self.obj_lock(ns, ""):
+            seq = self.clock.next()
+            record = NsRecord(seq, True, blob).encode()
+            if not self._everywhere(lambda c: c.put(ns_key(ns), record)):
+                raise BackendError(f"no ASD took namespace {ns}")
+            self.index.add_ns(ns, blob or None, seq)
 
     def _resolve_preset(self, preset: str | Preset) -> Preset:
         if isinstance(preset, Preset):
@@ -139,11 +151,26 @@ class ProxyStore:
         return p
 
     def delete_namespace(self, ns: str) -> None:
+        """A namespace tombstone on every live ASD first (so an ASD that is away cannot
+        bring the namespace or its objects back), then its fragments are dropped; what an
+        absent ASD still holds is collected by `Maintenance.gc`. Raises BackendError when
+        too few ASDs took the tombstone."""
         check_name("namespace", ns)
-        for name in self.index.names(ns) or []:
-            self.delete(ns, name)
-        self._everywhere(lambda c: c.delete(ns_key(ns)))
-        self.index.drop_ns(ns)
+        if not self.index.has_ns(ns) and self.index.complete():
+            return
+        with self.obj_lock(ns, ""):
+            seq = self.clock.next()
+            record = NsRecord(seq, False).encode()
+            self._need_quorum(self._everywhere(lambda c: c.put(ns_key(ns), record)), f"namespace {ns}")
+            dead = self.index.drop_ns(ns, seq)
+        for name, man in dead.items():
+            self.purge(man, set(), ns, name)
+
+    def _need_quorum(self, ok: int, what: str) -> None:
+        """A tombstone must be on two ASDs (or every live one, when fewer are up)."""
+        need = max(1, min(2, len(self.asds.live(writable=False))))
+        if ok < need:
+            raise BackendError(f"delete of {what}: tombstone stored on {ok} ASD(s), {need} needed")
 
     def namespaces(self) -> list[str]:
         return self.index.namespaces()
@@ -202,11 +229,20 @@ class ProxyStore:
                     pass
 
     def delete(self, ns: str, name: str) -> None:
+        """A tombstone replaces the manifest on every live ASD (its sequence number is
+        above the manifest's, so a copy on an ASD that is away loses to it later), then
+        the fragments go. Raises BackendError when too few ASDs took the tombstone."""
         check_name("object", name)
-        man = self.index.set(ns, name, None)
-        if man is None:
-            return
-        self.purge(man, set(), ns, name)
+        with self.obj_lock(ns, name):
+            if self.index.get(ns, name) is None and self.index.complete():
+                return  # (an incomplete index may lack a copy a late ASD holds: tombstone it anyway)
+            seq = self.clock.next()
+            blob, key = Tombstone(seq).encode(), manifest_key(ns, name)
+            self._need_quorum(self._everywhere(lambda c: c.put(key, blob)), f"{ns}/{name}")
+            man = self.index.tombstone(ns, name, seq)
+        if man is not None:
+            # Manifest keys now hold the tombstone: only fragments are deleted here.
+            self.purge(man, set(man.asds), ns, name)
 
     def list(self, ns: str, prefix: str = "") -> list[str]:
         names = self.index.names(ns)
@@ -359,7 +395,11 @@ class ProxyStore:
         return self.fcache.drop()
 
     def status(self) -> dict:  # type: ignore[type-arg]
-        return self.maintenance.status()
+        st = self.maintenance.status()
+        # Deletes not yet confirmed by every ASD, and whether the index has every ASD's records.
+        st["tombstones"] = len(self.index.tombstones()) + len(self.index.ns_tombstones())
+        st["index_complete"] = self.index.complete()
+        return st
 
     def refresh(self) -> None:
         """Ping every ASD now (marks them up/down); a stacked member calls this as its health probe."""

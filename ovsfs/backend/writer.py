@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -109,11 +108,14 @@ class ObjectWriter:
 
     def put(self, ns: str, name: str, data: bytes | memoryview, preset: Preset) -> Manifest:
         man, writes = self.write_object(data, preset)
-        with self.proxy.obj_lock(ns, name):
-            degraded = self.write_manifest(ns, name, man)
-            for w in writes:
-                degraded |= w.acknowledge((ns, name))
-            self.proxy.install(ns, name, man)
+        try:
+            with self.proxy.obj_lock(ns, name):
+                degraded = self.write_manifest(ns, name, man)
+                for w in writes:
+                    degraded |= w.acknowledge((ns, name))
+                self.proxy.install(ns, name, man)
+        finally:
+            self.proxy.inflight.discard(man.vid)
         if degraded:
             self.proxy.mark_dirty(ns, name)
         return man
@@ -133,7 +135,8 @@ class ObjectWriter:
             aead = p.keys.get(key_id)
         chunk, n = chunk_layout(len(view), k, preset.max_fragment_size)
         vid = os.urandom(8)
-        man = Manifest(time.time_ns(), vid, len(view), policy, preset.compression, preset.encryption,
+        p.inflight.add(vid)  # until installed (or given up): GC must not take its fragments
+        man = Manifest(0, vid, len(view), policy, preset.compression, preset.encryption,
                        key_id, preset.max_fragment_size, chunk)
         writes: list[ChunkWrite] = []
         try:
@@ -156,6 +159,7 @@ class ObjectWriter:
             for w in writes:  # nothing will point at these fragments: drop them
                 w.wait_all()
             p.purge(man, set(), "", "")
+            p.inflight.discard(vid)
             raise
         return man, writes
 
@@ -163,6 +167,9 @@ class ObjectWriter:
         """Store the manifest on m+1 ASDs (preferring ones holding its fragments).
         Returns True when fewer copies than that could be made (maintenance adds them)."""
         p = self.proxy
+        # Numbered here, under the object's lock, so that the manifest a reader sees last
+        # is always the one with the highest number (a delete or repair in between included).
+        man.seq = p.clock.next()
         want = man.policy.m + 1
         prefer = [man.asds[i] for i in (man.chunks[0].asds if man.chunks else []) if i != NONE]
         try:

@@ -132,6 +132,17 @@ def cmd_backend_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backend_gc(args: argparse.Namespace) -> int:
+    body = {} if args.grace is None else {"grace": args.grace}
+    with Progress("backend gc", unit="ASDs") as progress:
+        res = client_for(args).stream("POST", "/backend/gc", body, progress)
+    out(args, res, lambda r: print(
+        f"gc done: {r['fragments_removed']} fragments and {r['records_removed']} stale manifest copies "
+        f"removed, {r['tombstones_collected']} tombstones collected, {r['tombstones_left']} kept"
+        + (f"; skipped (down): {', '.join(r['asds_skipped'])}" if r["asds_skipped"] else "")))
+    return 0
+
+
 def cmd_backend_asd_add(args: argparse.Namespace) -> int:
     res = client_for(args).call("POST", "/backend/asds", {"addr": args.addr})
     out(args, res, lambda r: print(f"added ASD {r['asd_id']} at {r['addr']} (node {r['node']})"))
@@ -198,6 +209,9 @@ def register(sub: Any, volume_sub: Any, cmd: Cmd) -> None:
         dest="action", required=True, metavar="ACTION")
     cmd(b, "status", cmd_backend_status, "ASDs up/down, capacity, objects, degraded objects")
     cmd(b, "repair", cmd_backend_repair, "rebuild now until every object has full redundancy")
+    s = cmd(b, "gc", cmd_backend_gc, "delete what ASDs hold for deleted or replaced objects, and orphans")
+    s.add_argument("--grace", type=float, default=None, metavar="SECONDS",
+                   help="spare orphaned fragments younger than this (default: backend.gc_grace)")
     ba = b.add_parser("asd", help="add or remove ASDs").add_subparsers(dest="asd_action", required=True,
                                                                        metavar="ACTION")
     s = cmd(ba, "add", cmd_backend_asd_add, "attach a running ASD (new fragments go to it first)")

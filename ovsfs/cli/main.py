@@ -50,6 +50,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"socket:      {st['mgmt_socket']}")
         print(f"vPools:      {eng['vpools']}")
         print(f"volumes:     {eng['volumes']}")
+        for f in eng.get("failed_volumes", []):
+            print(f"failed:      {f['name']} (not opened: {f['reason']})")
         print("doors:       " + ", ".join(f"{k} {v}" for k, v in st["doors"].items()))
         print(f"map:         {eng['map_resident_bytes']} bytes resident, {eng['map_stored_bytes']} stored")
 
@@ -91,7 +93,8 @@ def cmd_vpool_list(args: argparse.Namespace) -> int:
 # ---- volumes --------------------------------------------------------------------------------
 
 VOLUME_COLUMNS = [("NAME", "name"), ("VPOOL", "vpool"), ("SIZE", lambda v: format_size(v["size"])),
-                  ("SNAPSHOTS", "snapshots"), ("PARENT", lambda v: v["parent"] or "-")]
+                  ("SNAPSHOTS", "snapshots"), ("PARENT", lambda v: v["parent"] or "-"),
+                  ("STATE", lambda v: f"failed: {v['reason']}" if v.get("state") == "failed" else "ok")]
 
 
 def cmd_volume_create(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -24,11 +25,22 @@ from ovsfs.engine.scrub import scrub_volume
 from ovsfs.engine.names import MAX_VOLUME_SIZE
 from ovsfs.engine.volume import Volume, check_name
 from ovsfs.engine.writebuffer import WriteBuffer
-from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound
+from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OvsfsError
 
 log = logging.getLogger("ovsfs.engine")
 
 MAX_CLONE_DEPTH = 255
+
+
+class VolumeFailed(OvsfsError):
+    """The volume is registered but could not be opened at start (the reason says why):
+    it serves no I/O; it can be deleted."""
+
+    http_status = 503
+
+
+def _reason(e: BaseException) -> str:
+    return e.message if isinstance(e, OvsfsError) else f"{type(e).__name__}: {e}"
 
 
 class Engine:
@@ -41,6 +53,8 @@ class Engine:
         self.wb = WriteBuffer(cfg.engine.write_buffer_size)
         self.wb.on_pressure = self._seal_open_scos
         self.volumes: dict[str, Volume] = {}
+        # Volumes that could not be opened at start: name -> registry record + "reason".
+        self.failed: dict[str, dict[str, Any]] = {}
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -52,33 +66,74 @@ class Engine:
         self._adopt(records)
         by_ns = {r["ns"]: r for r in records}
         opened: dict[str, Volume] = {}
+        failed: dict[str, str] = {}   # namespace -> why it could not be opened
 
         def open_one(rec: dict[str, Any]) -> Volume:
             if rec["ns"] in opened:
                 return opened[rec["ns"]]
-            parent = None
-            if rec.get("parent"):
-                prec = by_ns.get(rec["parent"]["ns"])
-                if prec is None:
-                    raise NotFound(f"clone {rec['name']}: parent namespace {rec['parent']['ns']} is gone")
-                parent = open_one(prec)
-            vol = self._volume(rec, parent)
-            open_volume(vol, create=False)
+            if rec["ns"] in failed:
+                raise VolumeFailed(failed[rec["ns"]])
+            try:
+                parent = None
+                if rec.get("parent"):
+                    prec = by_ns.get(rec["parent"]["ns"])
+                    if prec is None:
+                        raise NotFound(f"clone {rec['name']}: parent namespace {rec['parent']['ns']} is gone")
+                    try:
+                        parent = open_one(prec)
+                    except Exception as e:  # noqa: BLE001 - recorded for the parent already
+                        raise VolumeFailed(f"its parent volume {prec['name']} could not be opened "
+                                           f"({_reason(e)})") from e
+                vol = self._volume(rec, parent)
+                try:
+                    open_volume(vol, create=False)
+                except BaseException:
+                    self._abandon(vol)
+                    raise
+            except Exception as e:  # noqa: BLE001 - any reason at all: this volume fails, not the node
+                failed[rec["ns"]] = _reason(e)
+                self.failed[rec["name"]] = {**rec, "state": "failed", "reason": _reason(e)}
+                log.error("volume %s not opened: %s", rec["name"], _reason(e), exc_info=not isinstance(e, OvsfsError))
+                raise
             opened[rec["ns"]] = vol
             return vol
 
         for rec in records:
             try:
                 vol = open_one(rec)
-            except NotFound as e:
-                # A volume whose deletion was cut short (volume.json already gone) or whose
-                # namespace is lost: serve the others, say which one is missing.
-                log.error("volume %s not opened: %s", rec["name"], e.message)
+            except Exception:  # noqa: BLE001 - recorded in self.failed by open_one
                 continue
             self.volumes[vol.name] = vol
         self._ticker = threading.Thread(target=self._tick, name="ovsfs-commit", daemon=True)
         self._ticker.start()
-        log.info("engine open: %d vPools, %d volumes", len(self.list_vpools()), len(self.volumes))
+        log.info("engine open: %d vPools, %d volumes%s", len(self.list_vpools()), len(self.volumes),
+                 f", {len(self.failed)} failed ({', '.join(sorted(self.failed))})" if self.failed else "")
+
+    @staticmethod
+    def _abandon(vol: Volume) -> None:
+        """Release what a volume that failed half-way through opening holds (best effort)."""
+        vol.closed = True
+        try:
+            if vol.map is not None:
+                vol.map.close()
+        except Exception:  # noqa: BLE001 - already failing; the reason that counts is the first one
+            log.debug("closing the map of %s failed", vol.name, exc_info=True)
+        for fd in [*vol.read_fds.values(), vol.sco_fd, vol.tlog_fd]:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        vol.read_fds.clear()
+        vol.sco_fd = vol.tlog_fd = None
+
+    def failed_volumes(self) -> list[dict[str, Any]]:
+        """Volumes that could not be opened at start, each with its `reason`."""
+        # No engine lock: a copy of the dict is enough, and status must answer while a create holds it.
+        return [{"name": r["name"], "vpool": r["vpool"], "namespace": r["ns"], "size": r["size"],
+                 "parent": (f"{r['parent']['name']}@{r['parent']['snapshot']}" if r.get("parent") else None),
+                 "state": "failed", "reason": r["reason"]}
+                for r in sorted(list(self.failed.values()), key=lambda r: r["name"])]
 
     def _adopt(self, records: list[dict[str, Any]]) -> None:
         """Register volumes found on the backend but missing from the registry."""
@@ -90,6 +145,11 @@ class Engine:
             try:
                 rec = json.loads(self.store.get(ns, "volume.json"))
             except (NotFound, ValueError):
+                continue
+            except OvsfsError as e:
+                # Unreadable now (ASDs away, undecodable): not adopted this time; a volume
+                # that is registered already is opened (or reported failed) on its own.
+                log.error("backend namespace %s: volume.json unreadable, not adopted: %s", ns, e.message)
                 continue
             if rec["name"] in names:
                 continue
@@ -131,8 +191,9 @@ class Engine:
         return Volume(rec, self.wb_root, self.store, self.wb, self.cfg.engine, parent, self._has_clones)
 
     def _has_clones(self, vol: Volume, epoch: int | None) -> bool:
-        for v in list(self.volumes.values()):
-            p = v.meta.get("parent")
+        # Clones that failed to open count too: they still read through to this volume.
+        for meta in [*(v.meta for v in list(self.volumes.values())), *list(self.failed.values())]:
+            p = meta.get("parent")
             if p and p["ns"] == vol.ns and (epoch is None or p["epoch"] == epoch):
                 return True
         return False
@@ -175,6 +236,9 @@ class Engine:
         try:
             return self.volumes[name]
         except KeyError:
+            failed = self.failed.get(name)
+            if failed is not None:
+                raise VolumeFailed(f"volume {name} could not be opened: {failed['reason']}") from None
             raise NotFound(f"volume {name} does not exist") from None
 
     def list_volumes(self, vpool: str | None = None) -> list[dict[str, Any]]:
@@ -189,6 +253,9 @@ class Engine:
             pool = self.vpool(vpool)
             if name in self.volumes:
                 raise AlreadyExists(f"volume {name} already exists")
+            if name in self.failed:
+                raise AlreadyExists(f"volume {name} already exists (it could not be opened: "
+                                    f"{self.failed[name]['reason']}; delete it first)")
             cs = pool["cluster_size"]
             if not isinstance(size, int) or size <= 0 or size % cs:
                 raise InvalidArgument(f"size {size} is not a positive multiple of the cluster size ({cs} bytes)")
@@ -229,6 +296,9 @@ class Engine:
 
     def delete_volume(self, name: str) -> None:
         with self.lock:
+            if name in self.failed and name not in self.volumes:
+                self._delete_failed(name)
+                return
             vol = self.volume(name)
             if vol.users:
                 raise Busy(f"volume {name} is in use by {', '.join(sorted(vol.users))}")
@@ -253,10 +323,37 @@ class Engine:
             shutil.rmtree(vol.dir, ignore_errors=True)
             log.info("deleted volume %s", name)
 
+    def _delete_failed(self, name: str) -> None:
+        """Remove a volume that could not be opened: the operator's way out. Its namespace
+        goes the same way as a healthy volume's (volume.json first, so it is not adopted
+        again; then the namespace in the background)."""
+        rec = self.failed[name]
+        if any(r.get("parent") and r["parent"]["ns"] == rec["ns"]
+               for r in [*(v.meta for v in self.volumes.values()), *self.failed.values()]):
+            raise Busy(f"volume {name} has clones")
+        try:
+            self.store.delete(rec["ns"], "volume.json")
+        except NotFound:
+            pass  # its namespace is gone already (perhaps why it failed)
+        self.registry.delete(f"/volumes/{name}")
+        del self.failed[name]
+        ns = rec["ns"]
+
+        def drop() -> None:
+            try:
+                self.store.delete_namespace(ns)
+            except NotFound:
+                pass
+        self.wb.submit(f"delete namespace {ns}", drop)
+        shutil.rmtree(self.wb_root / ns, ignore_errors=True)
+        log.info("deleted volume %s (it had failed to open)", name)
+
     def rename_volume(self, old: str, new: str) -> None:
         check_name("volume", new)
         with self.lock:
             vol = self.volume(old)
+            if new in self.failed:
+                raise AlreadyExists(f"volume {new} already exists (it could not be opened)")
             if new in self.volumes:
                 raise AlreadyExists(f"volume {new} already exists")
             if vol.users:
@@ -285,6 +382,7 @@ class Engine:
         infos = [v.info() for v in vols]
         return {
             "vpools": len(self.list_vpools()), "volumes": len(infos),
+            "failed_volumes": self.failed_volumes(),
             "map_resident_bytes": sum(i["map_resident_bytes"] for i in infos),
             "map_stored_bytes": sum(i["map_stored_bytes"] for i in infos),
             "write_buffer": self.wb.status(),

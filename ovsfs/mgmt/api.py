@@ -160,7 +160,11 @@ class Api:
     # ---- volumes -----------------------------------------------------------------------
 
     async def list_volumes(self, req: Request) -> Response:
-        return Response(200, await _call(self.engine.list_volumes, req.query.get("vpool") or None))
+        vpool = req.query.get("vpool") or None
+        vols = await _call(self.engine.list_volumes, vpool)
+        # Volumes that could not be opened are listed too, with state "failed" and the reason.
+        failed = [f for f in self.engine.failed_volumes() if vpool is None or f["vpool"] == vpool]
+        return Response(200, sorted(vols + failed, key=lambda v: v["name"]))
 
     async def _info(self, name: str) -> dict[str, Any]:
         return await _call(lambda: self.engine.volume(name).info())

@@ -142,6 +142,7 @@ class BackendApi:
             (rf"/presets/{seg}/explain", {"GET": self.explain_preset}),
             (r"/backend", {"GET": self.status}),
             (r"/backend/repair", {"POST": self.repair}),
+            (r"/backend/gc", {"POST": self.gc}),
             (r"/backend/asds", {"POST": self.add_asd}),
             (rf"/backend/asds/{seg}", {"DELETE": self.remove_asd}),
         ]
@@ -199,6 +200,14 @@ class BackendApi:
     async def repair(self, req: Request) -> Response:
         proxy = self._proxy()
         return await progress_job("backend repair", lambda progress: proxy.maintenance.repair(progress=progress))
+
+    async def gc(self, req: Request) -> Response:
+        """Garbage collection now; body {"grace": seconds} overrides backend.gc_grace."""
+        proxy = self._proxy()
+        grace = req.json().get("grace")
+        if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0):
+            raise HttpError(400, "grace must be a number of seconds >= 0")
+        return await progress_job("backend gc", lambda progress: proxy.maintenance.gc(progress=progress, grace=grace))
 
     # ---- ASDs ----------------------------------------------------------------------------
 
