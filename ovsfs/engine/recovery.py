@@ -175,10 +175,13 @@ def _tlogs_from(vol: Volume, backend: set[str], start: int) -> tuple[list[int], 
 
 
 def _missing(vol: Volume, backend: set[str], start: int) -> list[int]:
-    """TLogs from `start` to the newest one that exist neither locally nor on the backend."""
+    """TLogs from `start` on that exist neither locally nor on the backend, up to the newest
+    TLog anywhere (or the last one a backend checkpoint covers, which existed too)."""
     nums, _local = _tlogs_from(vol, backend, start)
+    cps = _numbers(backend, "checkpoint/")
+    top = max([*nums[-1:], *(cp - 1 for cp in cps[-1:])], default=start - 1)
     have = set(nums)
-    return [n for n in range(start, nums[-1]) if n not in have] if nums else []
+    return [n for n in range(start, top + 1) if n not in have]
 
 
 def _ranges(nums: list[int]) -> str:
