@@ -63,6 +63,19 @@ def open_volume(vol: Volume, create: bool, preset: str | None = None) -> None:
         vol.store.create_namespace(vol.ns, preset=preset)
         vol.store.put(vol.ns, "volume.json", json.dumps(vol.meta).encode())
     backend = set(vol.store.list(vol.ns))
+    try:
+        _load(vol, backend, create)
+    except BaseException:
+        # No half-open map left behind (its write transaction would lock out a retry).
+        if vol.map is not None:
+            try:
+                vol.map.close()
+            except sqlite3.Error:
+                pass
+        raise
+
+
+def _load(vol: Volume, backend: set[str], create: bool) -> None:
     if create:
         vol.map = _new_map(vol)
     meta = None if create else _open_local_map(vol)

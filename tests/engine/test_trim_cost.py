@@ -116,3 +116,38 @@ def test_clone_trim_masks_parent_data_and_skips_the_rest(tmp_path: Path) -> None
         assert mid.read(7 * CS, CS) == cluster(7)
         # A range no ancestor ever wrote costs nothing in a clone either.
         assert len(trim_records(mid, 8 * GiB, 4 * GiB)) == 0
+
+
+class RecordingDtl:
+    """A DTL sink that notes each batch the engine hands it, and whether the volume lock
+    was held only once (not inside an outer hold of the whole trim)."""
+
+    mode = "none"
+
+    def __init__(self, vol: Volume) -> None:
+        self.vol = vol
+        self.batches: list[list[int]] = []
+        self.depths: list[int] = []
+
+    def append(self, volume: str, addrs: np.ndarray, locs: np.ndarray, data: bytes) -> None:
+        self.batches.append(sorted(addrs.tolist()))
+        # RLock's repr carries its recursion count: 1 means this chunk's own hold only.
+        self.depths.append(int(repr(self.vol.lock).split("count=")[1].split(" ")[0].rstrip(">")))
+
+    def flush(self) -> None:
+        return None
+
+
+def test_big_trims_hold_the_lock_per_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ovsfs.engine import trim
+    monkeypatch.setattr(trim, "CHUNK_PAGES", 2)
+    with opened(small_config(tmp_path)) as eng:
+        eng.create_vpool("default")
+        vol = eng.create_volume("v", 16 * GiB)
+        pages = [0, 1, 7, 300, 1023]
+        for p in pages:
+            vol.write(p * 4096 * CS + 5 * CS, b"p" * CS)
+        vol.dtl = RecordingDtl(vol)
+        vol.trim(0, 16 * GiB)
+        assert vol.dtl.batches == [[5, 4096 + 5], [7 * 4096 + 5, 300 * 4096 + 5], [1023 * 4096 + 5]]
+        assert vol.dtl.depths == [1, 1, 1]
