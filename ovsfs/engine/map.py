@@ -268,6 +268,17 @@ class ClusterMap:
         conn.execute("SELECT COUNT(*) FROM meta").fetchone()   # starts the read snapshot now
         return conn
 
+    def written_pages(self, lo: int, hi: int) -> np.ndarray:
+        """Pages in [lo, hi) that have any version at all (ascending int64 page numbers).
+
+        Read-only, from the head index alone: a page never written in any epoch is
+        all zeros in every epoch, so callers can skip it without building its entries.
+        """
+        hi = min(hi, len(self.head))
+        if lo >= hi:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self.head[lo:hi] >= 0) + lo
+
     def resident_bytes(self) -> int:
         return len(self.cache) * PAGE_ENTRIES * 8 + self.head.nbytes
 
@@ -286,3 +297,53 @@ def dump(conn: sqlite3.Connection) -> bytes:
         parts.append(_DUMP_HEAD.pack(page, epoch, len(z), 0))
         parts.append(z)
     return b"".join(parts)
+
+
+def check_file(path: Path) -> str | None:
+    """Why the map file at `path` cannot be used, or None when it looks whole.
+
+    Read-only and cheap (no page data is read): the SQLite header against the file
+    size (a truncated file), the meta row (present, a JSON object) and one pass over
+    the page index (every version PAGE_ENTRIES * 8 bytes long, no epoch newer than the
+    meta's). Anything SQLite itself rejects ("file is not a database", "malformed")
+    is reported too. Corruption inside page data is not detected here.
+    """
+    size = path.stat().st_size
+    if size < 100:
+        return f"{size} bytes: no room for an SQLite header"
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if not head.startswith(b"SQLite format 3\0"):
+        return "not an SQLite database (bad header)"
+    page_size = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    npages = int.from_bytes(head[28:32], "big")
+    # The in-header page count is only meaningful while the "version valid for" number
+    # matches the change counter (SQLite file format, offsets 24 and 92).
+    if head[92:96] == head[24:28] and npages and size < npages * page_size:
+        return f"truncated: {size} bytes, the header says {npages} pages of {page_size}"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key='volume'").fetchone()
+        if row is None:
+            return "no meta row (never committed)"
+        try:
+            meta = json.loads(row[0])
+        except (TypeError, ValueError):
+            return "the meta row does not parse"
+        if not isinstance(meta, dict) or not isinstance(meta.get("epoch"), int):
+            return "the meta row has no epoch"
+        bad, newest, lowest = conn.execute(
+            "SELECT TOTAL(typeof(data) != 'blob' OR length(data) != ?), MAX(epoch), MIN(page)"
+            " FROM pages", (PAGE_ENTRIES * 8,)).fetchone()
+        if bad:
+            return f"{int(bad)} page versions are not {PAGE_ENTRIES * 8} bytes long"
+        if newest is not None and newest > meta["epoch"]:
+            return f"page versions of epoch {newest} beyond the map epoch {meta['epoch']}"
+        if lowest is not None and lowest < 0:
+            return f"a page numbered {lowest}"
+    except sqlite3.DatabaseError as e:
+        return f"SQLite: {e}"
+    finally:
+        conn.close()
+    return None

@@ -1,10 +1,18 @@
-"""Opening a volume: resume from the local map, replay TLogs, or rebuild from the backend.
+"""Opening a volume: resume from the local map, replay TLogs, or rebuild the map.
 
-Local metadata is a cache that makes restarts fast. After a clean close the map
-commit matches the TLog end and nothing is replayed; after a crash the TLogs after
-the last commit are replayed, each write checked against its CRC32C so a torn
-write is dropped rather than served; with no local metadata at all the volume is
-rebuilt from the backend: latest map checkpoint, then every TLog after it.
+Local metadata (`map.db`) is a cache that makes restarts fast. After a clean close
+the map commit matches the TLog end and nothing is replayed; after a crash the TLogs
+after the last commit are replayed. A missing, empty, truncated or corrupt `map.db`
+is moved aside (kept for post-mortem as `map.db.corrupt-<unix time>`) and the map is
+rebuilt: newest loadable backend checkpoint, then every TLog after it.
+
+Replay and rebuild read the same way: every TLog from the start position on, in
+number order, from the local write buffer when it is still there (each WRITE checked
+against its CRC32C, since a local tail can be torn: a torn write is dropped rather
+than served) and from the backend otherwise. So flushed writes that never reached the
+backend are part of every rebuild, and a `map.db` older than the local TLogs (restored
+from a backup, a lost commit) is brought forward from its own position; when TLogs it
+needs are gone everywhere, a backend checkpoint that covers them is used instead.
 """
 
 from __future__ import annotations
@@ -12,19 +20,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
+import struct
+import time
+import zlib
+from pathlib import Path
 from typing import Any, Iterable
 
 import crc32c
 import numpy as np
 
 from ovsfs.engine import tlog
-from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap, dump
+from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap, check_file, dump
 from ovsfs.engine.volume import IDX_MASK, Volume, tlog_name
 from ovsfs.errors import NotFound
 
 log = logging.getLogger("ovsfs.engine.recovery")
 
 KEEP_CHECKPOINTS = 2
+_META_INTS = ("epoch", "size", "tlog", "tlog_off")
 
 
 def _numbers(names: Iterable[str], prefix: str) -> list[int]:
@@ -48,12 +62,36 @@ def open_volume(vol: Volume, create: bool, preset: str | None = None) -> None:
     if create:
         vol.store.create_namespace(vol.ns, preset=preset)
         vol.store.put(vol.ns, "volume.json", json.dumps(vol.meta).encode())
-    vol.map = ClusterMap(vol.dir / "map.db", vol._nclusters(), vol.cfg.map_cache_pages)
     backend = set(vol.store.list(vol.ns))
-    meta = vol.map.load_meta()
+    try:
+        _load(vol, backend, create)
+    except BaseException:
+        # No half-open map left behind (its write transaction would lock out a retry).
+        if vol.map is not None:
+            try:
+                vol.map.close()
+            except sqlite3.Error:
+                pass
+        raise
+
+
+def _load(vol: Volume, backend: set[str], create: bool) -> None:
+    if create:
+        vol.map = _new_map(vol)
+    meta = None if create else _open_local_map(vol)
+    if meta is not None:
+        missing = _missing(vol, backend, meta["tlog"])
+        cps = _numbers(backend, "checkpoint/")
+        if missing and cps and cps[-1] > missing[-1]:
+            # Older than every copy of the TLogs it needs (pruned from the backend, dropped
+            # locally): a checkpoint past the hole is exact, a replay across it is not.
+            vol.map.close()
+            _move_aside(vol, f"it is at TLog {meta['tlog']} and TLogs {_ranges(missing)} are gone")
+            vol.map = _new_map(vol)
+            meta = None
     if meta is not None:
         _restore(vol, meta)
-        replayed = vol.replayed = _replay_local(vol, meta)
+        replayed = vol.replayed = _replay(vol, backend, meta["tlog"], meta["tlog_off"])
         if replayed:
             log.info("%s: replayed %d TLog records after an unclean stop", vol.name, replayed)
     elif not create:
@@ -67,6 +105,72 @@ def open_volume(vol: Volume, create: bool, preset: str | None = None) -> None:
     vol.commit()
 
 
+def _new_map(vol: Volume) -> ClusterMap:
+    return ClusterMap(vol.dir / "map.db", vol._nclusters(), vol.cfg.map_cache_pages)
+
+
+def _meta_problem(meta: Any) -> str | None:
+    if not isinstance(meta, dict):
+        return "no meta row"
+    for key in _META_INTS:
+        if not isinstance(meta.get(key), int) or meta[key] < 0:
+            return f"meta {key!r} is {meta.get(key)!r}"
+    if not isinstance(meta.get("snapshots"), list):
+        return "meta 'snapshots' is not a list"
+    return None
+
+
+def _open_local_map(vol: Volume) -> dict[str, Any] | None:
+    """Open map.db and return its meta, or set up an empty map and return None when the
+    file is missing or unusable (moved aside first); the caller then rebuilds."""
+    db = vol.dir / "map.db"
+    if not db.exists():
+        if any(Path(f"{db}{s}").exists() for s in ("-wal", "-shm")):
+            # A log without its database must not be applied to a new one.
+            _move_aside(vol, "map.db is missing but its -wal/-shm are not")
+        else:
+            log.warning("%s: no map.db: rebuilding the map from the backend and the local write buffer",
+                        vol.name)
+        vol.map = _new_map(vol)
+        return None
+    problem = check_file(db)
+    if problem is None:
+        try:
+            vol.map = _new_map(vol)
+            meta = vol.map.load_meta()
+            problem = _meta_problem(meta)
+            if problem is None:
+                return meta
+            vol.map.close()
+        except (sqlite3.DatabaseError, ValueError) as e:
+            problem = f"{type(e).__name__}: {e}"
+            if vol.map is not None:
+                try:
+                    vol.map.close()
+                except sqlite3.Error:
+                    pass   # it goes aside anyway
+    _move_aside(vol, problem)
+    vol.map = _new_map(vol)
+    return None
+
+
+def _move_aside(vol: Volume, why: str) -> None:
+    """Keep an unusable map.db (and its -wal/-shm) for post-mortem, out of the way."""
+    db = vol.dir / "map.db"
+    stamp = int(time.time())
+    dest = db.with_name(f"map.db.corrupt-{stamp}")
+    k = 0
+    while any(Path(f"{dest}{s}").exists() for s in ("", "-wal", "-shm")):
+        k += 1
+        dest = db.with_name(f"map.db.corrupt-{stamp}.{k}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{db}{suffix}")
+        if src.exists():
+            os.replace(src, f"{dest}{suffix}")
+    log.error("%s: map.db is unusable (%s): kept as %s; rebuilding the map from the backend"
+              " and the local write buffer", vol.name, why, dest.name)
+
+
 def _restore(vol: Volume, meta: dict[str, Any]) -> None:
     vol.map.epoch = meta["epoch"]
     vol.snapshots = meta["snapshots"]
@@ -76,46 +180,88 @@ def _restore(vol: Volume, meta: dict[str, Any]) -> None:
     vol.next_tlog = meta.get("next_tlog", 1)
 
 
-def _replay_local(vol: Volume, meta: dict[str, Any]) -> int:
-    start, off = meta["tlog"], meta["tlog_off"]
+def _tlogs_from(vol: Volume, backend: set[str], start: int) -> tuple[list[int], set[int]]:
+    """TLog numbers >= start held anywhere (ascending), and which of them are local."""
+    local = {n for n in _local_numbers(vol.tlog_dir) if n >= start}
+    remote = {n for n in _numbers(backend, "tlog/") if n >= start}
+    return sorted(local | remote), local
+
+
+def _missing(vol: Volume, backend: set[str], start: int) -> list[int]:
+    """TLogs from `start` on that exist neither locally nor on the backend, up to the newest
+    TLog anywhere (or the last one a backend checkpoint covers, which existed too)."""
+    nums, _local = _tlogs_from(vol, backend, start)
+    cps = _numbers(backend, "checkpoint/")
+    top = max([*nums[-1:], *(cp - 1 for cp in cps[-1:])], default=start - 1)
+    have = set(nums)
+    return [n for n in range(start, top + 1) if n not in have]
+
+
+def _ranges(nums: list[int]) -> str:
+    return f"{nums[0]}" if len(nums) == 1 else f"{nums[0]}..{nums[-1]} ({len(nums)})"
+
+
+def _replay(vol: Volume, backend: set[str], start: int, off: int) -> int:
+    """Apply every TLog from (start, off) on, local copies first; returns records applied."""
+    nums, local = _tlogs_from(vol, backend, start)
     count = 0
-    for n in _local_numbers(vol.tlog_dir):
-        if n < start:
-            continue
-        path = vol.tlog_dir / str(n)
-        data = bytearray(path.read_bytes())
-        before = bytes(data)
-        count += apply(vol, tlog.parse(memoryview(data)[off if n == start else 0:]), verify=True)
-        if data != before:
-            # Torn writes were turned into no-op records: keep them out of the upload (and
-            # so out of any rebuild from the backend) as well.
-            tmp = path.with_name(f".{n}.tmp")
-            tmp.write_bytes(data)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
+    for n in nums:
+        skip = off if n == start else 0
+        if n in local:
+            count += _apply_local(vol, n, skip)
+        else:
+            data = memoryview(vol.store.get(vol.ns, tlog_name(n)))
+            count += apply(vol, tlog.parse(data[skip:]), verify=False)
         vol.next_tlog = max(vol.next_tlog, n + 1)
+    return count
+
+
+def _apply_local(vol: Volume, n: int, skip: int) -> int:
+    path = vol.tlog_dir / str(n)
+    data = bytearray(path.read_bytes())
+    before = bytes(data)
+    count = apply(vol, tlog.parse(memoryview(data)[skip:]), verify=True)
+    if data != before:
+        # Torn writes were turned into no-op records: keep them out of the upload (and
+        # so out of any rebuild from the backend) as well.
+        tmp = path.with_name(f".{n}.tmp")
+        tmp.write_bytes(data)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
     return count
 
 
 def _rebuild(vol: Volume, backend: set[str]) -> None:
     if "volume.json" not in backend:
         raise NotFound(f"volume {vol.name}: namespace {vol.ns} holds no volume on the backend")
-    cps = _numbers(backend, "checkpoint/")
-    start = 1
-    if cps:
-        meta = vol.map.load_dump(vol.store.get(vol.ns, f"checkpoint/{cps[-1]:016x}"))
+    start, off, used = 1, 0, None
+    for cp in reversed(_numbers(backend, "checkpoint/")):
+        try:
+            meta = vol.map.load_dump(vol.store.get(vol.ns, f"checkpoint/{cp:016x}"))
+            problem = _meta_problem(meta)
+        except (NotFound, ValueError, KeyError, struct.error, zlib.error, sqlite3.DatabaseError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem is not None:
+            log.warning("%s: checkpoint %d cannot be used (%s): trying an older one", vol.name, cp, problem)
+            continue
         _restore(vol, meta)
-        start = meta["tlog"]
-    tlogs = [n for n in _numbers(backend, "tlog/") if n >= start]
-    for n in tlogs:
-        apply(vol, tlog.parse(vol.store.get(vol.ns, tlog_name(n))), verify=False)
-        vol.next_tlog = max(vol.next_tlog, n + 1)
-    log.info("%s: rebuilt from the backend (checkpoint %s, %d TLogs)", vol.name,
-             cps[-1] if cps else "none", len(tlogs))
+        start, off, used = meta["tlog"], meta["tlog_off"], cp
+        break
+    else:
+        vol.map.load_dump(struct.pack("<I", 2) + b"{}")   # no usable checkpoint: start empty
+    missing = _missing(vol, backend, start)
+    if missing:
+        log.error("%s: TLogs %s are neither local nor on the backend: the rebuilt map misses"
+                  " what they recorded", vol.name, _ranges(missing))
+    nums, local = _tlogs_from(vol, backend, start)
+    _replay(vol, backend, start, off)
+    log.info("%s: map rebuilt (checkpoint %s, %d TLogs from the backend, %d from the local"
+             " write buffer)", vol.name, used if used is not None else "none",
+             len(nums) - len(local), len(local))
 
 
 def apply(vol: Volume, segments: Iterable[tlog.Segment], verify: bool) -> int:
@@ -127,7 +273,7 @@ def apply(vol: Volume, segments: Iterable[tlog.Segment], verify: bool) -> int:
             if verify:
                 good = _verify(vol, locs, seg.records["crc"])
                 if not good.all():
-                    seg.records["kind"][~good] = tlog.NOOP  # written back by _replay_local
+                    seg.records["kind"][~good] = tlog.NOOP  # written back by _apply_local
                 addrs, locs = addrs[good], locs[good]
             vol.map.update(addrs, locs)
             if len(locs):

@@ -15,6 +15,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from ovsfs.engine import trim as trim_module
 from ovsfs.engine.engine import Engine
 from ovsfs.errors import Busy
 
@@ -47,8 +48,13 @@ class EngineModel(RuleBasedStateMachine):
         self.snaps: dict[str, dict[str, bytes]] = {"v": {}}
         self.clones = 0
         self.counter = 0
+        self.backups: dict[str, bytes] = {}   # namespace -> a map.db copied after a clean stop
+        # One map page per hold of the lock, so trims cross chunk boundaries here.
+        self.chunk_pages = trim_module.CHUNK_PAGES
+        trim_module.CHUNK_PAGES = 1
 
     def teardown(self) -> None:
+        trim_module.CHUNK_PAGES = self.chunk_pages
         try:
             self.engine.close()
         finally:
@@ -86,6 +92,16 @@ class EngineModel(RuleBasedStateMachine):
         vol = self.engine.volume(name)
         (vol.write_zeroes if zeroes else vol.trim)(off, n)
         self.model[name][off:off + n] = bytes(n)
+
+    @rule(name=vols, start=st.sampled_from([0, CS, 7 * CS + 5, PAGE - 3 * CS, PAGE + CS]),
+          whole=st.booleans(), zeroes=st.booleans())
+    def trim_big(self, name: str, start: int, whole: bool, zeroes: bool) -> None:
+        """Trims across both map pages (and so across trim chunks), to the end or not."""
+        name = self._vol(name)
+        n = SIZE - start if whole else (SIZE - start) // 2
+        vol = self.engine.volume(name)
+        (vol.write_zeroes if zeroes else vol.trim)(start, n)
+        self.model[name][start:start + n] = bytes(n)
 
     @rule(name=vols, ext=extents(8 * CS))
     def read(self, name: str, ext: tuple[int, int]) -> None:
@@ -169,6 +185,51 @@ class EngineModel(RuleBasedStateMachine):
             for name in self.model:
                 self.engine.volume(name).flush()
         crash(self.engine)
+        self._reopen()
+
+    def _map_paths(self) -> dict[str, Path]:
+        return {v.ns: v.dir / "map.db" for v in self.engine.volumes.values()}
+
+    @rule(how=st.sampled_from(["delete", "garbage", "truncate"]), clean=st.booleans())
+    def lose_map(self, how: str, clean: bool) -> None:
+        """map.db is a cache: lost or corrupt, the map comes back from backend + write buffer."""
+        paths = self._map_paths()
+        if clean:
+            self.engine.close()
+        else:
+            crash(self.engine)
+        for db in paths.values():
+            if how == "delete":
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{db}{suffix}").unlink(missing_ok=True)
+            elif how == "garbage":
+                db.write_bytes(b"\xa5" * 8192)
+            else:
+                with open(db, "r+b") as f:
+                    f.truncate(db.stat().st_size // 2)
+        self._reopen()
+
+    @rule()
+    def backup_maps(self) -> None:
+        paths = self._map_paths()
+        self.engine.close()
+        self.backups = {ns: p.read_bytes() for ns, p in paths.items()}
+        self._reopen()
+
+    @precondition(lambda self: bool(self.backups))
+    @rule(clean=st.booleans())
+    def restore_old_maps(self, clean: bool) -> None:
+        """A map.db older than the TLogs (restored from a backup) is brought forward."""
+        paths = self._map_paths()
+        if clean:
+            self.engine.close()
+        else:
+            crash(self.engine)
+        for ns, data in self.backups.items():
+            db = paths[ns]
+            for suffix in ("-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+            db.write_bytes(data)
         self._reopen()
 
     @rule()
