@@ -312,16 +312,18 @@ class LogWriter(_Base):
         from ovsfs.engine.recovery import apply   # recovery imports volume: import late
 
         old = self.map
-        try:
-            old.close()
-        except sqlite3.Error:
-            pass
         keep_sco, keep_tlog = self.next_sco, self.next_tlog
         try:
+            # Opened before the old connection closes: closing the last connection would
+            # checkpoint and drop the WAL, which needs the disk space that is missing.
             m = ClusterMap(old.db_path, self._nclusters(), self.cfg.map_cache_pages)
         except sqlite3.Error as e:
             old.lost = True
             raise LocalIOError(f"{self.name}: map.db cannot be reopened: {e}") from e
+        try:
+            old.close()
+        except sqlite3.Error:
+            pass
         self.map = m
         try:
             meta = m.load_meta()

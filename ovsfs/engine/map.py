@@ -57,6 +57,10 @@ class ClusterMap:
         self.db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit must survive a power loss, because local TLogs below it are deleted.
         self.db.execute("PRAGMA synchronous=FULL")
+        # Dirty SQLite pages stay in memory until the commit: a spill into the WAL in the
+        # middle of a transaction needs disk space, and when the disk is full it would
+        # fail reads too, not just the commit (which is handled: see `lost`).
+        self.db.execute("PRAGMA cache_spill=OFF")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS pages (page INTEGER, epoch INTEGER, data BLOB,"
             " PRIMARY KEY (page, epoch)) WITHOUT ROWID")
