@@ -166,23 +166,3 @@ class PowerCutIO(FileIO):
             self.pending.clear()
         return dropped
 
-
-class Filler:
-    """Another process's writes, as a thread: keeps the file system full (it takes back
-    whatever the engine frees) until stopped; `free()` deletes the filler file."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.path = fill(directory)
-        self.stop_ = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop_.wait(0.002):
-            fill(self.directory)
-
-    def free(self) -> None:
-        self.stop_.set()
-        self.thread.join()
-        self.path.unlink()

@@ -21,7 +21,7 @@ from ovsfs.engine.engine import Engine
 from ovsfs.engine.map import PAGE_ENTRIES
 from ovsfs.errors import NoSpace
 
-from .helpers import Filler, crash, fill, small_config, tmpfs
+from .helpers import crash, fill, small_config, tmpfs
 
 CS = 4096
 PAGE_SPAN = PAGE_ENTRIES * CS      # bytes of volume per map page (16 MiB)
@@ -95,6 +95,9 @@ def test_failed_map_commit_loses_no_flushed_write(tmp_path: Path, wbfs: Path) ->
 
 def test_write_on_full_disk_is_nospace_then_recovers(tmp_path: Path, wbfs: Path) -> None:
     cfg = config(tmp_path, wbfs, disk_reserve=0, disk_wait=0.1, write_buffer_size=64 << 20)
+    # The backend on the same disk: an upload frees nothing there (a hard link), so
+    # evicting uploaded SCOs cannot make room; only deleting the filler does.
+    cfg.backend.path = str(wbfs / "backend")
     eng = Engine(cfg)
     eng.open()
     try:
@@ -103,7 +106,7 @@ def test_write_on_full_disk_is_nospace_then_recovers(tmp_path: Path, wbfs: Path)
         expect = {i: block(i, 1) for i in range(0, 256, 3)}
         for i, data in expect.items():
             vol.write(i * CS, data)
-        filler = Filler(wbfs)   # keeps taking what the engine frees (evicted SCOs)
+        filler = fill(wbfs)
         refused = 0
         for i in range(1, 90, 3):
             try:
@@ -114,7 +117,7 @@ def test_write_on_full_disk_is_nospace_then_recovers(tmp_path: Path, wbfs: Path)
                 expect[i] = block(i, 1)   # acknowledged: must be there in the end
         assert refused > 0, "the disk was full but every write was acknowledged"
         vol.flush()                           # what was acknowledged can still be flushed
-        filler.free()
+        filler.unlink()
         for i in range(2, 256, 3):            # no restart needed once space returns
             vol.write(i * CS, block(i, 2))
             expect[i] = block(i, 2)
