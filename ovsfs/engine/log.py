@@ -88,13 +88,17 @@ class LogWriter(_Base):
                 # Recorded: from here on the clusters are taken, whatever the map does.
                 self.sco_idx += take
                 self.appended += take * cs
-                with self._map_op():
+                try:
                     if moved_from is None and take == 1:
                         self.map.update_one(int(addrs[pos]), base)
                     elif moved_from is None:
                         self.map.update(addrs[pos:pos + take], seg)
                     else:
                         self.map.relocate(moved_from[pos:pos + take], seg)
+                except (sqlite3.Error, NoSpace, LocalIOError) as e:
+                    self._map_failed(e)
+                if self.map.lost:   # an eviction found SQLite's transaction rolled back
+                    self._recover_map()
                 pos += take
         finally:
             if pos:
@@ -294,11 +298,14 @@ class LogWriter(_Base):
         try:
             yield
         except (sqlite3.Error, NoSpace, LocalIOError) as e:
-            if isinstance(e, FsyncError):
-                raise
-            self.map.lost = True
-            log.warning("%s: map update failed (%s); rebuilding the map", self.name, e)
+            self._map_failed(e)
         self._ensure_map()
+
+    def _map_failed(self, e: Exception) -> None:
+        if isinstance(e, FsyncError):
+            raise e
+        self.map.lost = True
+        log.warning("%s: map update failed (%s); rebuilding the map", self.name, e)
 
     def _ensure_map(self) -> None:
         if self.map is not None and self.map.lost:
