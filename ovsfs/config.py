@@ -35,8 +35,8 @@ class EngineSection:
     checkpoint_seconds: float = 30.0  # local map commit interval
     backend_checkpoint_tlogs: int = 16  # a map checkpoint goes to the backend every N TLogs
     scrub_threshold: float = 0.5      # SCOs with a smaller live share are rewritten
-    # Free space (bytes) kept on the write-buffer filesystem: writers wait while less is
-    # free (the engine seals, uploads and evicts meanwhile), so a full disk is a wait.
+    # Free space (bytes) kept on the write-buffer filesystem (at most a tenth of it):
+    # writers wait while less is free (the engine seals, uploads and evicts meanwhile).
     disk_reserve: int = 64 << 20
     disk_wait: float = 60.0           # seconds a writer waits for disk space, then NoSpace
 

@@ -44,6 +44,7 @@ class WriteBuffer:
         self.disk_reserve = 0
         self.disk_wait = 60.0
         self._free = 0                       # last statvfs free bytes, minus reservations since
+        self._reserve = 0                    # disk_reserve, capped for small file systems
         self._free_at = -1.0
         self.queue: deque[tuple[str, Task]] = deque()
         self.busy = False
@@ -59,8 +60,8 @@ class WriteBuffer:
     # ---- budget -----------------------------------------------------------------------
 
     def watch_disk(self, path: Path, reserve: int, wait: float) -> None:
-        """Keep `reserve` bytes free on the filesystem holding `path` (bytes; `wait`: seconds
-        a writer waits for space before NoSpace)."""
+        """Keep `reserve` bytes free on the filesystem holding `path` (bytes, at most a tenth
+        of the file system; `wait`: seconds a writer waits for space before NoSpace)."""
         with self.cv:
             self.disk_path, self.disk_reserve, self.disk_wait = Path(path), reserve, wait
             self._free_at = -1.0
@@ -75,13 +76,15 @@ class WriteBuffer:
         if self.disk_path is None or self.stopping:
             return True
         now = time.monotonic()
-        if now - self._free_at > 0.1 or self._free - nbytes < self.disk_reserve + (16 << 20):
+        if now - self._free_at > 0.1 or self._free - nbytes < self._reserve + (16 << 20):
             try:
                 st = os.statvfs(self.disk_path)
             except OSError:
                 return True   # the directory is being set up or removed: nothing to judge
             self._free, self._free_at = st.f_bavail * st.f_frsize, now
-        return self._free - nbytes >= self.disk_reserve
+            # A small file system (a test's tmpfs) keeps at most a tenth of itself free.
+            self._reserve = min(self.disk_reserve, st.f_blocks * st.f_frsize // 10)
+        return self._free - nbytes >= self._reserve
 
     def disk_free(self) -> int | None:
         """Free bytes on the write-buffer filesystem as last seen (None: not watched)."""
@@ -110,7 +113,7 @@ class WriteBuffer:
                 deadline = now + self.disk_wait if deadline is None else deadline
                 if now >= deadline:
                     raise NoSpace(f"write buffer disk {self.disk_path} has less than"
-                                  f" {self.disk_reserve} bytes free")
+                                  f" {self._reserve} bytes free")
                 self._evict_over(0)  # uploaded SCOs are only a cache
             self.on_pressure()   # open SCOs of idle volumes hold the budget (and disk)
             with self.cv:

@@ -136,10 +136,10 @@ def test_write_on_full_disk_is_nospace_then_recovers(tmp_path: Path, wbfs: Path)
 
 
 def test_writers_wait_for_the_disk_reserve_instead_of_failing(tmp_path: Path) -> None:
-    """The budget alone (1 GiB) would let 40 MiB into a 12 MiB disk: the disk reserve makes
+    """The budget alone (1 GiB) would let 48 MiB into a 24 MiB disk: the disk reserve makes
     writers wait while sealed SCOs are uploaded and evicted, and every write succeeds."""
-    with tmpfs(tmp_path / "wbfs", 12 << 20) as mnt:
-        cfg = config(tmp_path, mnt, disk_reserve=3 << 20, disk_wait=30.0, sco_clusters=64,
+    with tmpfs(tmp_path / "wbfs", 24 << 20) as mnt:
+        cfg = config(tmp_path, mnt, disk_reserve=2 << 20, disk_wait=30.0, sco_clusters=64,
                      write_buffer_size=1 << 30)
         eng = Engine(cfg)
         eng.open()
@@ -149,7 +149,7 @@ def test_writers_wait_for_the_disk_reserve_instead_of_failing(tmp_path: Path) ->
             chunk = 64 * CS
             lowest = None
             t0 = time.monotonic()
-            for n in range((40 << 20) // chunk):
+            for n in range((48 << 20) // chunk):
                 off = (n * chunk) % vol.size
                 vol.write(off, bytes([n % 251 + 1]) * chunk)
                 st = os.statvfs(mnt)
@@ -159,7 +159,7 @@ def test_writers_wait_for_the_disk_reserve_instead_of_failing(tmp_path: Path) ->
             assert time.monotonic() - t0 < 60
             # The reserve held (allowing for what one write and the map add past the check).
             assert lowest is not None and lowest > (1 << 20)
-            for n in range((40 << 20) // chunk - (64 << 20) // chunk, (40 << 20) // chunk):
+            for n in range((48 << 20) // chunk - (64 << 20) // chunk, (48 << 20) // chunk):
                 if n >= 0:
                     off = (n * chunk) % vol.size
                     assert vol.read(off, CS) == bytes([n % 251 + 1]) * CS
