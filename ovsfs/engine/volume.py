@@ -156,6 +156,10 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
     def writev(self, reqs: Sequence[tuple[int, bytes | bytearray | memoryview]], nowait: bool = False) -> None:
         """Write a batch; acknowledged (durable against a process crash) on return.
 
+        Raises NoSpace (the write-buffer disk stayed full for `disk_wait` seconds, or
+        filled under the write: nothing of the failed part is acknowledged), LocalIOError,
+        VolumeFailed (after a failed fsync), besides the argument errors.
+
         nowait=True is for a door's event loop: the write happens only if nothing can make
         it wait (volume lock free, write buffer has room, whole clusters); otherwise
         WouldBlock is raised before anything is written, and the door hands the same
