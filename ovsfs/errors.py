@@ -58,6 +58,26 @@ class NoSpace(OvsfsError):
     http_status = 507
 
 
+class LocalIOError(OvsfsError):
+    """A write-buffer file operation failed (not for lack of space)."""
+
+    errno = errno.EIO
+    http_status = 500
+
+
+class FsyncError(LocalIOError):
+    """fsync (of a file or directory) failed: what it covered may be lost."""
+
+
+class VolumeFailed(OvsfsError):
+    """The volume serves no writes: it could not be opened at start, or a failed fsync or an
+    unrecoverable local write error stopped it. The message says why; reopening it (a
+    restart) replays what is on disk. A volume that could not be opened can be deleted."""
+
+    errno = errno.EIO
+    http_status = 503
+
+
 class DataError(OvsfsError):
     """Data could not be read back (missing object, checksum mismatch)."""
 

@@ -25,18 +25,11 @@ from ovsfs.engine.scrub import scrub_volume
 from ovsfs.engine.names import MAX_VOLUME_SIZE
 from ovsfs.engine.volume import Volume, check_name
 from ovsfs.engine.writebuffer import WriteBuffer
-from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OvsfsError
+from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OvsfsError, VolumeFailed
 
 log = logging.getLogger("ovsfs.engine")
 
 MAX_CLONE_DEPTH = 255
-
-
-class VolumeFailed(OvsfsError):
-    """The volume is registered but could not be opened at start (the reason says why):
-    it serves no I/O; it can be deleted."""
-
-    http_status = 503
 
 
 def _reason(e: BaseException) -> str:

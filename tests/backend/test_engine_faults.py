@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ovsfs.backend.policy import Policy
-from ovsfs.engine.engine import Engine, VolumeFailed
+from ovsfs.engine.engine import Engine
+from ovsfs.errors import VolumeFailed
 from ovsfs.errors import AlreadyExists, Busy
 from tests.engine.helpers import small_config
 

@@ -141,7 +141,7 @@ def _drop(db: Path) -> None:
 
 
 def test_lost_map_rebuilds_with_local_writes_and_does_not_flap(tmp_path: Path) -> None:
-    cfg = small_config(tmp_path)
+    cfg = small_config(tmp_path, write_buffer_size=8 << 20)  # uploads are held: room for all
     models = partly_uploaded(cfg)
     db = _db_path(cfg, _namespaces(cfg)["v"])
     _drop(db)
@@ -214,7 +214,7 @@ CORRUPTIONS = {
 @pytest.mark.parametrize("how", sorted(CORRUPTIONS))
 @pytest.mark.parametrize("stop", ["crash", "clean"])
 def test_corrupt_map_rebuilds_that_volume_only(tmp_path: Path, how: str, stop: str) -> None:
-    cfg = small_config(tmp_path)
+    cfg = small_config(tmp_path, write_buffer_size=8 << 20)  # uploads are held: room for all
     models = partly_uploaded(cfg, ("a", "b"))
     if stop == "clean":
         with opened(cfg):
@@ -242,7 +242,7 @@ def test_map_older_than_the_tlogs_is_brought_forward(tmp_path: Path, gap: bool) 
     """A map.db restored from a backup (or a lost commit): replay from its own position,
     taking the TLogs already uploaded (and dropped locally) from the backend; when even the
     backend pruned some of them, a checkpoint after the hole is used instead."""
-    cfg = small_config(tmp_path)
+    cfg = small_config(tmp_path, write_buffer_size=8 << 20)  # uploads are held: room for all
     store = StallingStore(cfg.path(cfg.backend.path))
     eng = Engine(cfg, store)
     eng.open()
