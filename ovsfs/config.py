@@ -35,6 +35,13 @@ class EngineSection:
     checkpoint_seconds: float = 30.0  # local map commit interval
     backend_checkpoint_tlogs: int = 16  # a map checkpoint goes to the backend every N TLogs
     scrub_threshold: float = 0.5      # SCOs with a smaller live share are rewritten
+    # Upload queues (ovsfs/engine/uploads.py): one ordered lane per volume, served by this
+    # many threads; a failed upload is retried with doubling backoff (jittered) up to the cap.
+    upload_workers: int = 4
+    upload_retry_max_seconds: float = 30.0
+    # Bound on Engine.close (and so on a SIGTERM): local flush and map commits, then queued
+    # uploads for what is left of it; what is not uploaded by then is queued at the next start.
+    stop_timeout: float = 30.0
 
 
 @dataclass
