@@ -115,6 +115,10 @@ class Config:
             raise ConfigError("engine.map_cache_pages must be at least 4")
         if not 0.0 <= e.scrub_threshold <= 1.0:
             raise ConfigError("engine.scrub_threshold must be between 0 and 1")
+        if not 1 <= e.upload_workers <= 64:
+            raise ConfigError(f"engine.upload_workers must be 1..64, not {e.upload_workers}")
+        if e.upload_retry_max_seconds <= 0 or e.stop_timeout <= 0:
+            raise ConfigError("engine.upload_retry_max_seconds and engine.stop_timeout must be positive")
         self._validate_backend()
         if self.nbd.tls not in ("off", "optional", "required"):
             raise ConfigError("nbd.tls must be off, optional or required")

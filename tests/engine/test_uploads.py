@@ -202,3 +202,51 @@ def test_close_with_the_backend_away_is_bounded_and_the_backlog_uploads_at_resta
         v2.sync(timeout=10)
         eng2.volume("w").sync(timeout=10)
     reopen_from_backend_alone(cfg, store, {"v": (7, acknowledged), "w": (9, 16)})
+
+
+def test_lanes_order_backoff_supersede_and_stop(tmp_path: Path) -> None:
+    """The queue itself: order within a lane, independence across lanes, a waiting item of
+    the same kind superseded (its inputs released), and a stop that gives up early on a
+    lane that keeps failing, leaving its items for the next start."""
+    from ovsfs.engine.uploads import UploadQueues
+
+    cv = threading.Condition()
+    q = UploadQueues(cv, workers=2, retry_min=0.01, retry_max=0.05)
+    done: list[str] = []
+    broken = {"on": True}
+
+    def ok(name: str):
+        return lambda: done.append(name)
+
+    def flaky(name: str):
+        def run() -> None:
+            if broken["on"]:
+                raise BackendError("injected")
+            done.append(name)
+        return run
+
+    released: list[str] = []
+    q.submit("a1", flaky("a1"), owner="A")
+    q.submit("a-cp1", ok("a-cp1"), owner="A", kind="checkpoint", on_drop=lambda: released.append("a-cp1"))
+    q.submit("a2", ok("a2"), owner="A")
+    q.submit("a-cp2", ok("a-cp2"), owner="A", kind="checkpoint", on_drop=lambda: released.append("a-cp2"))
+    for i in range(5):
+        q.submit(f"b{i}", ok(f"b{i}"), owner="B")
+    assert q.drain(timeout=5, owner="B"), "lane B waits for nothing of lane A"
+    assert done == [f"b{i}" for i in range(5)]
+    assert released == ["a-cp1"], "the older waiting checkpoint is superseded"
+    assert not q.drain(timeout=0.2, owner="A")
+    st = q.status()
+    assert st["lanes"]["A"]["errors"] >= 2 and st["lanes"]["A"]["head"] == "a1"
+    broken["on"] = False
+    assert q.drain(timeout=5)
+    assert done[5:] == ["a1", "a2", "a-cp2"], "order within a lane is kept"
+    broken["on"] = True
+    q.submit("a3", flaky("a3"), owner="A")
+    q.submit("a-cp3", ok("a-cp3"), owner="A", kind="checkpoint", on_drop=lambda: released.append("a-cp3"))
+    start = time.monotonic()
+    assert q.stop(timeout=10) == 2, "what failed stays queued for the next start"
+    assert time.monotonic() - start < 5, "stop gives up once every lane left failed again"
+    assert released == ["a-cp1", "a-cp3"]
+    q.join(5)
+    assert not any(t.is_alive() for t in q.threads)
