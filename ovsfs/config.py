@@ -38,7 +38,7 @@ class EngineSection:
     # Upload queues (ovsfs/engine/uploads.py): one ordered lane per volume, served by this
     # many threads; a failed upload is retried with doubling backoff (jittered) up to the cap.
     upload_workers: int = 4
-    upload_retry_max_seconds: float = 30.0
+    upload_retry_max_seconds: float = 10.0
     # Bound on Engine.close (and so on a SIGTERM): local flush and map commits, then queued
     # uploads for what is left of it; what is not uploaded by then is queued at the next start.
     stop_timeout: float = 30.0

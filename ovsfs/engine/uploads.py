@@ -67,7 +67,7 @@ class UploadQueues:
     """
 
     def __init__(self, cv: threading.Condition, workers: int = 4, retry_min: float = 0.05,
-                 retry_max: float = 30.0) -> None:
+                 retry_max: float = 10.0) -> None:
         self.cv = cv
         self.workers = max(1, workers)
         self.retry_min = retry_min
