@@ -39,6 +39,13 @@ class EngineSection:
     # writers wait while less is free (the engine seals, uploads and evicts meanwhile).
     disk_reserve: int = 64 << 20
     disk_wait: float = 60.0           # seconds a writer waits for disk space, then NoSpace
+    # Upload queues (ovsfs/engine/uploads.py): one ordered lane per volume, served by this
+    # many threads; a failed upload is retried with doubling backoff (jittered) up to the cap.
+    upload_workers: int = 4
+    upload_retry_max_seconds: float = 10.0
+    # Bound on Engine.close (and so on a SIGTERM): local flush and map commits, then queued
+    # uploads for what is left of it; what is not uploaded by then is queued at the next start.
+    stop_timeout: float = 30.0
 
 
 @dataclass
@@ -121,6 +128,10 @@ class Config:
             raise ConfigError("engine.disk_reserve must be >= 0 bytes")
         if e.disk_wait < 0:
             raise ConfigError("engine.disk_wait must be >= 0 seconds")
+        if not 1 <= e.upload_workers <= 64:
+            raise ConfigError(f"engine.upload_workers must be 1..64, not {e.upload_workers}")
+        if e.upload_retry_max_seconds <= 0 or e.stop_timeout <= 0:
+            raise ConfigError("engine.upload_retry_max_seconds and engine.stop_timeout must be positive")
         self._validate_backend()
         if self.nbd.tls not in ("off", "optional", "required"):
             raise ConfigError("nbd.tls must be off, optional or required")

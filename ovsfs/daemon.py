@@ -109,7 +109,35 @@ async def _watchdog(notify: Notifier, interval: float) -> None:
         await trio.sleep(interval)
 
 
-async def amain(cfg: Config, backend: NodeBackend) -> int:
+class Shutdown:
+    """How the stop went: `abandoned` when a close overran its bound and was left running
+    in its thread (the process then exits without waiting for it)."""
+
+    def __init__(self) -> None:
+        self.abandoned = False
+
+
+async def _bounded(what: str, fn: Callable[[], None], seconds: float, shutdown: Shutdown) -> bool:
+    """Run a blocking close in a worker thread for at most `seconds`; False (and the thread
+    left behind) when it overran: a backend that does not answer must not hold a SIGTERM."""
+    with trio.move_on_after(seconds):
+        await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+        return True
+    log.error("%s did not finish within %.0f s: leaving it", what, seconds)
+    shutdown.abandoned = True
+    return False
+
+
+# A SIGTERM finishes within engine.stop_timeout + CLOSE_SLACK seconds (then the ASDs are
+# stopped): the engine spends up to stop_timeout (local flush and commits first, then
+# uploads), the backend close what is left, at least MIN_BACKEND_CLOSE (the proxy waits for
+# I/O in flight to ASDs that may not answer).
+CLOSE_SLACK = 3.0
+MIN_BACKEND_CLOSE = 2.0
+
+
+async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = None) -> int:
+    shutdown = shutdown if shutdown is not None else Shutdown()
     from ovsfs.engine.engine import Engine
     from ovsfs.mgmt.api import Api
     from ovsfs.mgmt.http import serve_unix
@@ -171,15 +199,24 @@ async def amain(cfg: Config, backend: NodeBackend) -> int:
             rc = 1
         finally:
             notify("STOPPING=1\nSTATUS=closing the engine")
+            # Bounded (engine.stop_timeout, enforced by the engine itself; the guard here only
+            # catches a close stuck somewhere else): local data is flushed and committed first,
+            # uploads that the backend does not take in time are queued again at the next start.
             with trio.CancelScope(shield=True):
+                deadline = trio.current_time() + cfg.engine.stop_timeout + CLOSE_SLACK
                 try:
-                    await trio.to_thread.run_sync(engine.close)
-                    log.info("engine closed")
+                    if await _bounded("closing the engine", engine.close,
+                                      deadline - trio.current_time(), shutdown):
+                        log.info("engine closed")
+                    else:
+                        rc = 1
                 except Exception:
                     log.exception("closing the engine failed")
                     rc = 1
                 try:
-                    await trio.to_thread.run_sync(backend.close)
+                    left = max(MIN_BACKEND_CLOSE, deadline - trio.current_time())
+                    if not await _bounded("closing the backend", backend.close, left, shutdown):
+                        log.warning("backend closed without waiting for ASDs that do not answer")
                 except Exception:
                     log.exception("closing the backend failed")
                     rc = 1
@@ -260,15 +297,31 @@ def main(config: Path | None, state: Path, embedded: bool, asds: int | None = No
         return 1
     log.info("ovsfs daemon (pid %d) starting on %s", os.getpid(), cfg.state_dir)
     backend = NodeBackend(cfg)
+    shutdown = Shutdown()
     try:
         # Before the event loop: the ASDs are this process's children for its whole life.
         backend.spawn()
-        rc = trio.run(amain, cfg, backend)
+        rc = trio.run(amain, cfg, backend, shutdown)
     except OvsfsError as e:
         log.error("cannot start: %s", e.message)
         rc = 1
     finally:
+        # A stopped (SIGSTOP) ASD acts on SIGTERM only once continued: wake our own ASDs
+        # first, by PID, so that stopping them does not wait out their kill timeout.
+        for p in backend.procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
         backend.stop()  # every ASD this daemon started, by PID, whatever happened above
         lock.release()
     log.info("stopped (exit %d)", rc)
+    if shutdown.abandoned:
+        # Threads left in a close (waiting on the backend) would hold interpreter exit:
+        # everything durable is done, so leave now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
     return rc

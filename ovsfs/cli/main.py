@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +55,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"failed:      {f['name']} (not opened: {f['reason']})")
         print("doors:       " + ", ".join(f"{k} {v}" for k, v in st["doors"].items()))
         print(f"map:         {eng['map_resident_bytes']} bytes resident, {eng['map_stored_bytes']} stored")
+        wb = eng.get("write_buffer") or {}
+        if "queued" in wb:
+            print(f"uploads:     {wb['queued']} queued, {wb['upload_errors']} failed tries")
+            for name, lane in sorted(wb.get("lanes", {}).items()):
+                line = f"  {name}: {lane['queued']} queued, {lane['errors']} failed tries"
+                if lane["last_error"]:
+                    ago = max(0.0, time.time() - lane["last_error_at"])
+                    line += f"; last error {ago:.0f} s ago: {lane['last_error']}"
+                print(line)
 
     _out(args, st, human)
     return 0

@@ -45,6 +45,7 @@ class Engine:
         self.wb_root.mkdir(parents=True, exist_ok=True)
         self.wb = WriteBuffer(cfg.engine.write_buffer_size)
         self.wb.on_pressure = self._seal_open_scos
+        self.wb.configure_uploads(cfg.engine.upload_workers, cfg.engine.upload_retry_max_seconds)
         self.volumes: dict[str, Volume] = {}
         # Volumes that could not be opened at start: name -> registry record + "reason".
         self.failed: dict[str, dict[str, Any]] = {}
@@ -169,7 +170,16 @@ class Engine:
                     log.exception("periodic map commit of %s failed", vol.name)
 
     def close(self) -> None:
+        """Clean stop within `engine.stop_timeout` seconds, also with the backend away.
+
+        Local work first (every volume flushed and its map committed), then whatever time
+        is left goes to queued uploads; what is not uploaded stays in the write buffer and
+        is queued again by the next open (recovery._requeue)."""
+        deadline = time.monotonic() + self.cfg.engine.stop_timeout
         self._stop.set()
+        # Writers waiting for write-buffer room are woken: nobody makes room any more.
+        # Each either gets in before its volume closes (and is flushed below) or gets Busy.
+        self.wb.begin_stop()
         if self._ticker is not None:
             self._ticker.join()
         for vol in list(self.volumes.values()):
@@ -177,7 +187,10 @@ class Engine:
                 vol.close()
             except Exception:
                 log.exception("closing %s failed", vol.name)
-        self.wb.stop()
+        left = self.wb.stop(max(0.0, deadline - time.monotonic()))
+        if left:
+            log.warning("engine closed with %d uploads left in the write buffer (%s): "
+                        "they are queued again at the next start", left, self.wb.last_error or "backend slow")
         self.registry.close()
 
     def _volume(self, rec: dict[str, Any], parent: Volume | None) -> Volume:
@@ -312,7 +325,7 @@ class Engine:
             del self.volumes[name]
             self.registry.delete(f"/volumes/{name}")
             # Queued behind the volume's uploads, which see `deleted` and do nothing.
-            self.wb.submit(f"delete namespace {vol.ns}", lambda: self.store.delete_namespace(vol.ns))
+            self.wb.submit(f"delete namespace {vol.ns}", lambda: self.store.delete_namespace(vol.ns), owner=vol)
             shutil.rmtree(vol.dir, ignore_errors=True)
             log.info("deleted volume %s", name)
 

@@ -183,7 +183,7 @@ class LogWriter(_Base):
                 return
             self.store.put_file(self.ns, sco_name(n), path)
             self.wb.uploaded((self, n), nbytes, lambda: self.evict_sco(n))
-        self.wb.submit(f"{self.name} SCO {n}", upload)
+        self.wb.submit(f"{self.name} SCO {n}", upload, owner=self)
 
 
     def _seal_tlog(self) -> None:
@@ -219,7 +219,7 @@ class LogWriter(_Base):
                 # Replay never needs a TLog below the committed position once it is uploaded.
                 if n < self.committed_tlog:
                     path.unlink(missing_ok=True)
-        self.wb.submit(f"{self.name} TLog {n}", upload)
+        self.wb.submit(f"{self.name} TLog {n}", upload, owner=self)
 
     def queue_checkpoint(self) -> None:
         from ovsfs.engine.recovery import queue_checkpoint
@@ -461,7 +461,7 @@ class LogWriter(_Base):
         """Return once everything written so far is on the backend."""
         self._check_failed()
         self.seal()
-        if not self.wb.drain(timeout):
+        if not self.wb.drain(timeout, owner=self):
             raise BackendError(f"{self.name}: backend did not take the uploads in time ({self.wb.last_error})")
 
     def maybe_commit(self, interval: float) -> None:

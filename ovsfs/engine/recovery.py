@@ -345,16 +345,33 @@ def _requeue(vol: Volume, backend: set[str], local_tlogs: list[int]) -> None:
 
 
 def queue_checkpoint(vol: Volume) -> None:
-    """Upload the map as of the last commit (just made at a TLog boundary)."""
+    """Upload the map as of the last commit (just made at a TLog boundary).
+
+    The snapshot is read once, on the first try, and its bytes are kept for retries (the
+    reader, a SQLite read transaction, is closed at once so that it cannot hold the WAL
+    while the backend is away). A newer checkpoint of the volume queued while this one
+    still waits supersedes it: the newer one covers everything this one does."""
     reader = vol.map.reader()
     n = vol.tlog_no
+    held: dict[str, Any] = {"reader": reader, "data": None}
+
+    def release() -> None:
+        r = held.pop("reader", None)
+        if r is not None:
+            r.close()
 
     def upload() -> None:
-        try:
-            data = dump(reader)
-        finally:
-            reader.close()
-        vol.store.put(vol.ns, f"checkpoint/{n:016x}", data)
+        if vol.deleted:
+            release()
+            return
+        if held["data"] is None:
+            if "reader" not in held:
+                return   # released and never read: a newer checkpoint covers this one
+            try:
+                held["data"] = dump(held["reader"])
+            finally:
+                release()
+        vol.store.put(vol.ns, f"checkpoint/{n:016x}", held["data"])
         names = vol.store.list(vol.ns)
         cps = _numbers(names, "checkpoint/")
         if len(cps) > KEEP_CHECKPOINTS:
@@ -364,4 +381,4 @@ def queue_checkpoint(vol: Volume) -> None:
             for t in _numbers(names, "tlog/"):
                 if t < oldest_kept:
                     vol.store.delete(vol.ns, tlog_name(t))
-    vol.wb.submit(f"{vol.name} checkpoint {n}", upload)
+    vol.wb.submit(f"{vol.name} checkpoint {n}", upload, owner=vol, kind="checkpoint", on_drop=release)

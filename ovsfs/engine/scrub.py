@@ -7,7 +7,7 @@ cluster are deleted; SCOs whose live share is under the threshold have their liv
 clusters moved to the open SCO (RELOC records in the TLog) and are then deleted.
 
 Order keeps the backend consistent at every moment: the moves are sealed and
-queued for upload before the deletions are queued, and the upload queue is FIFO.
+queued for upload before the deletions are queued, and the volume's upload lane is FIFO.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def scrub_volume(vol: Volume, threshold: float) -> dict[str, Any]:
         if victims:
             vol.seal()
             for s in victims:
-                vol.wb.submit(f"{vol.name} delete SCO {s}", lambda s=s: _delete_sco(vol, s))
-    vol.wb.drain()
+                vol.wb.submit(f"{vol.name} delete SCO {s}", lambda s=s: _delete_sco(vol, s), owner=vol)
+    vol.wb.drain(owner=vol)
     result = {"volume": vol.name, "live_clusters": int(len(live)), "deleted_scos": len(dead),
               "rewritten_scos": len(low), "moved_clusters": int(len(moved)),
               "freed_bytes": int((len(victims) * vol.sco_clusters - len(moved)) * cs)}

@@ -1,9 +1,10 @@
-"""The write buffer budget and the upload queue shared by every volume of a node.
+"""The write buffer budget shared by every volume of a node, and its upload queues.
 
-Sealed SCOs and TLogs go to the backend in the order they were sealed (one FIFO),
-which keeps the backend consistent at every moment: a TLog is uploaded only after
-the SCOs it points into, a checkpoint only after the TLogs it covers, and an SCO
-the scrubber emptied is deleted only after the TLog recording the move.
+Sealed SCOs and TLogs go to the backend in the order they were sealed, per volume
+(ovsfs/engine/uploads.py: one lane per volume, a small pool of workers), which keeps
+the backend consistent at every moment: a TLog is uploaded only after the SCOs it
+points into, a checkpoint only after the TLogs it covers, and an SCO the scrubber
+emptied is deleted only after the TLog recording the move.
 
 The budget counts everything the engine keeps locally: SCOs not yet on the backend
 (`pending`), uploaded SCOs kept as a read cache (`cached`, evicted first), and each
@@ -16,19 +17,15 @@ lost acknowledged write.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
+from ovsfs.engine.uploads import Task, UploadQueues
 from ovsfs.errors import NoSpace
-
-log = logging.getLogger("ovsfs.engine.upload")
-
-Task = Callable[[], None]
 
 
 class WriteBuffer:
@@ -46,16 +43,12 @@ class WriteBuffer:
         self._free = 0                       # last statvfs free bytes, minus reservations since
         self._reserve = 0                    # disk_reserve, capped for small file systems
         self._free_at = -1.0
-        self.queue: deque[tuple[str, Task]] = deque()
-        self.busy = False
         self.stopping = False
-        self.errors = 0
-        self.last_error = ""
+        # Per-volume upload lanes; they wait on the same condition as the budget.
+        self.uploads = UploadQueues(self.cv)
         # Called (with no lock held) when writers wait and nothing is queued for upload:
         # open SCOs of idle volumes hold the budget, so the engine seals them.
         self.on_pressure: Callable[[], None] = lambda: None
-        self.thread = threading.Thread(target=self._run, name="ovsfs-upload", daemon=True)
-        self.thread.start()
 
     # ---- budget -----------------------------------------------------------------------
 
@@ -193,61 +186,62 @@ class WriteBuffer:
     def drop_cache(self) -> None:
         self._evict_over(0)
 
-    # ---- the upload queue -------------------------------------------------------------
+    # ---- the upload queue (ovsfs/engine/uploads.py) ---------------------------------------
 
-    def submit(self, what: str, task: Task) -> None:
-        with self.cv:
-            self.queue.append((what, task))
-            self.cv.notify_all()
+    def configure_uploads(self, workers: int, retry_max: float) -> None:
+        """Upload pool size and backoff cap (seconds); before the first submit."""
+        self.uploads.configure(workers, retry_max)
 
-    def drain(self, timeout: float | None = None) -> bool:
-        """Wait until everything queued before this call has run."""
-        done = threading.Event()
-        self.submit("barrier", done.set)
-        return done.wait(timeout)
+    def submit(self, what: str, task: Task, owner: object = None, kind: str | None = None,
+               on_drop: Callable[[], None] | None = None) -> None:
+        """Queue an upload in `owner`'s lane (a volume; None: the node lane); see UploadQueues."""
+        self.uploads.submit(what, task, owner, kind, on_drop)
 
-    def _run(self) -> None:
-        delay = 0.05
-        while True:
-            with self.cv:
-                while not self.queue and not self.stopping:
-                    self.cv.wait()
-                if not self.queue:
-                    return
-                item = self.queue[0]
-                what, task = item
-                self.busy = True
-            try:
-                task()
-            except Exception as e:  # keep order: retry the same task until the backend takes it
-                self.errors += 1
-                self.last_error = f"{what}: {e}"
-                log.warning("upload of %s failed (%s); retrying in %.1fs", what, e, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                with self.cv:
-                    self.busy = False
-                    if self.stopping:
-                        return
-                continue
-            delay = 0.05
-            with self.cv:
-                if self.queue and self.queue[0] is item:
-                    self.queue.popleft()
-                self.busy = False
-                self.cv.notify_all()
+    def drain(self, timeout: float | None = None, owner: object = None) -> bool:
+        """Wait until everything queued before this call (for `owner`, or node-wide) has run."""
+        return self.uploads.drain(timeout, owner)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish queued uploads (bounded), then stop the thread."""
-        self.drain(timeout)
+    @property
+    def queue(self) -> int:
+        """Items queued and not done (budget waits use it: is anything on its way out?)."""
+        return self.uploads.queued()
+
+    @property
+    def busy(self) -> bool:
+        return self.uploads.busy()
+
+    @property
+    def errors(self) -> int:
+        return self.uploads.errors
+
+    @property
+    def last_error(self) -> str:
+        return self.uploads.last_error
+
+    def begin_stop(self) -> None:
+        """Wake writers waiting for room: the node is stopping, nobody will make room."""
         with self.cv:
             self.stopping = True
             self.cv.notify_all()
-        self.thread.join(timeout)
 
-    def status(self) -> dict[str, int | str]:
-        with self.cv:
-            return {"limit": self.limit, "pending_bytes": self.pending, "cached_bytes": self.cached,
-                    "local_meta_bytes": self.local_total,
-                    "disk_free_bytes": self._free if self.disk_path is not None else -1,
-                    "queued": len(self.queue), "upload_errors": self.errors, "last_error": self.last_error}
+    def stop(self, timeout: float = 30.0) -> int:
+        """Upload what is queued within `timeout` seconds (less when the backend fails),
+        then stop the workers. Returns how many uploads were left for the next start."""
+        self.begin_stop()
+        left = self.uploads.stop(timeout)
+        self.uploads.join(0.5)
+        return left
+
+    def abandon(self) -> None:
+        """Stop at once, as a crash would (tests): queued uploads are forgotten."""
+        self.begin_stop()
+        self.uploads.abandon()
+        self.uploads.join(60.0)
+
+    def status(self) -> dict[str, object]:
+        with self.cv:   # re-entrant: the upload lanes share it
+            st: dict[str, object] = {"limit": self.limit, "pending_bytes": self.pending,
+                                     "cached_bytes": self.cached, "local_meta_bytes": self.local_total,
+                                     "disk_free_bytes": self._free if self.disk_path is not None else -1}
+            st.update(self.uploads.status())
+            return st

@@ -46,11 +46,7 @@ def crash(engine: Engine) -> None:
     rolled back, exactly as a killed process's would be.
     """
     engine._stop.set()
-    with engine.wb.cv:
-        engine.wb.queue.clear()
-        engine.wb.stopping = True
-        engine.wb.cv.notify_all()
-    engine.wb.thread.join()
+    engine.wb.abandon()   # queued uploads forgotten; a running one is waited for
     for vol in engine.volumes.values():
         with vol.lock:
             vol.closed = True

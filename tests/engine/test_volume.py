@@ -376,10 +376,9 @@ def test_a_deleted_volume_stays_deleted_across_a_crash(tmp_path: Path) -> None:
     eng.create_volume("kept", 64 * CS).write(0, b"k" * CS)
     eng.volume("gone").sync()
     gate = threading.Event()
-    eng.wb.submit("stall", gate.wait)       # the upload queue stops moving...
+    eng.wb.submit("stall", gate.wait, owner=eng.volume("gone"))  # its upload lane stops moving...
     eng.delete_volume("gone")
-    with eng.wb.cv:
-        eng.wb.queue.clear()                # ...and the crash loses the queued namespace deletion
+    eng.wb.uploads.abandon()                # ...and the crash loses the queued namespace deletion
     gate.set()
     crash(eng)
     with opened(cfg) as eng:
