@@ -119,7 +119,8 @@ def test_a_failing_checkpoint_upload_blocks_no_other_volume(tmp_path: Path) -> N
 
 
 def test_a_volume_whose_uploads_fail_catches_up_and_the_others_go_on(tmp_path: Path) -> None:
-    cfg = small_config(tmp_path, upload_retry_max_seconds=0.2, upload_workers=2)
+    # Room for all of it: a's uploads are refused, the others must not wait behind them.
+    cfg = small_config(tmp_path, upload_retry_max_seconds=0.2, upload_workers=2, write_buffer_size=8 << 20)
     store = FaultyStore(cfg.path(cfg.backend.path))
     eng = Engine(cfg, store)
     eng.open()
