@@ -1,0 +1,277 @@
+"""Issue 9, case 8: the NBD door's bounds (ovsfs/nbd/limits.py).
+
+Connection limit, handshake timeout, one engine error = one error reply, no receive
+buffer per idle connection, and bytes in flight bounded per connection and per node for
+clients that never read their replies. Memory is the daemon's VmRSS from /proc.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ovsfs.errors import NoSpace
+from ovsfs.nbd import protocol as P
+from tests.doors.conftest import RawClient, have, run
+
+MiB = 1 << 20
+
+
+def rss(pid: int) -> int:
+    """Resident set size of a process, bytes."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def nfds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def greeted(s: socket.socket) -> bool:
+    """True if the server sent its greeting, False if it closed the connection at once."""
+    s.settimeout(10)
+    got = b""
+    try:
+        while len(got) < 18:
+            d = s.recv(18 - len(got))
+            if not d:
+                return False
+            got += d
+    except ConnectionResetError:
+        return False
+    return struct.unpack(">Q", got[:8])[0] == P.NBDMAGIC
+
+
+def unix(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(path))
+    return s
+
+
+def attach(path: Path, export: str) -> socket.socket:
+    """A client in the transmission phase (EXPORT_NAME, simple replies)."""
+    s = unix(path)
+    assert greeted(s)
+    s.sendall(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES))
+    name = export.encode()
+    s.sendall(P.OPTION_HDR.pack(P.IHAVEOPT, P.OPT_EXPORT_NAME, len(name)) + name)
+    got = b""
+    while len(got) < 10:
+        d = s.recv(10 - len(got))
+        assert d, "EXPORT_NAME refused"
+        got += d
+    return s
+
+
+def closes_within(s: socket.socket, seconds: float) -> float:
+    """Seconds until the server closes s (what it sends before is skipped)."""
+    t0 = time.monotonic()
+    s.settimeout(seconds)
+    try:
+        while s.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0
+
+
+# ---- connection limit, handshake timeout, idle connections ----------------------------------
+
+def test_excess_connections_are_refused_and_a_good_client_still_works(daemon_factory) -> None:
+    d = daemon_factory({"nbd": {"max_connections": 40, "handshake_timeout": 3.0}})
+    d.cli("volume", "create", "v", "--size", "16M")
+    base_fds = nfds(d.pid)
+    socks = [unix(d.nbd_socket) for _ in range(100)]
+    try:
+        served = [greeted(s) for s in socks]
+        print(f"{served.count(True)} greeted, {served.count(False)} refused; daemon fds "
+              f"{base_fds} -> {nfds(d.pid)}")
+        assert served.count(True) == 40
+        assert nfds(d.pid) <= base_fds + 40 + 5
+        assert "refused a connection" in d.log(200)
+        # The idle ones are dropped after handshake_timeout; then a real client gets in.
+        waited = max(closes_within(s, 20) for s, ok in zip(socks, served) if ok)
+        print(f"idle clients dropped after {waited:.1f} s (handshake_timeout 3 s)")
+        assert waited < 15
+        for _ in range(50):     # the daemon logs the reason just after closing
+            if "nbd.handshake_timeout" in d.log(400):
+                break
+            time.sleep(0.1)
+        assert "nbd.handshake_timeout" in d.log(400)
+    finally:
+        for s in socks:
+            s.close()
+    if have("nbdinfo"):
+        out = run(["nbdinfo", f"nbd+unix:///v?socket={d.nbd_socket}"]).stdout
+        assert "16777216" in out
+    else:
+        c = RawClient(str(d.nbd_socket))
+        c.connect("v")
+        assert c.call(P.CMD_READ, 0, 4096)[0] == 0
+        c.close()
+
+
+def test_a_client_stalled_in_negotiation_is_dropped(engine, tmp_path: Path, start_inproc) -> None:
+    engine.create_volume("v", 1 << 20)
+    h = start_inproc(engine, tmp_path / "state", handshake_timeout=0.5)
+    try:
+        quiet = unix(h.sock)                 # connects, reads the greeting, says nothing
+        assert greeted(quiet)
+        halfway = RawClient(str(h.sock))     # starts an option, never finishes it
+        halfway.greet()
+        halfway.s.sendall(P.OPTION_HDR.pack(P.IHAVEOPT, P.OPT_GO, 100) + b"x" * 10)
+        t_quiet = closes_within(quiet, 10)
+        t_half = closes_within(halfway.s, 10)
+        print(f"dropped after {t_quiet:.2f} s and {t_half:.2f} s (handshake_timeout 0.5 s)")
+        assert t_quiet < 5 and t_half < 5
+        good = RawClient(str(h.sock))        # a client that negotiates at once is not affected
+        good.connect("v")
+        time.sleep(0.8)                      # past the handshake timeout: still served
+        assert good.call(P.CMD_WRITE, 0, 4096, b"a" * 4096)[0] == 0
+        assert good.call(P.CMD_READ, 0, 4096) == (0, b"a" * 4096)
+        good.close()
+        quiet.close()
+        halfway.close()
+    finally:
+        h.stop()
+
+
+def test_idle_connections_hold_no_receive_buffers(daemon_factory) -> None:
+    """1000 clients in the transmission phase, all idle: the daemon grows by a few KiB each."""
+    d = daemon_factory({"nbd": {"max_connections": 1100, "handshake_timeout": 60.0}})
+    d.cli("volume", "create", "v", "--size", "16M")
+    first = attach(d.nbd_socket, "v")       # warm up the door (its shared buffer, the thread)
+    first.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 1, 0, 4096) + b"x" * 4096)
+    assert len(first.recv(16)) == 16
+    before = rss(d.pid)
+    socks = []
+    try:
+        for _ in range(1000):
+            s = attach(d.nbd_socket, "v")
+            # Every one takes part once, so each has done a receive in transmission.
+            s.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 2, 0, 4096))
+            socks.append(s)
+        for s in socks:
+            got = b""
+            while len(got) < 16 + 4096:
+                got += s.recv(65536)
+        grown = rss(d.pid) - before
+        print(f"RSS with 1000 idle clients: +{grown / MiB:.1f} MiB ({grown // 1000} bytes each)")
+        assert grown < 64 * MiB, "idle clients must not hold receive buffers"
+    finally:
+        for s in socks:
+            s.close()
+        first.close()
+
+
+# ---- bytes in flight: clients that never read their replies ---------------------------------
+
+def test_a_client_that_reads_no_replies_is_bounded(daemon_factory) -> None:
+    limit = 8 * MiB
+    d = daemon_factory({"nbd": {"connection_buffer": limit, "node_buffer": 4 * limit,
+                                "send_timeout": 30.0}})
+    d.cli("volume", "create", "v", "--size", "64M")
+    good = RawClient(str(d.nbd_socket))
+    good.connect("v")
+    assert good.call(P.CMD_WRITE, 0, 1 << 20, os.urandom(1 << 20))[0] == 0
+    before = rss(d.pid)
+    readers, writers = [], []
+    try:
+        # Two clients pipeline 1 MiB reads (256 MiB each asked for) and never read a reply;
+        # one pipelines 4 KiB writes (64 MiB) and never reads a reply.
+        for _ in range(2):
+            s = attach(d.nbd_socket, "v")
+            s.setblocking(False)
+            readers.append(s)
+        w = attach(d.nbd_socket, "v")
+        w.setblocking(False)
+        writers.append(w)
+        reads = b"".join(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, (i % 64) << 20, 1 << 20)
+                         for i in range(256))
+        writes = [P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, i, (i % 4096) * 4096, 4096)
+                  + bytes([i & 255]) * 4096 for i in range(16384)]
+        pending = {id(s): memoryview(reads) for s in readers}
+        pending[id(w)] = memoryview(b"".join(writes))
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:       # push until the daemon stops taking bytes
+            for s in readers + writers:
+                buf = pending[id(s)]
+                if buf:
+                    try:
+                        pending[id(s)] = buf[s.send(buf[:1 << 20]):]
+                    except BlockingIOError:
+                        pass
+            time.sleep(0.01)
+        grown = rss(d.pid) - before
+        print(f"RSS with 2 non-reading read clients + 1 non-reading writer: +{grown / MiB:.1f} MiB "
+              f"(connection_buffer 8 MiB, node_buffer 32 MiB); "
+              f"unsent by the clients: {[len(pending[id(s)]) for s in readers + writers]}")
+        # Bound: per connection connection_buffer + 1 MiB receive + one read group;
+        # plus allocator slack. The old door held about 130 MiB for one such client.
+        assert grown < 3 * (limit + 2 * MiB + limit // 2) + 16 * MiB
+        # Others are still served meanwhile.
+        t0 = time.monotonic()
+        assert good.call(P.CMD_WRITE, 1 << 20, 4096, b"g" * 4096)[0] == 0
+        assert good.call(P.CMD_READ, 1 << 20, 4096) == (0, b"g" * 4096)
+        print(f"a good client's write+read took {time.monotonic() - t0:.3f} s")
+    finally:
+        for s in readers + writers:
+            s.close()
+        good.close()
+    time.sleep(0.5)
+    peaks = [int(m) for m in re.findall(r"peak (\d+) bytes in flight", d.log(400))]
+    print(f"peak bytes in flight per connection (from the log): {peaks}")
+    assert peaks and max(peaks) <= limit + 2 * MiB + limit // 2
+
+
+# ---- one engine error fails one request -----------------------------------------------------
+
+@pytest.mark.parametrize("fault, code", [
+    (OSError(errno.EIO, "injected I/O error"), P.EIO),
+    (OSError(errno.ENOSPC, "injected: no space"), P.ENOSPC),
+    (OSError(errno.EROFS, "injected: read-only"), P.EPERM),
+    (NoSpace("injected: write buffer disk full"), P.ENOSPC),
+])
+def test_an_engine_error_fails_one_request_not_the_connection(engine, tmp_path: Path, start_inproc,
+                                                                fault: BaseException, code: int) -> None:
+    """The engine raises for writes at one offset (injected at the engine's writev); the
+    client gets an error reply for that write only and the connection goes on."""
+    vol = engine.create_volume("v", 4 << 20)
+    real = vol.writev
+    bad = 1 << 20
+
+    def faulty(reqs: Any, nowait: bool = False) -> None:
+        if any(off <= bad < off + len(d) for off, d in reqs):
+            raise fault
+        real(reqs, nowait=nowait)
+
+    vol.writev = faulty  # type: ignore[method-assign]
+    h = start_inproc(engine, tmp_path / "state")
+    try:
+        c = RawClient(str(h.sock))
+        c.connect("v")
+        assert c.call(P.CMD_WRITE, 0, 4096, b"1" * 4096)[0] == 0
+        assert c.call(P.CMD_WRITE, bad, 4096, b"2" * 4096)[0] == code      # inline path
+        assert c.call(P.CMD_WRITE, bad - 512, 1024, b"3" * 1024)[0] == code  # thread path
+        # Pipelined: the bad write in the middle fails alone.
+        for i, off in enumerate((8192, bad, 16384)):
+            c.request(P.CMD_WRITE, off, 4096, bytes([65 + i]) * 4096, cookie=i + 1)
+        replies = {}
+        for _ in range(3):
+            cookie, err, _ = c.response()
+            replies[cookie] = err
+        assert replies == {1: 0, 2: code, 3: 0}
+        assert c.call(P.CMD_READ, 0, 4096) == (0, b"1" * 4096)
+        assert c.call(P.CMD_READ, 16384, 4096) == (0, b"C" * 4096)
+        assert c.call(P.CMD_FLUSH)[0] == 0
+        c.close()
+    finally:
+        h.stop()
