@@ -59,7 +59,8 @@ class Connection(Negotiation):
         self.meta_export: str | None = None     # export named in SET_META_CONTEXT
         self.export: "Export | None" = None
         self.out: list[bytes] = []
-        self.out_bytes = 0
+        self.out_bytes = 0          # reply bytes queued, not yet handed to the socket
+        self.sending = 0            # reply bytes in the send under way
         self.wake = trio.Event()
         self.drained = trio.Event()
         self.closing = False
@@ -152,6 +153,7 @@ class Connection(Negotiation):
                 continue
             parts, self.out = self.out, []
             sent, self.out_bytes = self.out_bytes, 0
+            self.sending = sent
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             del parts
             # A client that never reads would keep its replies (and its share of the node
@@ -159,6 +161,7 @@ class Connection(Negotiation):
             with trio.fail_after(self.limits.send_timeout):
                 await self.stream.send_all(data)
             del data
+            self.sending = 0
             self.flight.release(sent)
             self.drained.set()
 
@@ -255,7 +258,7 @@ class Connection(Negotiation):
                 # Reads allocate their data: wait until replies already queued leave room for
                 # it (a client that does not read its replies). Only the client's own reading
                 # frees these bytes, so this never waits on another connection.
-                while self.out_bytes and self.out_bytes + reads > limit:
+                while self.out_bytes + self.sending and self.out_bytes + self.sending + reads > limit:
                     self.drained = trio.Event()
                     await self.drained.wait()
                 head = g[0]

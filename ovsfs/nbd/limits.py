@@ -22,8 +22,9 @@ Config keys ([nbd], defaults in ovsfs/config.py):
 Memory figures (what the bounds give, measured in tests/doors/test_nbd_limits.py):
 - An idle connection holds no receive buffer (receives go through one per-node 1 MiB
   buffer, copied out by the parser): a few KiB of Python objects and trio tasks.
-- One connection: at most connection_buffer + RECV_CHUNK + one read group
-  (GROUP_MAX_READ, 32 MiB with the defaults) = about 65 MiB, whatever the client does.
+- One connection: at most connection_buffer + RECV_CHUNK + one read group (reads are
+  grouped up to connection_buffer / 2; one READ of up to 32 MiB is a group of its own)
+  = about 65 MiB with the defaults, whatever the client does.
 - The node: node_buffer + max_connections * RECV_CHUNK when every connection is held at
   the gate, plus, for connections already past the gate, their own bound; with the
   defaults, 256 MiB + 256 MiB in the worst case, and node_buffer in practice.
