@@ -37,12 +37,37 @@ BLOCK_STATUS_CAP = 1 << 30     # bytes described per BLOCK_STATUS request at mos
 INLINE_MAX = 256 << 10         # groups up to this many data bytes may run in the event loop
 ROOM_POLL = (0.002, 0.1)       # seconds: first and longest pause between write-buffer room checks
 ROOM_PROBE = 1.0               # seconds without room before one writer tries the blocking path
+COALESCE_MAX = 256 << 10       # reply parts from this size on are sent without joining
+GROUP_MAX_READ = 8 << 20       # read bytes per group (one bigger READ is a group of its own)
 
 
 def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def _coalesce(parts: list[bytes]) -> list[bytes]:
+    """Join runs of small reply parts into one send each; big parts (read data) go as
+    they are, so a reply is never copied into a second buffer of its size."""
+    out: list[bytes] = []
+    run: list[bytes] = []
+    size = 0
+    for p in parts:
+        if len(p) >= COALESCE_MAX:
+            if run:
+                out.append(run[0] if len(run) == 1 else b"".join(run))
+                run, size = [], 0
+            out.append(p)
+            continue
+        run.append(p)
+        size += len(p)
+        if size >= COALESCE_MAX:
+            out.append(b"".join(run))
+            run, size = [], 0
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
 
 
 class Connection(Negotiation):
@@ -131,8 +156,9 @@ class Connection(Negotiation):
             self.out.clear()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
-        log.info("nbd[%d] %s: %s (export %r, peak %d bytes in flight)", self.cid, self.peer, why,
-                 self.export.name if self.export else None, self.flight.peak)
+        log.info("nbd[%d] %s: %s (export %r, peak %d bytes in flight; node peak %d)", self.cid,
+                 self.peer, why, self.export.name if self.export else None, self.flight.peak,
+                 self.flight.node.peak)
 
     # ---- transmission ----------------------------------------------------------------------
 
@@ -154,13 +180,12 @@ class Connection(Negotiation):
             parts, self.out = self.out, []
             sent, self.out_bytes = self.out_bytes, 0
             self.sending = sent
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            del parts
             # A client that never reads would keep its replies (and its share of the node
             # bound) for ever: it gets send_timeout seconds, then the connection closes.
             with trio.fail_after(self.limits.send_timeout):
-                await self.stream.send_all(data)
-            del data
+                for data in _coalesce(parts):
+                    await self.stream.send_all(data)
+            del parts, data
             self.sending = 0
             self.flight.release(sent)
             self.drained.set()
@@ -207,14 +232,16 @@ class Connection(Negotiation):
                             # under their bounds. A WRITE under way reserves its whole size
                             # first; otherwise the gate waits for room for one receive (which
                             # is not charged: at most RECV_CHUNK per connection sits in the
-                            # parser between receives).
+                            # parser between receives). A connection with nothing in flight
+                            # always takes one receive: clients that read their replies are
+                            # served while others leave the node at its bound.
                             head = parser.head_write()
                             if head > reserved:
                                 await flight.room(head - reserved)
                                 flight.charge(head - reserved)
                                 reserved = head
                             elif not head:
-                                await flight.room(RECV_CHUNK)
+                                await flight.room(RECV_CHUNK, idle_may=True)
                             # want() can be a garbage length being skipped: never size by it.
                             data = await self._receive(min(max(parser.want(), 1 << 16), RECV_CHUNK))
                             if not data:
@@ -250,17 +277,10 @@ class Connection(Negotiation):
         meta = self.meta_export is not None
         for r in reqs:
             check_request(r, ex.size, read_only=ex.read_only, structured=self.structured, meta=meta)
-        limit = self.flight.limit
-        gs = groups(reqs, max_read=max(limit // 2, 1))
+        gs = groups(reqs, max_read=min(self.flight.limit // 2, GROUP_MAX_READ))
         try:
-            for i, g in enumerate(gs):
+            for g in gs:
                 reads = sum(r.length for r in g if r.type in (P.CMD_READ, P.CMD_CACHE) and not r.error)
-                # Reads allocate their data: wait until replies already queued leave room for
-                # it (a client that does not read its replies). Only the client's own reading
-                # frees these bytes, so this never waits on another connection.
-                while self.out_bytes + self.sending and self.out_bytes + self.sending + reads > limit:
-                    self.drained = trio.Event()
-                    await self.drained.wait()
                 head = g[0]
                 if not head.error and head.type == P.CMD_DISC:
                     return True
@@ -268,7 +288,14 @@ class Connection(Negotiation):
                     bg.start_soon(self._flush_then, [simple_reply(head.cookie)],
                                   lambda code, msg, r=head: [self._error_reply(r, code, msg)])
                 else:
-                    await self._group(g, bg)
+                    if reads:
+                        # Charged from the check on: other connections see it at once.
+                        await self._read_room(reads)
+                        self.flight.charge(reads)
+                    try:
+                        await self._group(g, bg)
+                    finally:
+                        self.flight.release(reads)   # the replies are charged as they queue
                 self.flight.release(sum(len(r.data) for r in g if r.data is not None))
                 for r in g:
                     r.data = None
@@ -276,6 +303,30 @@ class Connection(Negotiation):
             # DISC, or the connection is going: what the rest of the batch held is free.
             self.flight.release(sum(len(r.data) for r in reqs if r.data is not None))
         return False
+
+    async def _read_room(self, reads: int) -> None:
+        """Before a group allocates `reads` bytes of read data: wait until they fit under
+        the connection's bound (counting its unsent replies) and the node's.
+
+        Deadlock-free: a connection waits for node room only while it holds no request
+        data of its own (or while it has unsent replies, which its own client frees, or
+        send_timeout). So when its replies are all sent, a connection that holds the rest
+        of a batch, or asks for no more than one receive's worth, goes on at once: clients
+        that read their replies are served even while others keep the node at its bound."""
+        flight = self.flight
+        node = flight.node
+        while True:
+            queued = self.out_bytes + self.sending
+            if queued and queued + reads > flight.limit:
+                self.drained = trio.Event()
+                await self.drained.wait()
+                continue
+            if node.used == 0 or node.used + reads <= node.limit:
+                return
+            holds = flight.used - queued > 0
+            if not queued and (holds or reads <= RECV_CHUNK):
+                return
+            await node.wait_freed()
 
     async def _flush_then(self, replies: list[bytes], errs: Callable[[int, str], list[bytes]]) -> None:
         """Flush the volume, then send `replies` (or errs(code, message) if it failed)."""

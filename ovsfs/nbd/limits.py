@@ -23,11 +23,17 @@ Memory figures (what the bounds give, measured in tests/doors/test_nbd_limits.py
 - An idle connection holds no receive buffer (receives go through one per-node 1 MiB
   buffer, copied out by the parser): a few KiB of Python objects and trio tasks.
 - One connection: at most connection_buffer + RECV_CHUNK + one read group (reads are
-  grouped up to connection_buffer / 2; one READ of up to 32 MiB is a group of its own)
-  = about 65 MiB with the defaults, whatever the client does.
-- The node: node_buffer + max_connections * RECV_CHUNK when every connection is held at
-  the gate, plus, for connections already past the gate, their own bound; with the
-  defaults, 256 MiB + 256 MiB in the worst case, and node_buffer in practice.
+  grouped up to min(connection_buffer / 2, 8 MiB); one READ of up to 32 MiB is a group
+  of its own) = about 65 MiB with the defaults, whatever the client does.
+- The node: node_buffer, plus, for each connection that had nothing in flight when it
+  took them, one receive (RECV_CHUNK) and a read group of at most RECV_CHUNK (a bigger
+  group waits for node room unless the connection holds write data of the same batch,
+  which keeps the waits free of deadlocks). So clients that read their replies are
+  served while others keep the node at its bound, and clients that pipeline reads and
+  read nothing hold node_buffer + 2 MiB each at most, until send_timeout drops them.
+  A WRITE bigger than one receive always waits for node room.
+- A waiting connection holds at most the rest of one batch, and only clients that do
+  not read their replies can keep the node at its bound: send_timeout ends that.
 """
 
 from __future__ import annotations
@@ -87,16 +93,17 @@ class ConnFlight:
     def release_all(self) -> None:
         self.release(self.used)
 
-    def fits(self, extra: int) -> bool:
+    def fits(self, extra: int, idle_may: bool = False) -> bool:
         """May `extra` more bytes come in now? A connection or node with nothing in flight
-        always may (one request bigger than a bound must still run)."""
+        always may (one request bigger than a bound must still run); with idle_may, a
+        connection with nothing in flight may whatever the node holds."""
         own = self.used == 0 or self.used + extra <= self.limit
         node = self.node.used == 0 or self.node.used + extra <= self.node.limit
-        return own and node
+        return own and (node or (idle_may and self.used == 0))
 
-    async def room(self, extra: int) -> None:
+    async def room(self, extra: int, idle_may: bool = False) -> None:
         """Wait (in trio, holding nothing new) until `extra` bytes fit."""
-        while not self.fits(extra):
+        while not self.fits(extra, idle_may):
             if self.used and self.used + extra > self.limit:
                 self._freed = trio.Event() if self._freed.is_set() else self._freed
                 await self._freed.wait()
