@@ -202,11 +202,14 @@ class Connection(Negotiation):
             return await self.stream.receive_some(n)
         fd = sock.fileno()
         buf = self.server.recv_buffer
+        # Yield first (a busy client must not starve the others), then read at once when
+        # data is there: waiting for readiness first would cost an epoll round per receive.
+        await trio.lowlevel.checkpoint()
         while True:
-            await trio.lowlevel.wait_readable(fd)
             try:
                 got = os.readv(fd, [memoryview(buf)[:n]])
             except (BlockingIOError, InterruptedError):
+                await trio.lowlevel.wait_readable(fd)
                 continue
             return memoryview(buf)[:got]
 
@@ -242,8 +245,9 @@ class Connection(Negotiation):
                                 reserved = head
                             elif not head:
                                 await flight.room(RECV_CHUNK, idle_may=True)
-                            # want() can be a garbage length being skipped: never size by it.
-                            data = await self._receive(min(max(parser.want(), 1 << 16), RECV_CHUNK))
+                            # Take what the client has sent, up to one chunk: several requests
+                            # per receive make one batch (one engine call for their writes).
+                            data = await self._receive(RECV_CHUNK)
                             if not data:
                                 if parser.buf or parser.skip:
                                     why = "client vanished in the middle of a request"

@@ -42,7 +42,7 @@ import trio
 
 from ovsfs.errors import ConfigError
 
-RECV_CHUNK = 1 << 20      # bytes per socket receive (the shared receive buffer)
+RECV_CHUNK = 1 << 20      # bytes per socket receive at most (the shared receive buffer)
 PART_OVERHEAD = 64        # bytes charged per queued reply part: a bytes object's header
 
 
