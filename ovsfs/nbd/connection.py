@@ -389,8 +389,12 @@ class Connection(Negotiation):
             except Exception:  # noqa: BLE001 - WouldBlock, or an error the thread sorts out per request
                 pass
         if writes or trims or zeroes:
-            await self._write_room(vol, sum(r.length for r in writes) + 2 * int(
-                getattr(vol, "cluster_size", 4096)) * (len(trims) + len(zeroes)))
+            # What the engine will reserve: whole clusters (two per trim or zeroing for its
+            # partial edges), so a waiting writer does not go on a little too early.
+            cs = int(getattr(vol, "cluster_size", 4096))
+            need = sum(((r.offset + r.length - 1) // cs - r.offset // cs + 1) * cs
+                       for r in writes if r.length) + 2 * cs * (len(trims) + len(zeroes))
+            await self._write_room(vol, need)
 
         def work() -> None:
             if writes:
