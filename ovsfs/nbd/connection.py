@@ -24,8 +24,8 @@ from ovsfs.nbd import protocol as P
 from ovsfs.nbd.limits import PART_OVERHEAD, RECV_CHUNK, ConnFlight
 from ovsfs.nbd.negotiation import CONTEXT_ID, Closed, Negotiation
 from ovsfs.nbd.transmission import (
-    Parser, Request, block_status_reply, check_request, groups, read_reply_structured,
-    simple_reply, structured_error,
+    Parser, Request, block_status_reply, check_request, coalesce, groups,
+    read_reply_structured, simple_reply, structured_error,
 )
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ BLOCK_STATUS_CAP = 1 << 30     # bytes described per BLOCK_STATUS request at mos
 INLINE_MAX = 256 << 10         # groups up to this many data bytes may run in the event loop
 ROOM_POLL = (0.002, 0.1)       # seconds: first and longest pause between write-buffer room checks
 ROOM_PROBE = 1.0               # seconds without room before one writer tries the blocking path
-COALESCE_MAX = 256 << 10       # reply parts from this size on are sent without joining
 GROUP_MAX_READ = 8 << 20       # read bytes per group (one bigger READ is a group of its own)
 
 
@@ -45,29 +44,6 @@ def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-def _coalesce(parts: list[bytes]) -> list[bytes]:
-    """Join runs of small reply parts into one send each; big parts (read data) go as
-    they are, so a reply is never copied into a second buffer of its size."""
-    out: list[bytes] = []
-    run: list[bytes] = []
-    size = 0
-    for p in parts:
-        if len(p) >= COALESCE_MAX:
-            if run:
-                out.append(run[0] if len(run) == 1 else b"".join(run))
-                run, size = [], 0
-            out.append(p)
-            continue
-        run.append(p)
-        size += len(p)
-        if size >= COALESCE_MAX:
-            out.append(b"".join(run))
-            run, size = [], 0
-    if run:
-        out.append(run[0] if len(run) == 1 else b"".join(run))
-    return out
 
 
 class Connection(Negotiation):
@@ -183,7 +159,7 @@ class Connection(Negotiation):
             # A client that never reads would keep its replies (and its share of the node
             # bound) for ever: it gets send_timeout seconds, then the connection closes.
             with trio.fail_after(self.limits.send_timeout):
-                for data in _coalesce(parts):
+                for data in coalesce(parts):
                     await self.stream.send_all(data)
             del parts, data
             self.sending = 0

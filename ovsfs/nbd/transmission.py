@@ -186,6 +186,32 @@ def groups(reqs: Sequence[Request], max_read: int = GROUP_MAX_READ) -> list[list
 
 # ---- replies -------------------------------------------------------------------------------
 
+COALESCE_MAX = 256 << 10       # reply parts from this size on are sent without joining
+
+
+def coalesce(parts: list[bytes]) -> list[bytes]:
+    """Join runs of small reply parts into one send each; big parts (read data) go as
+    they are, so a reply is never copied into a second buffer of its size."""
+    out: list[bytes] = []
+    run: list[bytes] = []
+    size = 0
+    for p in parts:
+        if len(p) >= COALESCE_MAX:
+            if run:
+                out.append(run[0] if len(run) == 1 else b"".join(run))
+                run, size = [], 0
+            out.append(p)
+            continue
+        run.append(p)
+        size += len(p)
+        if size >= COALESCE_MAX:
+            out.append(b"".join(run))
+            run, size = [], 0
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
+
+
 def simple_reply(cookie: int, error: int = 0, data: bytes = b"") -> bytes:
     head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
     return head + data if data else head

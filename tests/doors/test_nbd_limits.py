@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from ovsfs.errors import NoSpace
 from ovsfs.nbd import protocol as P
+from ovsfs.nbd.transmission import COALESCE_MAX, coalesce
 from tests.doors.conftest import RawClient, have, run
 
 MiB = 1 << 20
@@ -337,3 +339,16 @@ def test_an_engine_error_fails_one_request_not_the_connection(engine, tmp_path: 
         c.close()
     finally:
         h.stop()
+
+
+# ---- replies go out without a second copy of read data --------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([16, 20, 4096, COALESCE_MAX - 1, COALESCE_MAX, 1 << 20]), max_size=40))
+def test_coalesce_keeps_the_bytes_and_never_copies_big_parts(sizes: list[int]) -> None:
+    parts = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    out = coalesce(parts)
+    assert b"".join(out) == b"".join(parts)
+    big = [p for p in parts if len(p) >= COALESCE_MAX]
+    assert [p for p in out if any(p is b for b in big)] == big   # sent as they are, in order
+    assert all(len(p) < 2 * COALESCE_MAX for p in out if not any(p is b for b in big))
