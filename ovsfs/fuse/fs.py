@@ -94,9 +94,12 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
 
     async def _call(self, what: str, fn: Callable, *args: Any, kind: str = "meta") -> Any:
         """Run fn in a worker thread of the `kind` limiter (meta, data or flush);
-        engine errors become FUSEError(errno)."""
+        engine errors become FUSEError(errno). Data calls are abandoned on cancel (the
+        door stopping): one stuck waiting for a backend that is away must not keep the
+        door, and so the daemon, from stopping; nothing of it was acknowledged."""
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter(kind))
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter(kind),
+                                                 abandon_on_cancel=kind == "data")
         except pyfuse3.FUSEError:
             raise
         except OvsfsError as e:
