@@ -38,6 +38,8 @@ Memory figures (what the bounds give, measured in tests/doors/test_nbd_limits.py
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from ovsfs.errors import ConfigError
@@ -114,14 +116,15 @@ class ConnFlight:
 class Limits:
     """The door's limits from [nbd], checked once at start-up."""
 
-    def __init__(self, nbd: object) -> None:
-        self.max_connections = int(getattr(nbd, "max_connections"))
-        self.handshake_timeout = float(getattr(nbd, "handshake_timeout"))
-        self.send_timeout = float(getattr(nbd, "send_timeout"))
-        self.connection_buffer = int(getattr(nbd, "connection_buffer"))
-        self.node_buffer = int(getattr(nbd, "node_buffer"))
-        self.threads = int(getattr(nbd, "threads"))
-        self.flush_threads = int(getattr(nbd, "flush_threads"))
+    def __init__(self, nbd: Any) -> None:
+        """nbd: the [nbd] config section (ovsfs.config.NbdSection). Raises ConfigError."""
+        self.max_connections = int(nbd.max_connections)
+        self.handshake_timeout = float(nbd.handshake_timeout)
+        self.send_timeout = float(nbd.send_timeout)
+        self.connection_buffer = int(nbd.connection_buffer)
+        self.node_buffer = int(nbd.node_buffer)
+        self.threads = int(nbd.threads)
+        self.flush_threads = int(nbd.flush_threads)
         if self.max_connections < 1:
             raise ConfigError("nbd.max_connections must be at least 1")
         if self.handshake_timeout <= 0 or self.send_timeout <= 0:

@@ -90,6 +90,7 @@ def closes_within(s: socket.socket, seconds: float) -> float:
 def test_excess_connections_are_refused_and_a_good_client_still_works(daemon_factory) -> None:
     d = daemon_factory({"nbd": {"max_connections": 40, "handshake_timeout": 3.0}})
     d.cli("volume", "create", "v", "--size", "16M")
+    assert "nbd: limits: max_connections 40, handshake_timeout 3 s" in d.log(200)
     base_fds = nfds(d.pid)
     socks = [unix(d.nbd_socket) for _ in range(100)]
     try:
@@ -339,6 +340,22 @@ def test_an_engine_error_fails_one_request_not_the_connection(engine, tmp_path: 
         c.close()
     finally:
         h.stop()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("max_connections", 0), ("handshake_timeout", 0.0), ("send_timeout", -1.0),
+    ("connection_buffer", 1 << 20), ("node_buffer", 4 << 20), ("threads", 0), ("flush_threads", 0),
+])
+def test_limits_that_cannot_work_are_refused(key: str, value: Any) -> None:
+    from ovsfs.config import Config
+    from ovsfs.errors import ConfigError
+    from ovsfs.nbd.limits import Limits
+
+    cfg = Config()
+    Limits(cfg.nbd)                   # the defaults run
+    setattr(cfg.nbd, key, value)
+    with pytest.raises(ConfigError, match=key):
+        Limits(cfg.nbd)
 
 
 # ---- replies go out without a second copy of read data --------------------------------------
