@@ -85,6 +85,14 @@ class NbdSection:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    # Limits (ovsfs/nbd/limits.py documents the memory figures they give):
+    max_connections: int = 256        # per node, both listeners; more are refused and closed
+    handshake_timeout: float = 10.0   # seconds from accept to the end of negotiation
+    send_timeout: float = 120.0       # seconds a client may leave a reply unread before it is dropped
+    connection_buffer: int = 32 << 20  # bytes in flight per connection (requests + unsent replies)
+    node_buffer: int = 256 << 20      # bytes in flight for all connections together
+    threads: int = 16                 # worker threads for reads, writes, trims of all connections
+    flush_threads: int = 4            # worker threads for FLUSH / FUA and negotiation look-ups
 
 
 @dataclass

@@ -274,6 +274,16 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
                 self.wb.unreserve(unused)
             self.lock.release()
 
+    def write_room(self, nbytes: int) -> bool:
+        """Would a write of `nbytes` find write-buffer room now? Reserves nothing.
+
+        For a door's event loop: writers that would wait for room wait there (polling
+        this), not in a worker thread the management API and other volumes need."""
+        if not self.wb.try_reserve(nbytes):
+            return False
+        self.wb.unreserve(nbytes)
+        return True
+
     def _check_open(self) -> None:
         """Before any change: raises Busy (closed), VolumeFailed (failed fsync),
         NoSpace / LocalIOError (the map cannot be rebuilt yet after a full disk)."""

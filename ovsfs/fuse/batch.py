@@ -25,8 +25,26 @@ import trio
 log = logging.getLogger("ovsfs.fuse")
 
 MAX_BATCH_BYTES = 8 << 20
+ROOM_POLL = (0.002, 0.1)   # seconds: first and longest pause between write-buffer room checks
+ROOM_PROBE = 1.0           # seconds without room before the batch goes into the blocking path
 PROBE = 32          # in inline mode, every PROBE-th small write goes through a thread
 SETTLE = 1.0        # seconds without queueing before writes go inline again
+
+
+async def wait_room(vol: Any, nbytes: int) -> None:
+    """Wait in trio, not in a worker thread, while the write buffer has no room for
+    `nbytes` (the backend away): a writer waiting in a thread would hold one the rest of
+    the node needs. After ROOM_PROBE seconds the write goes on into the engine's blocking
+    reserve (one per volume, as the batcher writes one batch at a time): the engine seals
+    idle volumes' open SCOs when writers wait there."""
+    room = getattr(vol, "write_room", None)
+    if room is None:
+        return
+    pause, waited = ROOM_POLL[0], 0.0
+    while not room(nbytes) and waited < ROOM_PROBE:
+        await trio.sleep(pause)
+        waited += pause
+        pause = min(pause * 2, ROOM_POLL[1])
 
 
 class _Slot:
@@ -84,12 +102,13 @@ class WriteBatcher:
                     batch.append(s)
                     size += len(s.data)
                 try:
+                    await wait_room(self.vol, size)
                     if len(batch) == 1:
                         await self.call(f"write {self.vol.name} {batch[0].off}+{size}",
-                                        self.vol.write, batch[0].off, batch[0].data)
+                                        self.vol.write, batch[0].off, batch[0].data, kind="data")
                     else:
                         await self.call(f"write {self.vol.name} ({len(batch)} requests, {size} bytes)",
-                                        self.vol.writev, [(s.off, s.data) for s in batch])
+                                        self.vol.writev, [(s.off, s.data) for s in batch], kind="data")
                 except BaseException as e:  # every request of the batch fails alike
                     for s in batch:
                         s.error = e

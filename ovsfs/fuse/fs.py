@@ -52,6 +52,7 @@ TIMEOUT = 0.0             # entry and attribute timeouts: other doors change thi
 BLKSIZE = 1 << 20         # st_blksize: tools size their buffers from it
 INLINE_MAX = int(os.environ.get("OVSFS_FUSE_INLINE_MAX", 64 << 10))  # bytes; 0 = always a thread
 RELEASE_WAIT = 0.5        # seconds rm / mv wait for releases still in flight
+THREADS = {"meta": 8, "data": 16, "flush": 4}   # worker threads per class of FUSE request
 
 
 @dataclass
@@ -78,13 +79,27 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
         self.mtimes: dict[int, int] = {}
         self.batchers: weakref.WeakKeyDictionary[Any, WriteBatcher] = weakref.WeakKeyDictionary()
         self.started = time.time_ns()
+        self.limiters: dict[str, trio.CapacityLimiter] = {}
 
     # ---- plumbing -----------------------------------------------------------------------
 
-    async def _call(self, what: str, fn: Callable, *args: Any) -> Any:
-        """Run fn in a worker thread; engine errors become FUSEError(errno)."""
+    def _limiter(self, kind: str) -> trio.CapacityLimiter:
+        """The door's own thread limiters (created in the trio run that uses them): data
+        calls (read, write, fallocate) cannot take the threads that lookups, `ls` and
+        fsync need, and none of them the threads of other doors or the management API."""
+        lim = self.limiters.get(kind)
+        if lim is None:
+            lim = self.limiters[kind] = trio.CapacityLimiter(THREADS[kind])
+        return lim
+
+    async def _call(self, what: str, fn: Callable, *args: Any, kind: str = "meta") -> Any:
+        """Run fn in a worker thread of the `kind` limiter (meta, data or flush);
+        engine errors become FUSEError(errno). Data calls are abandoned on cancel (the
+        door stopping): one stuck waiting for a backend that is away must not keep the
+        door, and so the daemon, from stopping; nothing of it was acknowledged."""
         try:
-            return await trio.to_thread.run_sync(fn, *args)
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter(kind),
+                                                 abandon_on_cancel=kind == "data")
         except pyfuse3.FUSEError:
             raise
         except OvsfsError as e:
@@ -374,7 +389,7 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
         n = min(size, end - off)
         if n <= 0:
             return b""
-        return await self._call(f"read {vol.name} {off}+{n}", vol.read, off, n, h.snapshot)
+        return await self._call(f"read {vol.name} {off}+{n}", vol.read, off, n, h.snapshot, kind="data")
 
     async def write(self, fh, off, buf):
         h = self._handle(fh)
@@ -396,7 +411,7 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         h = self._handle(fh)
         if h.vol is not None and h.snapshot is None:
-            await self._call(f"fsync {h.vol.name}", h.vol.flush)
+            await self._call(f"fsync {h.vol.name}", h.vol.flush, kind="flush")
 
     async def flush(self, fh):
         pass

@@ -32,8 +32,23 @@ PROGRESS_INTERVAL = 0.2   # seconds between progress lines of a streamed job
 Route = Callable[..., Awaitable[Response]]
 
 
+API_THREADS = 8                 # worker threads of the management API's engine calls
+_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("mgmt_api_limiter")
+
+
+def _limiter() -> trio.CapacityLimiter:
+    """The API's own threads: writers of the doors waiting for room, or a flood of door
+    calls, cannot take the threads `ovsfs status` and friends need (and vice versa)."""
+    try:
+        return _LIMITER.get()
+    except LookupError:
+        lim = trio.CapacityLimiter(API_THREADS)
+        _LIMITER.set(lim)
+        return lim
+
+
 async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=_limiter())
 
 
 def _field(body: dict[str, Any], key: str, kind: type, required: bool = True) -> Any:

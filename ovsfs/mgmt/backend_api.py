@@ -32,8 +32,23 @@ Route = Callable[..., Awaitable[Response]]
 JobFn = Callable[[Callable[[dict[str, Any]], None]], dict[str, Any]]
 
 
+BACKEND_THREADS = 4             # worker threads of the backend API's calls
+_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("mgmt_backend_limiter")
+
+
+def _limiter() -> trio.CapacityLimiter:
+    """Backend calls (which may wait for ASDs that are away) get their own threads, so
+    they cannot take those of the management API's engine calls or of the doors."""
+    try:
+        return _LIMITER.get()
+    except LookupError:
+        lim = trio.CapacityLimiter(BACKEND_THREADS)
+        _LIMITER.set(lim)
+        return lim
+
+
 async def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    return await trio.to_thread.run_sync(fn, *args)
+    return await trio.to_thread.run_sync(fn, *args, limiter=_limiter())
 
 
 def _line(obj: Any) -> bytes:

@@ -59,7 +59,7 @@ class Negotiation:
         await self.stream.send_all(P.option_error(opt, rtype, msg))
 
     async def _resolve(self, name: str) -> "Export":
-        return await trio.to_thread.run_sync(self.server.resolve, name)
+        return await trio.to_thread.run_sync(self.server.resolve, name, limiter=self.server.limits.flush)
 
     async def negotiate(self) -> bool:
         await self.stream.send_all(P.server_greeting())
@@ -126,7 +126,8 @@ class Negotiation:
             if data:
                 await self._error(opt, P.REP_ERR_INVALID, "LIST takes no data")
                 return False
-            exports = await trio.to_thread.run_sync(self.server.list_exports)
+            exports = await trio.to_thread.run_sync(self.server.list_exports,
+                                                    limiter=self.server.limits.flush)
             await self.stream.send_all(b"".join(
                 P.option_reply(opt, P.REP_SERVER, P.rep_server(n, d)) for n, d in exports)
                 + P.option_reply(opt, P.REP_ACK))
@@ -194,7 +195,7 @@ class Negotiation:
         return opt == P.OPT_GO
 
     async def _attach(self, ex: "Export") -> None:
-        await trio.to_thread.run_sync(ex.vol.acquire, self.user)
+        await trio.to_thread.run_sync(ex.vol.acquire, self.user, limiter=self.server.limits.flush)
         self.export, self.acquired = ex, True
         log.info("nbd[%d] %s: export %r (%d bytes%s%s)", self.cid, self.peer, ex.name, ex.size,
                  ", read-only" if ex.read_only else "", ", TLS" if self.tls else "")

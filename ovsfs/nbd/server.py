@@ -8,6 +8,9 @@ nbd.tls applies to TCP clients: "off" offers no STARTTLS, "optional" offers it,
 "required" refuses every option but STARTTLS/ABORT before TLS. The unix socket is guarded
 by file permissions: it offers STARTTLS whenever certificates are configured but never
 requires it. With nbd.tls_ca set, clients must present a certificate signed by that CA.
+
+Connection count, negotiation time, memory and threads are bounded by the [nbd] limits
+(limits.py, which gives the figures); the daemon log states them when the door starts.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import time
 import socket
 import ssl
 import stat
@@ -27,6 +31,7 @@ import trio
 
 from ovsfs.errors import ConfigError, NotFound
 from ovsfs.nbd.connection import Connection
+from ovsfs.nbd.limits import RECV_CHUNK, Limits
 
 log = logging.getLogger("ovsfs.nbd")
 
@@ -74,6 +79,10 @@ class NbdServer:
         self.tcp_addresses: list[tuple[str, int]] = []
         self.ids = itertools.count(1)
         self.connections: dict[int, Connection] = {}
+        self.limits = Limits(nbd)
+        self.recv_buffer = bytearray(RECV_CHUNK)   # shared by every connection (connection._receive)
+        self.refused = 0                           # connections closed over max_connections
+        self._refused_logged = 0.0
 
     # ---- exports ---------------------------------------------------------------------------
 
@@ -137,6 +146,7 @@ class NbdServer:
                     self.tcp_addresses.append(lst.socket.getsockname()[:2])
             log.info("nbd: listening on %s%s", self.socket_path,
                      "".join(f", tcp {h}:{p}" for h, p in self.tcp_addresses))
+            log.info("nbd: limits: %s", self.limits.describe())
             async with trio.open_nursery() as nursery:
                 for lst, tcp in listeners:
                     nursery.start_soon(self._accept_loop, lst, tcp, nursery)
@@ -164,6 +174,17 @@ class NbdServer:
 
     async def _handle(self, stream: trio.SocketStream, tcp: bool) -> None:
         cid = next(self.ids)
+        if len(self.connections) >= self.limits.max_connections:
+            # Over the limit: close at once (the client sees EOF before the greeting), so
+            # idle sockets cannot take the file descriptors engine writes need.
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged >= 1.0:   # one line per second under a flood
+                self._refused_logged = now
+                log.warning("nbd[%d]: refused a connection: %d open = nbd.max_connections "
+                            "(%d refused so far)", cid, len(self.connections), self.refused)
+            await trio.aclose_forcefully(stream)
+            return
         peer: Any = "unix"
         if tcp:
             try:

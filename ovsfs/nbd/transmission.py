@@ -65,6 +65,16 @@ class Parser:
         _m, _f, typ, _c, _o, length = REQUEST.unpack_from(self.buf, 0)
         return max(1, REQUEST_SIZE + length - len(self.buf)) if typ == CMD_WRITE else 1
 
+    def head_write(self) -> int:
+        """Whole size (header + payload) of a WRITE at the head whose payload is still
+        arriving, else 0: the connection reserves it before taking the rest off the socket."""
+        if self.skip or len(self.buf) < REQUEST_SIZE:
+            return 0
+        _m, _f, typ, _c, _o, length = REQUEST.unpack_from(self.buf, 0)
+        if typ != CMD_WRITE or length > self.max_payload:
+            return 0
+        return REQUEST_SIZE + length
+
     def _parse(self) -> list[Request]:
         out: list[Request] = []
         buf = self.buf
@@ -138,7 +148,7 @@ GROUP_MAX_READ = 64 << 20
 GROUP_MAX_REQUESTS = 1024
 
 
-def groups(reqs: Sequence[Request]) -> list[list[Request]]:
+def groups(reqs: Sequence[Request], max_read: int = GROUP_MAX_READ) -> list[list[Request]]:
     """Split a batch into order-preserving groups that may each run as one engine call.
 
     Inside a group no two requests overlap where one of them modifies data, so the
@@ -162,7 +172,7 @@ def groups(reqs: Sequence[Request]) -> list[list[Request]]:
         reads = r.length if r.type == CMD_READ else 0
         # A group's reads are allocated at once: bound them, so a client cannot make one
         # engine call hold gigabytes (the reply queue limit applies between groups).
-        full = len(cur) >= GROUP_MAX_REQUESTS or (reads and read_bytes + reads > GROUP_MAX_READ)
+        full = len(cur) >= GROUP_MAX_REQUESTS or (reads and read_bytes + reads > max_read)
         if cur and (full or (e > s and any(a < e and s < b and (mut or m) for a, b, m in spans))):
             out.append(cur)
             cur, spans, read_bytes = [], [], 0
@@ -175,6 +185,32 @@ def groups(reqs: Sequence[Request]) -> list[list[Request]]:
 
 
 # ---- replies -------------------------------------------------------------------------------
+
+COALESCE_MAX = 256 << 10       # reply parts from this size on are sent without joining
+
+
+def coalesce(parts: list[bytes]) -> list[bytes]:
+    """Join runs of small reply parts into one send each; big parts (read data) go as
+    they are, so a reply is never copied into a second buffer of its size."""
+    out: list[bytes] = []
+    run: list[bytes] = []
+    size = 0
+    for p in parts:
+        if len(p) >= COALESCE_MAX:
+            if run:
+                out.append(run[0] if len(run) == 1 else b"".join(run))
+                run, size = [], 0
+            out.append(p)
+            continue
+        run.append(p)
+        size += len(p)
+        if size >= COALESCE_MAX:
+            out.append(b"".join(run))
+            run, size = [], 0
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
+
 
 def simple_reply(cookie: int, error: int = 0, data: bytes = b"") -> bytes:
     head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
