@@ -279,10 +279,7 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
 
         For a door's event loop: writers that would wait for room wait there (polling
         this), not in a worker thread the management API and other volumes need."""
-        if not self.wb.try_reserve(nbytes):
-            return False
-        self.wb.unreserve(nbytes)
-        return True
+        return self.wb.has_room(nbytes)
 
     def _check_open(self) -> None:
         """Before any change: raises Busy (closed), VolumeFailed (failed fsync),

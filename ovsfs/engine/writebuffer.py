@@ -131,6 +131,11 @@ class WriteBuffer:
             if nbytes < old:
                 self.cv.notify_all()
 
+    def has_room(self, nbytes: int) -> bool:
+        """Whether reserve(nbytes) would go through now; reserves nothing, wakes nobody."""
+        with self.cv:
+            return self._fits(nbytes) and self._disk_ok(nbytes)
+
     def unreserve(self, nbytes: int) -> None:
         with self.cv:
             self.pending -= nbytes
