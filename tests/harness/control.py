@@ -91,6 +91,10 @@ class PowerCutFS:
     def sync(self) -> dict[str, Any]:
         return self.command("sync")
 
+    def stall(self, prefix: str | None) -> dict[str, Any]:
+        """New names under prefix (relative to the mount) wait until stall(None)."""
+        return self.command("unstall" if prefix is None else f"stall {prefix}")
+
     def stats(self) -> dict[str, Any]:
         return self.command("stats")
 

@@ -16,7 +16,9 @@ Model (strict, like ext4's worst case after a power cut; see also durable.py):
 - `cut`: from then on every operation fails with EIO; the volatile view is dropped. The test then
   SIGKILLs this process, unmounts MNT and starts it again on SRC: the new volatile view is built
   from what was durable. `sync`: make everything durable now. `stats`: bytes and directories
-  waiting for a sync.
+  waiting for a sync. `stall PREFIX` / `unstall`: creating a name (create, link) in a directory
+  under PREFIX (relative to the mount) waits until `unstall`: a backend that is away, so a test
+  can cut while uploads hang.
 Not modelled: torn sectors within a synced write (a sync copies whole ranges), reordering of
 durable operations among themselves (they happen in the order they completed), xattrs, symlinks.
 """
@@ -79,6 +81,8 @@ class LazyFS(pyfuse3.Operations):
         self.next_dir_fh = 1
         self.dead = False
         self.synced_bytes = 0
+        self.stall_prefix: str | None = None    # new names under this path wait (a backend away)
+        self.unstalled = trio.Event()
 
     # ---- inodes --------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -131,6 +135,23 @@ class LazyFS(pyfuse3.Operations):
         if d is None:
             d = self.dirty[st_ino] = Dirty()
         return d
+
+    async def _maybe_stall(self, parent_inode: int) -> None:
+        """Creating a name under the stalled prefix waits until `unstall` (or fails at a cut)."""
+        if self.stall_prefix is None:
+            return
+        where = os.path.relpath(os.readlink(self._proc(self._fd(parent_inode))), self.work)
+        if where == self.stall_prefix or where.startswith(self.stall_prefix + "/"):
+            await self.unstalled.wait()
+            self._check()
+
+    def stall(self, prefix: str | None) -> None:
+        if prefix is None:
+            self.stall_prefix = None
+            self.unstalled.set()
+        else:
+            self.stall_prefix = prefix.strip("/")
+            self.unstalled = trio.Event()
 
     # ---- durability ------------------------------------------------------------------------------
     def sync_file(self, fd: int) -> None:
@@ -199,6 +220,7 @@ class LazyFS(pyfuse3.Operations):
         """Power cut: what is not durable is gone; every later operation fails with EIO."""
         s = self.stats()
         self.dead = True
+        self.unstalled.set()   # stalled callers wake up to EIO
         return s
 
     # ---- FUSE operations ---------------------------------------------------------------------------
@@ -297,6 +319,7 @@ class LazyFS(pyfuse3.Operations):
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         self._check()
+        await self._maybe_stall(new_parent_inode)
         try:
             os.link(self._proc(self._fd(inode)), new_name, dst_dir_fd=self._fd(new_parent_inode), follow_symlinks=True)
             self._meta(new_parent_inode)
@@ -323,6 +346,7 @@ class LazyFS(pyfuse3.Operations):
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._check()
+        await self._maybe_stall(parent_inode)
         try:
             fd = os.open(name, self._open_flags(flags) | os.O_CREAT | os.O_EXCL, mode, dir_fd=self._fd(parent_inode))
             self._meta(parent_inode)
@@ -437,6 +461,12 @@ async def _control(fs: LazyFS, sock_path: str) -> None:
                             fs.sync_all()
                             out = fs.stats()
                         elif cmd == "stats":
+                            out = fs.stats()
+                        elif cmd.startswith("stall "):
+                            fs.stall(cmd.split(" ", 1)[1])
+                            out = fs.stats()
+                        elif cmd == "unstall":
+                            fs.stall(None)
                             out = fs.stats()
                         else:
                             out = {"error": f"unknown command {cmd!r}"}
