@@ -1,6 +1,6 @@
 """An engine in its own process for the power-cut tests, driven by JSON lines on stdin.
 
-Usage: python -m tests.engine.powercut_worker STATE_DIR SIZE
+Usage: python -m tests.engine.powercut_worker STATE_DIR SIZE [ENGINE_CONFIG_JSON]
 Opens (creating if needed) vPool "default" and volume "v" of SIZE bytes, prints
 {"ready": ..., "snapshots": [...]} and then answers one JSON line per command:
   {"op": "write", "writes": [[offset, length, tag], ...]}   one writev; data = payload(tag, length)
@@ -22,6 +22,7 @@ from typing import Any
 from ovsfs.engine.engine import Engine
 from tests.engine.helpers import small_config
 
+# Small SCOs and TLogs: roll-overs (and the map commits at TLog seals) all the time.
 CONFIG = {"sco_clusters": 8, "tlog_scos": 2, "backend_checkpoint_tlogs": 2, "write_buffer_size": 1 << 20}
 
 
@@ -32,7 +33,8 @@ def payload(tag: int, length: int) -> bytes:
 
 def main() -> None:
     state, size = Path(sys.argv[1]), int(sys.argv[2])
-    eng = Engine(small_config(state, **CONFIG))
+    overrides = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    eng = Engine(small_config(state, **{**CONFIG, **overrides}))
     eng.open()
     if not eng.list_vpools():
         eng.create_vpool("default")
