@@ -311,11 +311,11 @@ def test_power_cut_state_machine(powercut_dir: Path) -> None:
 
 # ---- fixed scenarios: each one lost data on the engine as found ---------------------------------
 
-def _cut_and_reopen(fs: PowerCutFS, worker: Worker, state: Path) -> Worker:
+def _cut_and_reopen(fs: PowerCutFS, worker: Worker, state: Path, **engine: Any) -> Worker:
     fs.power_cut(kill=[worker.proc.pid])
     worker.stop()
     fs.start()
-    return Worker(state)
+    return Worker(state, **engine)
 
 
 def _prime_backend(state: Path) -> None:
@@ -405,14 +405,14 @@ def test_flushed_then_overwritten_cluster_survives_a_power_cut(on_harness: tuple
 def test_periodic_map_commit_then_power_cut_reads_old_or_new(on_harness: tuple[PowerCutFS, Path]) -> None:
     """No flush at all: after a cut each cluster reads as zeros or as what was written, never an error."""
     fs, state = on_harness
-    w = Worker(state)
+    w = Worker(state, checkpoint_seconds=0.2)
     try:
         w.call(op="flush")
         _prime_backend(state)
         fs.sync()
         w.call(op="write", writes=[[0, 2 * CS, 1]])
         time.sleep(0.6)                            # the commit thread commits every 0.2 s here
-        w = _cut_and_reopen(fs, w, state)
+        w = _cut_and_reopen(fs, w, state, checkpoint_seconds=0.2)
         got = w.read()                             # was: DataError, SCO 1 missing from the backend
         for c in (0, 1):
             assert _cluster(got, c) in (bytes(CS), payload(1, 2 * CS)[c * CS:(c + 1) * CS])
