@@ -23,7 +23,7 @@ from ovsfs.engine.engine import Engine
 from tests.engine.helpers import small_config
 
 # Small SCOs and TLogs: roll-overs (and the map commits at TLog seals) all the time.
-CONFIG = {"sco_clusters": 8, "tlog_scos": 2, "backend_checkpoint_tlogs": 2, "write_buffer_size": 1 << 20}
+CONFIG = {"sco_clusters": 8, "tlog_scos": 2, "backend_checkpoint_tlogs": 2, "write_buffer_size": 8 << 20}
 
 
 def payload(tag: int, length: int) -> bytes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -53,6 +54,11 @@ class Worker:
             raise AssertionError(f"engine did not open: {hello}")
         self.snapshots: list[str] = hello["snapshots"]
 
+    def ready(self, timeout: float) -> bool:
+        """Whether an answer is waiting (within timeout seconds)."""
+        assert self.proc.stdout is not None
+        return bool(select.select([self.proc.stdout], [], [], timeout)[0])
+
     def _line(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -70,9 +76,12 @@ class Worker:
 
     def call(self, **cmd: Any) -> dict[str, Any]:
         self.send(**cmd)
+        return self.answer(cmd["op"])
+
+    def answer(self, op: str) -> dict[str, Any]:
         out = self._line()
         if "error" in out:
-            raise AssertionError(f"{cmd['op']} failed: {out['error']}")
+            raise AssertionError(f"{op} failed: {out['error']}")
         return out
 
     def read(self, snapshot: str | None = None) -> bytes:
@@ -177,29 +186,34 @@ class PowerCut(RuleBasedStateMachine):
             out.append((off, n, self.model.tag))
         return out
 
+    def _write(self, writes: list[tuple[int, int, int]]) -> None:
+        w = self.w()
+        w.send(op="write", writes=writes)
+        if self.stalled and not w.ready(3.0):
+            # Waiting for write-buffer room while the backend is away is right; it comes back.
+            assert self.fs is not None
+            self.fs.stall(None)
+            self.stalled = False
+        w.answer("write")
+        self.model.write(writes)
+
     @rule(data=st.data())
     def write(self, data: st.DataObject) -> None:
-        writes = self._writes(data)
-        self.w().call(op="write", writes=writes)
-        self.model.write(writes)
+        self._write(self._writes(data))
 
     @rule(data=st.data())
     def write_aligned(self, data: st.DataObject) -> None:
         c = data.draw(st.integers(0, SIZE // CS - 4), label="cluster")
         n = data.draw(st.integers(1, 4), label="clusters")
         self.model.tag += 1
-        writes = [(c * CS, n * CS, self.model.tag)]
-        self.w().call(op="write", writes=writes)
-        self.model.write(writes)
+        self._write([(c * CS, n * CS, self.model.tag)])
 
     @rule(data=st.data())
     def burst(self, data: st.DataObject) -> None:
         """Many clusters in one batch: SCO and TLog roll-overs inside one write."""
         c = data.draw(st.integers(0, SIZE // CS - 24), label="cluster")
         self.model.tag += 1
-        writes = [(c * CS, 24 * CS, self.model.tag)]
-        self.w().call(op="write", writes=writes)
-        self.model.write(writes)
+        self._write([(c * CS, 24 * CS, self.model.tag)])
 
     @rule(ms=st.sampled_from([50, 250]))
     def pause(self, ms: int) -> None:

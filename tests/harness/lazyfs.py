@@ -16,7 +16,7 @@ Model (strict, like ext4's worst case after a power cut; see also durable.py):
 - `cut`: from then on every operation fails with EIO; the volatile view is dropped. The test then
   SIGKILLs this process, unmounts MNT and starts it again on SRC: the new volatile view is built
   from what was durable. `sync`: make everything durable now. `stats`: bytes and directories
-  waiting for a sync. `stall PREFIX` / `unstall`: creating a name (create, link) in a directory
+  waiting for a sync. `stall PREFIX` / `unstall`: looking up or creating a name in a directory
   under PREFIX (relative to the mount) waits until `unstall`: a backend that is away, so a test
   can cut while uploads hang.
 Not modelled: torn sectors within a synced write (a sync copies whole ranges), reordering of
@@ -137,7 +137,13 @@ class LazyFS(pyfuse3.Operations):
         return d
 
     async def _maybe_stall(self, parent_inode: int) -> None:
-        """Creating a name under the stalled prefix waits until `unstall` (or fails at a cut)."""
+        """Looking up or creating a name under the stalled prefix waits until `unstall` (or fails at a cut).
+
+        Only directory-level operations wait: the kernel holds a file's inode lock during link,
+        rename and fsync, so stalling those would also block the engine's fsyncs of the same
+        (hard-linked) SCO, a coupling a slow backend does not have. Waiting in lookup holds only
+        the backend directory's lock.
+        """
         if self.stall_prefix is None:
             return
         where = os.path.relpath(os.readlink(self._proc(self._fd(parent_inode))), self.work)
@@ -226,6 +232,7 @@ class LazyFS(pyfuse3.Operations):
     # ---- FUSE operations ---------------------------------------------------------------------------
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         self._check()
+        await self._maybe_stall(parent_inode)
         try:
             return self._remember(self._fd(parent_inode), name)
         except OSError as e:
@@ -319,7 +326,6 @@ class LazyFS(pyfuse3.Operations):
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         self._check()
-        await self._maybe_stall(new_parent_inode)
         try:
             os.link(self._proc(self._fd(inode)), new_name, dst_dir_fd=self._fd(new_parent_inode), follow_symlinks=True)
             self._meta(new_parent_inode)
