@@ -35,6 +35,10 @@ class EngineSection:
     checkpoint_seconds: float = 30.0  # local map commit interval
     backend_checkpoint_tlogs: int = 16  # a map checkpoint goes to the backend every N TLogs
     scrub_threshold: float = 0.5      # SCOs with a smaller live share are rewritten
+    # Free space (bytes) kept on the write-buffer filesystem (at most a tenth of it):
+    # writers wait while less is free (the engine seals, uploads and evicts meanwhile).
+    disk_reserve: int = 64 << 20
+    disk_wait: float = 60.0           # seconds a writer waits for disk space, then NoSpace
 
 
 @dataclass
@@ -108,6 +112,10 @@ class Config:
             raise ConfigError("engine.map_cache_pages must be at least 4")
         if not 0.0 <= e.scrub_threshold <= 1.0:
             raise ConfigError("engine.scrub_threshold must be between 0 and 1")
+        if e.disk_reserve < 0:
+            raise ConfigError("engine.disk_reserve must be >= 0 bytes")
+        if e.disk_wait < 0:
+            raise ConfigError("engine.disk_wait must be >= 0 seconds")
         self._validate_backend()
         if self.nbd.tls not in ("off", "optional", "required"):
             raise ConfigError("nbd.tls must be off, optional or required")

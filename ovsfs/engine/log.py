@@ -3,26 +3,43 @@ committing the map, flushing (durability) and syncing to the backend.
 
 A mixin of Volume (ovsfs/engine/volume.py), whose attributes it uses; every method
 here runs with the volume lock held unless it says otherwise.
+
+Local writes go through `self.fio` (fileio.FileIO): short writes are completed, a full
+disk is NoSpace. A write is acknowledged only when its SCO data and TLog records are
+both whole; a failed TLog append is cut back to the last whole record, so replay
+never mis-parses. Durable order: SCO data, then the TLogs that point into it, then
+their directories, then (map commit) the replay position that skips those records.
+A failed fsync is never retried: the volume fails (VolumeFailed for every later write
+and flush) until it is reopened and replays what is really on disk.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import time
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import crc32c
 import numpy as np
 
 from ovsfs.engine import tlog
-from ovsfs.engine.map import SCO_SHIFT
+from ovsfs.engine.fileio import FsyncError, LocalIOError, VolumeFailed
+from ovsfs.engine.map import SCO_SHIFT, ClusterMap
 from ovsfs.engine.names import sco_name, tlog_name
-from ovsfs.errors import BackendError
+from ovsfs.errors import BackendError, NoSpace, OvsfsError
 
 if TYPE_CHECKING:
     from ovsfs.engine.volume import Volume as _Base
 else:
     _Base = object
+
+log = logging.getLogger("ovsfs.engine.log")
+
+_REPORT_EVERY = 64 << 10   # TLog growth (bytes) between reports to the write-buffer budget
 
 
 class LogWriter(_Base):
@@ -31,72 +48,127 @@ class LogWriter(_Base):
 
         With `moved_from` (the scrubber) the clusters are old locations moved to new
         ones: RELOC records, and every map version pointing at them is switched.
+        Raises NoSpace / LocalIOError with nothing of the failed SCO run recorded (runs
+        of earlier SCOs of the batch are), VolumeFailed when the TLog cannot be repaired.
         """
         cs = self.cluster_size
         n = len(addrs)
         locs = np.empty(n, dtype=np.uint64)
         view = memoryview(buf)
         pos = 0
-        while pos < n:
-            if self.sco_fd is None or self.sco_idx >= self.sco_clusters:
-                self._roll_sco()
-            take = min(n - pos, self.sco_clusters - self.sco_idx)
-            chunk = view[pos * cs:(pos + take) * cs]
-            os.pwrite(self.sco_fd, chunk, self.sco_idx * cs)  # type: ignore[arg-type]
-            base = (self.sco_no << SCO_SHIFT) | self.sco_idx
-            seg = np.arange(base, base + take, dtype=np.uint64)
-            locs[pos:pos + take] = seg
-            crcs = [crc32c.crc32c(chunk[i * cs:(i + 1) * cs]) for i in range(take)]
-            # The map follows each SCO's records at once: the next roll may seal the TLog
-            # and commit the map, and a commit must cover every record before it.
-            if moved_from is None and take == 1:
-                addr = int(addrs[pos])
-                self._tlog_append(tlog.write_one(addr, base, int(crcs[0])))
-                self.map.update_one(addr, base)
-            elif moved_from is None:
-                self._tlog_append(tlog.writes(addrs[pos:pos + take], seg, crcs))
-                self.map.update(addrs[pos:pos + take], seg)
-            else:
-                self._tlog_append(tlog.relocs(moved_from[pos:pos + take], seg, crcs))
-                self.map.relocate(moved_from[pos:pos + take], seg)
-            self.sco_idx += take
-            self.appended += take * cs
-            pos += take
+        try:
+            while pos < n:
+                if self.sco_fd is None or self.sco_idx >= self.sco_clusters:
+                    self._roll_sco()
+                take = min(n - pos, self.sco_clusters - self.sco_idx)
+                chunk = view[pos * cs:(pos + take) * cs]
+                self._mark_unsynced(self.sco_path, self.sco_fd)  # type: ignore[arg-type]
+                try:
+                    self.fio.pwrite_all(self.sco_fd, chunk, self.sco_idx * cs, str(self.sco_path))  # type: ignore[arg-type]
+                except OvsfsError:
+                    self._cut_sco_tail()
+                    raise
+                base = (self.sco_no << SCO_SHIFT) | self.sco_idx
+                seg = np.arange(base, base + take, dtype=np.uint64)
+                locs[pos:pos + take] = seg
+                crcs = [crc32c.crc32c(chunk[i * cs:(i + 1) * cs]) for i in range(take)]
+                # The map follows each SCO's records at once: the next roll may seal the TLog
+                # and commit the map, and a commit must cover every record before it.
+                if moved_from is None and take == 1:
+                    rec = tlog.write_one(int(addrs[pos]), base, int(crcs[0]))
+                elif moved_from is None:
+                    rec = tlog.writes(addrs[pos:pos + take], seg, crcs)
+                else:
+                    rec = tlog.relocs(moved_from[pos:pos + take], seg, crcs)
+                try:
+                    self._tlog_append(rec)
+                except OvsfsError:
+                    self._cut_sco_tail()   # nothing points at these clusters: reuse them
+                    raise
+                # Recorded: from here on the clusters are taken, whatever the map does.
+                self.sco_idx += take
+                self.appended += take * cs
+                try:
+                    if moved_from is None and take == 1:
+                        self.map.update_one(int(addrs[pos]), base)
+                    elif moved_from is None:
+                        self.map.update(addrs[pos:pos + take], seg)
+                    else:
+                        self.map.relocate(moved_from[pos:pos + take], seg)
+                except (sqlite3.Error, NoSpace, LocalIOError) as e:
+                    self._map_failed(e)
+                if self.map.lost:   # an eviction found SQLite's transaction rolled back
+                    self._recover_map()
+                pos += take
+        finally:
+            if pos:
+                self.write_seq += 1   # what was recorded is flushed like any write
         if moved_from is None:
             self.dtl.append(self.name, addrs, locs, buf)
-        self.write_seq += 1
+
+    def _cut_sco_tail(self) -> None:
+        """After a failed SCO write: drop bytes past the last recorded cluster (best effort;
+        they are never referenced, the size only matters to the upload)."""
+        if self.sco_fd is None:
+            return
+        try:
+            self.fio.truncate(self.sco_fd, self.sco_idx * self.cluster_size, str(self.sco_path))
+        except OvsfsError:
+            pass
+
+    def _mark_unsynced(self, path: Path, fd: int) -> None:
+        """Remember a file written since its last fsync, with an fd of its own: a sealed
+        file is fsynced through a descriptor opened before its writes, never a reopened
+        one (which would not see an earlier writeback error)."""
+        if path not in self.unsynced:
+            self.unsynced[path] = os.dup(fd)
 
     def _tlog_append(self, rec: bytes) -> None:
+        """Append whole records to the open TLog; on failure it is cut back to the last
+        whole record (NoSpace / LocalIOError raised) or the volume fails (VolumeFailed)."""
         if self.tlog_fd is None:
             self._open_tlog()
-        os.write(self.tlog_fd, rec)  # type: ignore[arg-type]
+        self._mark_unsynced(self.tlog_path, self.tlog_fd)  # type: ignore[arg-type]
+        try:
+            self.fio.append_all(self.tlog_fd, rec, str(self.tlog_path))  # type: ignore[arg-type]
+        except OvsfsError as e:
+            try:
+                self.fio.truncate(self.tlog_fd, self.tlog_off, str(self.tlog_path))  # type: ignore[arg-type]
+            except OvsfsError as e2:
+                raise self._fail(f"TLog {self.tlog_path} cannot be cut back after a failed append"
+                                 f" ({e.message}; {e2.message})") from e2
+            raise
         self.tlog_off += len(rec)
+        self._tlog_growth += len(rec)
+        if self._tlog_growth - self._tlog_reported >= _REPORT_EVERY:
+            self._report_local()
 
     def _open_tlog(self) -> None:
-        self.tlog_no = self.next_tlog
+        no = self.next_tlog
+        path = self.tlog_dir / str(no)
+        fd = self.fio.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self.tlog_no, self.tlog_path, self.tlog_fd = no, path, fd
         self.next_tlog += 1
-        path = self.tlog_dir / str(self.tlog_no)
-        self.tlog_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.tlog_off = 0
-        self.unsynced.add(path)
-        self.dir_dirty = True
+        self.dirty_dirs.add(self.tlog_dir)
 
     def _roll_sco(self) -> None:
         if self.sco_fd is not None:
             self._seal_sco()
             if self.scos_in_tlog >= self.cfg.tlog_scos:
                 self._seal_tlog()
-        self.sco_no = self.next_sco
+        no = self.next_sco
+        path = self.sco_dir / str(no)
+        fd = self.fio.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        self.sco_no, self.sco_path, self.sco_fd = no, path, fd
         self.next_sco += 1
         self.sco_idx = 0
-        path = self.sco_dir / str(self.sco_no)
-        self.sco_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.local_scos.add(self.sco_no)
-        self.unsynced.add(path)
-        self.dir_dirty = True
+        self.local_scos.add(no)
+        self.dirty_dirs.add(self.sco_dir)
 
     def _seal_sco(self) -> None:
-        """Close the open SCO and queue its upload (it never changes again)."""
+        """Close the open SCO and queue its upload (it never changes again); its unsynced
+        entry keeps an fd for the next flush."""
         assert self.sco_fd is not None
         os.close(self.sco_fd)
         self.sco_fd = None
@@ -114,6 +186,7 @@ class LogWriter(_Base):
             self.wb.uploaded((self, n), nbytes, lambda: self.evict_sco(n))
         self.wb.submit(f"{self.name} SCO {n}", upload)
 
+
     def _seal_tlog(self) -> None:
         """Close the open TLog, queue its upload, and commit the map at this boundary."""
         if self.tlog_fd is None:
@@ -124,12 +197,16 @@ class LogWriter(_Base):
         self.queue_tlog_upload(self.tlog_no)
         self.tlog_no, self.tlog_off = self.next_tlog, 0   # replay resumes at the next TLog
         self.tlogs_since_checkpoint += 1
-        if self.tlogs_since_checkpoint >= self.cfg.backend_checkpoint_tlogs:
-            self.tlogs_since_checkpoint = 0
-            self.commit()
-            self.queue_checkpoint()
-        elif time.monotonic() - self.last_commit > 1.0:
-            self.commit()
+        try:
+            if self.tlogs_since_checkpoint >= self.cfg.backend_checkpoint_tlogs:
+                self.commit()
+                self.tlogs_since_checkpoint = 0
+                self.queue_checkpoint()
+            elif time.monotonic() - self.last_commit > 1.0:
+                self.commit()
+        except OvsfsError as e:
+            # The seal itself is done; the commit is retried at the next boundary or tick.
+            log.warning("%s: map commit at TLog rollover failed: %s", self.name, e.message)
 
     def queue_tlog_upload(self, n: int) -> None:
         path = self.tlog_dir / str(n)
@@ -149,15 +226,54 @@ class LogWriter(_Base):
         from ovsfs.engine.recovery import queue_checkpoint
         queue_checkpoint(self)
 
+
+
     def commit(self) -> None:
-        """Make the local map durable with the TLog position it reflects."""
-        self.map.commit(self.meta_record())
+        """Make the local map durable with the TLog position it reflects.
+
+        First the SCO data, the TLogs and their directories are fsynced, so replay from
+        the new position never needs a record whose data could still be torn. Raises
+        VolumeFailed (fsync failed), NoSpace / LocalIOError (map.db could not commit:
+        the map is rebuilt in memory from the previous commit and the TLogs after it,
+        which are kept)."""
+        self._ensure_map()
+        self._sync_locked()
+        try:
+            self.map.commit(self.meta_record())
+        except OvsfsError as e:
+            log.warning("%s: map commit failed (%s); rebuilding the map from the last commit",
+                        self.name, e.message)
+            try:
+                self._recover_map()
+            except OvsfsError:
+                pass   # map.lost stays set: the next operation tries again
+            raise
         self.committed_tlog = self.tlog_no
         self.last_commit = time.monotonic()
         for p in self.tlog_dir.iterdir():
             # Local TLogs below the commit point are only needed until they are uploaded.
             if p.name.isdigit() and int(p.name) < self.committed_tlog and int(p.name) in self.uploaded_tlogs:
                 p.unlink(missing_ok=True)
+        self._report_local(scan=True)
+
+    def _report_local(self, scan: bool = False) -> None:
+        """Tell the write-buffer budget how much disk this volume's TLogs and map take."""
+        if scan:
+            total = 0
+            for p in self.tlog_dir.iterdir():
+                try:
+                    total += p.stat().st_size
+                except FileNotFoundError:
+                    pass
+            self._tlog_base, self._tlog_growth = total, 0
+        mapped = 0
+        for suffix in ("", "-wal"):
+            try:
+                mapped += os.stat(f"{self.map.db_path}{suffix}").st_size
+            except FileNotFoundError:
+                pass
+        self._tlog_reported = self._tlog_growth
+        self.wb.set_local(self, self._tlog_base + self._tlog_growth + mapped)
 
     def evict_sco(self, n: int) -> None:
         with self.lock:
@@ -168,18 +284,129 @@ class LogWriter(_Base):
                 os.close(fd)
             self.local_scos.discard(n)
             path = self.sco_dir / str(n)
-            self.unsynced.discard(path)   # the backend copy is durable (put_file fsyncs)
+            fd = self.unsynced.pop(path, None)   # the backend copy is durable (put_file fsyncs)
+            if fd is not None:
+                os.close(fd)
             path.unlink(missing_ok=True)
 
+    # ---- the map after a failed SQLite write ----------------------------------------------
+
+    @contextmanager
+    def _map_op(self) -> Iterator[None]:
+        """Around map changes whose TLog record is already written: if SQLite fails, the
+        record is what counts, so rebuild the map (which applies it) or raise NoSpace."""
+        try:
+            yield
+        except (sqlite3.Error, NoSpace, LocalIOError) as e:
+            self._map_failed(e)
+        self._ensure_map()
+
+    def _map_failed(self, e: Exception) -> None:
+        if isinstance(e, FsyncError):
+            raise e
+        self.map.lost = True
+        log.warning("%s: map update failed (%s); rebuilding the map", self.name, e)
+
+    def _ensure_map(self) -> None:
+        if self.map is not None and self.map.lost:
+            self._recover_map()
+
+    def _recover_map(self) -> None:
+        """Rebuild the in-memory map from map.db's last commit plus every local TLog after
+        it: what a restart does. Needed when SQLite rolled back the open transaction
+        (pages evicted into it are gone). Raises NoSpace / LocalIOError when SQLite still
+        fails; the map then stays `lost` and this runs again at the next operation."""
+        from ovsfs.engine.recovery import apply   # recovery imports volume: import late
+
+        old = self.map
+        keep_sco, keep_tlog = self.next_sco, self.next_tlog
+        try:
+            # Opened before the old connection closes: closing the last connection would
+            # checkpoint and drop the WAL, which needs the disk space that is missing.
+            m = ClusterMap(old.db_path, self._nclusters(), self.cfg.map_cache_pages)
+        except sqlite3.Error as e:
+            old.lost = True
+            raise LocalIOError(f"{self.name}: map.db cannot be reopened: {e}") from e
+        try:
+            old.close()
+        except sqlite3.Error:
+            pass
+        self.map = m
+        try:
+            meta = m.load_meta()
+            if meta is None:
+                raise LocalIOError(f"{self.name}: map.db holds no commit to rebuild from")
+            m.epoch = meta["epoch"]
+            self.snapshots = meta["snapshots"]
+            self.size = meta["size"]
+            m.resize(self._nclusters())
+            start, off = meta["tlog"], meta["tlog_off"]
+            count = 0
+            names = sorted(int(p.name) for p in self.tlog_dir.iterdir() if p.name.isdigit())
+            for n in names:
+                if n < start:
+                    continue
+                data = (self.tlog_dir / str(n)).read_bytes()
+                # Every record here was written whole by this process after its data.
+                count += apply(self, tlog.parse(memoryview(data)[off if n == start else 0:]), verify=False)
+        except (sqlite3.Error, OSError) as e:
+            m.lost = True
+            raise LocalIOError(f"{self.name}: rebuilding the map failed: {e}") from e
+        except OvsfsError:
+            m.lost = True
+            raise
+        finally:
+            self.next_sco, self.next_tlog = max(self.next_sco, keep_sco), max(self.next_tlog, keep_tlog)
+        if m.lost:
+            raise NoSpace(f"{self.name}: the map store is full; rebuilt map not yet stored")
+        log.info("%s: map rebuilt in place from its last commit (%d TLog records)", self.name, count)
+
     # ---- durability ------------------------------------------------------------------------
+
+    def _fail(self, reason: str) -> VolumeFailed:
+        """Put the volume in the failed state (kept until it is reopened); returns the
+        error to raise."""
+        if self.failed is None:
+            self.failed = reason
+            log.error("%s: volume failed, no more writes or flushes until it is reopened: %s",
+                      self.name, reason)
+        return VolumeFailed(f"volume {self.name} failed: {self.failed}")
+
+    def _check_failed(self) -> None:
+        if self.failed is not None:
+            raise VolumeFailed(f"volume {self.name} failed: {self.failed}")
+
+    def _fsync_all(self, files: list[tuple[Path, int]], dirs: list[Path]) -> None:
+        """fsync SCOs, then TLogs, then directories; a failure fails the volume."""
+        files = sorted(files, key=lambda item: item[0].parent != self.sco_dir)
+        try:
+            for path, fd in files:
+                self.fio.fsync(fd, str(path))
+            for d in dirs:
+                self.fio.fsync_dir(d)
+        except FsyncError as e:
+            with self.lock:
+                raise self._fail(e.message) from e
+
+    def _sync_locked(self) -> None:
+        """Everything written so far durable, with the lock held (a map commit needs it)."""
+        self._check_failed()
+        files = list(self.syncing.items()) + list(self.unsynced.items())
+        self._fsync_all(files, sorted(self.dirty_dirs | self.syncing_dirs))
+        for fd in self.unsynced.values():
+            os.close(fd)
+        self.unsynced.clear()
+        self.dirty_dirs.clear()
 
     def flush(self) -> None:
         """Return once every write acknowledged before the call is on local disk.
 
         Group commit: callers arriving while a flush runs wait for the next one, which
-        covers all of them with a single round of fsyncs.
+        covers all of them with a single round of fsyncs (outside the volume lock).
+        Raises VolumeFailed after a failed fsync, now or earlier.
         """
         with self.lock:
+            self._check_failed()
             target = self.write_seq
         with self.flush_cv:
             while self.synced_seq < target:
@@ -188,44 +415,44 @@ class LogWriter(_Base):
                     break
                 self.flush_cv.wait()
             else:
+                self._check_failed()
                 return
         seq, ok = target, False
+        files: dict[Path, int] = {}
         try:
             with self.lock:
+                self._check_failed()
                 seq = self.write_seq
-                paths = list(self.unsynced)
-                self.unsynced.clear()
-                if self.sco_fd is not None:
-                    self.unsynced.add(self.sco_dir / str(self.sco_no))
-                if self.tlog_fd is not None:
-                    self.unsynced.add(self.tlog_dir / str(self.tlog_no))
-                dirs = [self.sco_dir, self.tlog_dir] if self.dir_dirty else []
-                self.dir_dirty = False
-            for p in paths + dirs:
-                try:
-                    fd = os.open(p, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue  # uploaded and evicted: the backend holds it
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                files, self.unsynced = self.unsynced, {}
+                self.syncing = files
+                self.syncing_dirs, self.dirty_dirs = self.dirty_dirs, set()
+            self._fsync_all(list(files.items()), sorted(self.syncing_dirs))
             self.dtl.flush()
             ok = True
         finally:
+            with self.lock:
+                for path, fd in files.items():
+                    if ok or self.failed is not None or path in self.unsynced:
+                        os.close(fd)
+                    else:
+                        self.unsynced[path] = fd   # not synced (DTL failed): next time
+                if not ok:
+                    self.dirty_dirs |= self.syncing_dirs
+                self.syncing = {}
+                self.syncing_dirs = set()
             with self.flush_cv:
                 self.flushing = False
                 if ok:
                     self.synced_seq = max(self.synced_seq, seq)
-                else:
-                    with self.lock:
-                        self.unsynced.update(paths)
-                        self.dir_dirty = True
                 self.flush_cv.notify_all()
+        self._check_failed()
 
     def seal(self) -> None:
-        """Close the open SCO and TLog early so that everything so far can be uploaded."""
+        """Close the open SCO and TLog early so that everything so far can be uploaded.
+        Does nothing on a failed volume (what it holds may not be on disk)."""
         with self.lock:
+            if self.failed is not None:
+                return
             if self.sco_fd is not None:
                 self._seal_sco()
             if self.tlog_fd is not None:
@@ -233,12 +460,12 @@ class LogWriter(_Base):
 
     def sync(self, timeout: float | None = None) -> None:
         """Return once everything written so far is on the backend."""
+        self._check_failed()
         self.seal()
         if not self.wb.drain(timeout):
             raise BackendError(f"{self.name}: backend did not take the uploads in time ({self.wb.last_error})")
 
     def maybe_commit(self, interval: float) -> None:
         with self.lock:
-            if not self.closed and time.monotonic() - self.last_commit >= interval:
+            if not self.closed and self.failed is None and time.monotonic() - self.last_commit >= interval:
                 self.commit()
-

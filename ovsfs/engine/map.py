@@ -14,6 +14,13 @@ The SQLite connection keeps one write transaction open: pages evicted from the
 cache go into it, and `commit` makes the whole map durable together with the TLog
 position it reflects. A crash rolls back to the last commit and the TLogs are
 replayed from the position stored with it.
+
+A failed SQLite write (a full disk) never loses a page silently: a page that cannot
+be evicted stays resident (the cache goes over its bound for a while), and when SQLite
+rolls the open transaction back (a failed commit, or SQLITE_FULL mid-transaction)
+`lost` is set: pages evicted into that transaction are gone from memory and disk, so
+the owner must rebuild the map from the last commit plus the TLogs after it
+(Volume._recover_map) before trusting it again.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from ovsfs.engine.fileio import LocalIOError
+from ovsfs.errors import NoSpace, OvsfsError
 
 PAGE_SHIFT = 12
 PAGE_ENTRIES = 1 << PAGE_SHIFT          # 4096 entries = 32 KiB, 16 MiB of volume at 4 KiB
@@ -47,6 +57,10 @@ class ClusterMap:
         self.db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit must survive a power loss, because local TLogs below it are deleted.
         self.db.execute("PRAGMA synchronous=FULL")
+        # Dirty SQLite pages stay in memory until the commit: a spill into the WAL in the
+        # middle of a transaction needs disk space, and when the disk is full it would
+        # fail reads too, not just the commit (which is handled: see `lost`).
+        self.db.execute("PRAGMA cache_spill=OFF")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS pages (page INTEGER, epoch INTEGER, data BLOB,"
             " PRIMARY KEY (page, epoch)) WITHOUT ROWID")
@@ -56,6 +70,7 @@ class ClusterMap:
         self.cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.dirty: set[tuple[int, int]] = set()
         self.epoch = 1
+        self.lost = False      # the open transaction was rolled back: rebuild before use
         self.head = np.full(pages_for(nclusters), -1, dtype=np.int64)
         self._load_heads()
 
@@ -75,18 +90,49 @@ class ClusterMap:
     def _write_page(self, key: tuple[int, int], arr: np.ndarray) -> None:
         self.db.execute("INSERT OR REPLACE INTO pages VALUES (?, ?, ?)", (key[0], key[1], arr.tobytes()))
 
+    def _store_error(self, e: sqlite3.Error, what: str, rollback: bool = False) -> OvsfsError:
+        """Note a failed SQLite write and return the typed error to raise. When the open
+        transaction is gone (or `rollback`), whatever was evicted into it is lost."""
+        if rollback or not self.db.in_transaction:
+            self.lost = True
+        try:
+            if self.db.in_transaction and rollback:
+                self.db.execute("ROLLBACK")
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN")   # evictions must never autocommit on their own
+        except sqlite3.Error:
+            self.lost = True
+        if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return NoSpace(f"map {self.db_path}: {what}: disk full")
+        return LocalIOError(f"map {self.db_path}: {what}: {e}")
+
     def write_dirty(self) -> None:
-        for key in sorted(self.dirty):
-            arr = self.cache.get(key)
-            if arr is not None:
-                self._write_page(key, arr)
+        try:
+            for key in sorted(self.dirty):
+                arr = self.cache.get(key)
+                if arr is not None:
+                    self._write_page(key, arr)
+        except sqlite3.Error as e:
+            raise self._store_error(e, "writing pages") from e
         self.dirty.clear()
 
     def commit(self, meta: dict[str, Any]) -> None:
-        """Make the map durable together with the volume metadata that matches it."""
-        self.write_dirty()
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('volume', ?)", (json.dumps(meta),))
-        self.db.execute("COMMIT")
+        """Make the map durable together with the volume metadata that matches it.
+
+        Raises NoSpace (disk full) or LocalIOError; then the transaction is rolled back,
+        `lost` is set and map.db still holds the previous commit."""
+        if self.lost:
+            raise LocalIOError(f"map {self.db_path}: rebuild it before committing")
+        try:
+            for key in sorted(self.dirty):
+                arr = self.cache.get(key)
+                if arr is not None:
+                    self._write_page(key, arr)
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('volume', ?)", (json.dumps(meta),))
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise self._store_error(e, "commit", rollback=True) from e
+        self.dirty.clear()
         self.db.execute("BEGIN")
 
     def close(self) -> None:
@@ -117,7 +163,15 @@ class ClusterMap:
         while len(self.cache) > self.cache_pages:
             old, old_arr = self.cache.popitem(last=False)
             if old in self.dirty:
-                self._write_page(old, old_arr)
+                try:
+                    self._write_page(old, old_arr)
+                except sqlite3.Error as e:
+                    # Keep the page resident rather than lose it; over the bound until
+                    # SQLite takes writes again.
+                    self.cache[old] = old_arr
+                    self.cache.move_to_end(old, last=False)
+                    self._store_error(e, "evicting a page")
+                    return
                 self.dirty.discard(old)
 
     def _version_at(self, page: int, epoch: int | None) -> int:

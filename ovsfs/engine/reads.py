@@ -103,6 +103,7 @@ class ReadPath(_Base):
             with _hold(vol.lock, nowait):
                 if vol.closed:
                     raise Busy(f"volume {vol.name} is closed")
+                vol._ensure_map()   # after a full disk: never read a stale map.db page
                 locs = vol.map.lookup(addrs[idx], ep)
             have = locs > ZERO_LOC
             if have.any():

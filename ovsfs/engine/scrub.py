@@ -51,7 +51,13 @@ def scrub_volume(vol: Volume, threshold: float) -> dict[str, Any]:
             # Counted without waiting: waiting here, under the volume lock, could deadlock
             # with the upload thread; the budget is exceeded by at most this one move.
             vol.wb.add_pending(len(moved) * cs)
-            vol._append(np.zeros(len(moved), dtype=np.uint64), bytes(buf), moved_from=moved)
+            before = vol.appended
+            try:
+                vol._append(np.zeros(len(moved), dtype=np.uint64), bytes(buf), moved_from=moved)
+            finally:
+                unused = len(moved) * cs - (vol.appended - before)
+                if unused > 0:   # a full disk stopped the move part way: give the rest back
+                    vol.wb.unreserve(unused)
         victims = dead + low
         if victims:
             vol.seal()

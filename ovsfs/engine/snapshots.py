@@ -1,7 +1,9 @@
 """Snapshots and size changes of a volume.
 
 Each change is a TLog marker followed by its `apply_*` method; TLog replay (recovery.py)
-calls the same `apply_*` methods, so a change and its replay cannot drift apart.
+calls the same `apply_*` methods, so a change and its replay cannot drift apart. Once
+the marker is written the change has happened: if the map store fails under `apply_*`
+(a full disk), the map is rebuilt from its last commit and the TLog (`_map_op`).
 A mixin of Volume (ovsfs/engine/volume.py), whose attributes it uses.
 """
 
@@ -31,8 +33,9 @@ class SnapshotOps(_Base):
                 raise AlreadyExists(f"snapshot {self.name}@{name} already exists")
             snap = {"name": name, "epoch": self.map.epoch, "size": self.size, "created": time.time()}
             self._tlog_append(tlog.mark(tlog.SNAPSHOT, snap))
-            self.apply_snapshot(snap)
             self.write_seq += 1
+            with self._map_op():
+                self.apply_snapshot(snap)
             return dict(snap)
 
     def apply_snapshot(self, snap: dict[str, Any]) -> None:
@@ -54,8 +57,9 @@ class SnapshotOps(_Base):
             if self.users.get(f"snapshot:{name}"):
                 raise Busy(f"snapshot {self.name}@{name} is in use")
             self._tlog_append(tlog.mark(tlog.DELETE_SNAPSHOT, {"name": name}))
-            self.apply_delete_snapshot(name)
             self.write_seq += 1
+            with self._map_op():
+                self.apply_delete_snapshot(name)
 
     def apply_delete_snapshot(self, name: str) -> None:
         snap = self._snapshot(name)
@@ -73,8 +77,9 @@ class SnapshotOps(_Base):
                 if s["epoch"] > snap["epoch"] and self.users.get(f"snapshot:{s['name']}"):
                     raise Busy(f"snapshot {self.name}@{s['name']} after {name} is in use")
             self._tlog_append(tlog.mark(tlog.ROLLBACK, {"name": name}))
-            self.apply_rollback(name)
             self.write_seq += 1
+            with self._map_op():
+                self.apply_rollback(name)
 
     def apply_rollback(self, name: str) -> None:
         snap = self._snapshot(name)
@@ -98,8 +103,9 @@ class SnapshotOps(_Base):
                     raise InvalidArgument(
                         f"cannot shrink {self.name} to {size}: data is written at offset {used[0][0]}")
             self._tlog_append(tlog.mark(tlog.RESIZE, {"size": size}))
-            self.apply_resize(size)
             self.write_seq += 1
+            with self._map_op():
+                self.apply_resize(size)
 
     def apply_resize(self, size: int) -> None:
         self.size = size

@@ -24,13 +24,14 @@ from ovsfs.backend.store import Store
 from ovsfs.config import EngineSection
 from ovsfs.dtl import DtlSink, NoDtl
 from ovsfs.engine import tlog
+from ovsfs.engine.fileio import FileIO, VolumeFailed
 from ovsfs.engine.log import LogWriter
 from ovsfs.engine.reads import IDX_MASK, ReadPath
 from ovsfs.engine.map import ZERO_LOC, ClusterMap
 from ovsfs.engine.names import check_name, sco_name, tlog_name
 from ovsfs.engine.snapshots import SnapshotOps
 from ovsfs.engine.writebuffer import WriteBuffer
-from ovsfs.errors import Busy, InvalidArgument, NotFound, OutOfRange, WouldBlock
+from ovsfs.errors import Busy, InvalidArgument, NotFound, OutOfRange, OvsfsError, WouldBlock
 
 __all__ = ["Volume", "check_name", "sco_name", "tlog_name", "IDX_MASK"]
 
@@ -55,6 +56,12 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
         self.dir = wb_root / self.ns
         self.sco_dir = self.dir / "sco"
         self.tlog_dir = self.dir / "tlog"
+        # Every local write goes through this; replace it (per volume) to inject faults.
+        self.fio = FileIO()
+        # New directories (and the parents that name them) must survive a power cut.
+        self.fio.mkdir_durable(self.sco_dir)
+        self.fio.mkdir_durable(self.tlog_dir)
+        wb.watch_disk(wb_root, cfg.disk_reserve, cfg.disk_wait)
         self.size: int = meta["size"]
         self.snapshots: list[dict[str, Any]] = []
         self.map: ClusterMap = None  # type: ignore[assignment]  # set by recovery.open_volume
@@ -62,8 +69,10 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
         self.sco_no = 0
         self.sco_idx = 0
         self.sco_fd: int | None = None
+        self.sco_path = self.sco_dir / "0"
         self.tlog_no = 0
         self.tlog_fd: int | None = None
+        self.tlog_path = self.tlog_dir / "0"
         self.tlog_off = 0
         self.scos_in_tlog = 0
         self.next_sco = 1
@@ -77,8 +86,17 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
         self.synced_seq = 0
         self.flushing = False
         self.flush_cv = threading.Condition()
-        self.unsynced: set[Path] = set()
-        self.dir_dirty = False
+        # Files written since their last fsync -> an fd of their own (see _mark_unsynced),
+        # those a running flush is fsyncing, and directories with new names in them.
+        self.unsynced: dict[Path, int] = {}
+        self.syncing: dict[Path, int] = {}
+        self.dirty_dirs: set[Path] = {self.dir}   # map.db is created in it
+        self.syncing_dirs: set[Path] = set()
+        self.failed: str | None = None         # why the volume stopped (a failed fsync)
+        # Write-buffer disk taken by TLogs (bytes, as of the last scan + growth since)
+        self._tlog_base = 0
+        self._tlog_growth = 0
+        self._tlog_reported = 0
         self.last_commit = time.monotonic()
         self.tlogs_since_checkpoint = 0
         self.users: dict[str, int] = {}
@@ -97,7 +115,10 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
     def vpool(self) -> str:
         return self.meta["vpool"]
 
-    read_only = False
+    @property
+    def read_only(self) -> bool:
+        """A failed volume takes no writes (doors export it read-only)."""
+        return self.failed is not None
 
     def _nclusters(self, size: int | None = None) -> int:
         return -(-(self.size if size is None else size) // self.cluster_size)
@@ -134,6 +155,10 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
 
     def writev(self, reqs: Sequence[tuple[int, bytes | bytearray | memoryview]], nowait: bool = False) -> None:
         """Write a batch; acknowledged (durable against a process crash) on return.
+
+        Raises NoSpace (the write-buffer disk stayed full for `disk_wait` seconds, or
+        filled under the write: nothing of the failed part is acknowledged), LocalIOError,
+        VolumeFailed (after a failed fsync), besides the argument errors.
 
         nowait=True is for a door's event loop: the write happens only if nothing can make
         it wait (volume lock free, write buffer has room, whole clusters); otherwise
@@ -228,6 +253,7 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
         """Reserve write-buffer room (before the lock: reserve may wait for uploads), then
         hold the lock; whatever the body did not append is given back, so a failed write
         never keeps budget."""
+        nbytes += (nbytes // self.cluster_size) * tlog.SIZE
         if nowait:
             if not self.wb.try_reserve(nbytes):
                 raise WouldBlock("write buffer full")
@@ -240,14 +266,21 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
         try:
             yield
         finally:
+            # The TLog records (counted with the volume's local bytes once written) were
+            # reserved as well, so that the disk check saw them.
             unused = nbytes - (self.appended - before)
             if unused > 0:
                 self.wb.unreserve(unused)
             self.lock.release()
 
     def _check_open(self) -> None:
+        """Before any change: raises Busy (closed), VolumeFailed (failed fsync),
+        NoSpace / LocalIOError (the map cannot be rebuilt yet after a full disk)."""
         if self.closed or self.deleted:
             raise Busy(f"volume {self.name} is closed")
+        if self.failed is not None:
+            raise VolumeFailed(f"volume {self.name} failed: {self.failed}")
+        self._ensure_map()
 
     def trim(self, offset: int, length: int) -> None:
         """Release clusters: they read as zeros and their old data becomes garbage."""
@@ -309,25 +342,37 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
                 "map_resident_bytes": self.map.resident_bytes(),
                 "map_stored_bytes": self.map.stored_bytes(),
                 "users": dict(self.users),
+                "failed": self.failed,
             }
 
     def close(self) -> None:
-        """Clean close: everything durable locally, map committed, no replay next time."""
-        self.flush()
+        """Clean close: everything durable locally, map committed, no replay next time.
+
+        A failed volume is closed without a commit (the next open replays what is on
+        disk). Raises what the flush or commit raised, after releasing everything."""
+        err: OvsfsError | None = None
+        if self.failed is None:
+            try:
+                self.flush()
+            except OvsfsError as e:
+                err = e
         with self.lock:
             if self.closed:
                 return
-            if self.tlog_fd is not None:
-                os.fsync(self.tlog_fd)
-            self.commit()
+            if self.failed is None and err is None:
+                try:
+                    self.commit()
+                except OvsfsError as e:
+                    err = e
             self.closed = True
-            for fd in self.read_fds.values():
+            for fd in [*self.read_fds.values(), *self.unsynced.values()]:
                 os.close(fd)
             self.read_fds.clear()
-            if self.sco_fd is not None:
-                os.close(self.sco_fd)
-                self.sco_fd = None
-            if self.tlog_fd is not None:
-                os.close(self.tlog_fd)
-                self.tlog_fd = None
+            self.unsynced.clear()
+            for fd in (self.sco_fd, self.tlog_fd):
+                if fd is not None:
+                    os.close(fd)
+            self.sco_fd = self.tlog_fd = None
             self.map.close()
+        if err is not None:
+            raise err
