@@ -305,15 +305,29 @@ class Rounds:
 
     def round(self, kind: str, n: int, totals: Totals) -> str:
         node = self._node_for(kind)
+        assert node.proc is not None
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"the daemon died by itself before round {n} (exit {node.proc.returncode}):\n"
+                               f"{node.tail()}")
         log = self.base / f"round{n}.iolog"
         seed = self.rnd.randrange(1, 1 << 31)
+        log_from = node.log.stat().st_size
         fio = subprocess.Popen(
             ["fio", f"--name=r{n}", "--ioengine=nbd", f"--uri={node.uri('v')}", "--rw=randwrite", f"--bs={BS}",
              "--iodepth=1", f"--size={self.size}", "--verify=crc32c", "--do_verify=0", f"--fsync={self.fsync_every}",
              "--time_based", "--runtime=120", f"--randseed={seed}", f"--write_iolog={log}"],
             cwd=self.base, stdin=subprocess.DEVNULL, stdout=open(self.base / f"round{n}.fio.txt", "wb"),
             stderr=subprocess.STDOUT)
-        time.sleep(self.rnd.uniform(0.5, 2.5))
+        # The fault time counts from fio's writing connection (its nbd engine opens one to probe
+        # the size, then the one it writes on): on a busy machine fio may take a second to start.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and fio.poll() is None:
+            with open(node.log, "rb") as f:
+                f.seek(log_from)
+                if f.read().count(b"export 'v'") >= 2:
+                    break
+            time.sleep(0.02)
+        time.sleep(self.rnd.uniform(0.3, 2.0))
         assert node.proc is not None
         if kind == "powercut":
             self.fs.power_cut(kill=[node.proc.pid])
@@ -323,16 +337,21 @@ class Rounds:
         except subprocess.TimeoutExpired:
             fio.kill()
             fio.wait()
-        writes, flushed = parse_iolog(log)
+        # No log: fio never got its connection (the fault came first); nothing was written.
+        writes, flushed = parse_iolog(log) if log.exists() else ([], 0)
         if kind == "powercut":
             self.fs.start()
         node.start()
         after = self.read_volume(node)
         checked, lost, notes = check_round(self.image, after, writes, flushed, f"round {n} ({kind})")
+        if not writes:
+            fio_out = (self.base / f"round{n}.fio.txt").read_text(errors="replace")
+            notes.append(f"round {n}: the fault came before fio's first write: "
+                         + " | ".join(line for line in fio_out.splitlines() if "fio:" in line or "err" in line)[:300])
         if lost or os.environ.get("FAULT_ROUNDS_KEEP"):
             notes.append(f"round {n}: fio's log and output kept in {log} and {self.base / f'round{n}.fio.txt'}")
         else:
-            log.unlink()
+            log.unlink(missing_ok=True)
             (self.base / f"round{n}.fio.txt").unlink()
         self.image = after
         totals.rounds += 1
