@@ -8,12 +8,13 @@ from pathlib import Path
 
 from ovsfs.backend.store import check_name
 from ovsfs.errors import BackendError, NotFound
+from ovsfs.fsutil import fsync_path, mkdir_durable
 
 
 class LocalStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        mkdir_durable(self.root)
 
     def _ns(self, ns: str) -> Path:
         check_name("namespace", ns)
@@ -29,16 +30,17 @@ class LocalStore:
         if not path.parent.is_dir():
             if not self._ns(ns).is_dir():
                 raise NotFound(f"backend namespace {ns} does not exist")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            mkdir_durable(path.parent)   # sco/, tlog/, checkpoint/: their names must survive a power cut
         return path
 
     def create_namespace(self, ns: str, preset: str | None = None) -> None:
         """A directory; the local store keeps every object as one plain file, so it has no
         presets and `preset` is ignored."""
-        self._ns(ns).mkdir(parents=True, exist_ok=True)
+        mkdir_durable(self._ns(ns))
 
     def delete_namespace(self, ns: str) -> None:
         shutil.rmtree(self._ns(ns), ignore_errors=True)
+        fsync_path(self.root)
 
     def namespaces(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
@@ -59,6 +61,7 @@ class LocalStore:
             finally:
                 os.close(fd)
             os.rename(tmp, path)
+            fsync_path(path.parent)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise BackendError(f"backend put {ns}/{name} failed: {e.strerror}") from e
@@ -74,9 +77,9 @@ class LocalStore:
             self.put(ns, name, Path(path).read_bytes())
             return
         try:
-            _fsync(tmp)
+            fsync_path(tmp)
             os.rename(tmp, dest)
-            _fsync(dest.parent)
+            fsync_path(dest.parent)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise BackendError(f"backend put {ns}/{name} failed: {e.strerror}") from e
@@ -102,10 +105,12 @@ class LocalStore:
         return data
 
     def delete(self, ns: str, name: str) -> None:
+        path = self._obj(ns, name)
         try:
-            self._obj(ns, name).unlink()
+            path.unlink()
         except FileNotFoundError:
-            pass
+            return
+        fsync_path(path.parent)   # a deleted volume.json must not come back after a power cut
 
     def list(self, ns: str, prefix: str = "") -> list[str]:
         base = self._ns(ns)
@@ -126,10 +131,3 @@ class LocalStore:
         st = os.statvfs(self.root)
         return {"capacity": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,14 +12,20 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ovsfs.fsutil import fsync_path, mkdir_durable
+
 
 class ConfigStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        mkdir_durable(path.parent)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")   # a registered volume survives a power cut
         self._db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT)")
+        # The database and its WAL (kept while the connection is open) are new names: make
+        # them durable before the first put counts as done.
+        fsync_path(path.parent)
 
     def get(self, key: str) -> Any | None:
         with self._lock:

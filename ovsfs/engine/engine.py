@@ -25,6 +25,7 @@ from ovsfs.engine.scrub import scrub_volume
 from ovsfs.engine.names import MAX_VOLUME_SIZE
 from ovsfs.engine.volume import Volume, check_name
 from ovsfs.engine.writebuffer import WriteBuffer
+from ovsfs.fsutil import mkdir_durable
 from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OvsfsError, VolumeFailed
 
 log = logging.getLogger("ovsfs.engine")
@@ -42,7 +43,7 @@ class Engine:
         self.store: Store = store if store is not None else LocalStore(cfg.path(cfg.backend.path))
         self.registry = ConfigStore(cfg.state_dir / "cluster" / "config.db")
         self.wb_root = cfg.path(cfg.engine.write_buffer)
-        self.wb_root.mkdir(parents=True, exist_ok=True)
+        mkdir_durable(self.wb_root)
         self.wb = WriteBuffer(cfg.engine.write_buffer_size)
         self.wb.on_pressure = self._seal_open_scos
         self.wb.configure_uploads(cfg.engine.upload_workers, cfg.engine.upload_retry_max_seconds)

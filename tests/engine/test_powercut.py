@@ -346,8 +346,6 @@ def _cluster(data: bytes, c: int) -> bytes:
     return data[c * CS:(c + 1) * CS]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9: LocalStore never fsyncs the sco/, tlog/, checkpoint/ "
-                                       "directories it creates in a namespace")
 def test_backend_objects_survive_a_power_cut_after_sync(on_harness: tuple[PowerCutFS, Path]) -> None:
     """vol.sync() says "all of it on the backend": what was uploaded must survive a cut there.
 
@@ -378,7 +376,6 @@ def test_backend_objects_survive_a_power_cut_after_sync(on_harness: tuple[PowerC
         w.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 case 10: the state dir's cluster/, wb/, backend/ and new volume directories are never fsynced: after a cut the whole volume is gone")
 def test_new_volume_survives_a_power_cut(on_harness: tuple[PowerCutFS, Path]) -> None:
     """Create a volume, write, flush: after a cut the volume and the flushed write are there."""
     fs, state = on_harness
