@@ -57,6 +57,8 @@ class PowerCutFS:
         for p in (self.src, self.mnt):
             p.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.work, ignore_errors=True)
+        # A killed lazyfs leaves its socket file behind: only a fresh one means "listening".
+        self.control.unlink(missing_ok=True)
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
@@ -65,12 +67,21 @@ class PowerCutFS:
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not (is_mounted(self.mnt) and self.control.exists()):
+        while not (is_mounted(self.mnt) and self._answers()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"lazyfs did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
             time.sleep(0.02)
         return self
+
+    def _answers(self) -> bool:
+        if not self.control.exists():
+            return False
+        try:
+            self.command("stats", timeout=5.0)
+        except OSError:
+            return False   # bound but not accepting yet
+        return True
 
     def command(self, cmd: str, timeout: float = 60.0) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
