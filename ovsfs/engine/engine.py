@@ -22,7 +22,7 @@ from ovsfs.cluster.store import ConfigStore
 from ovsfs.config import Config
 from ovsfs.engine.recovery import open_volume
 from ovsfs.engine.scrub import scrub_volume
-from ovsfs.engine.names import MAX_VOLUME_SIZE
+from ovsfs.engine.names import check_size
 from ovsfs.engine.volume import Volume, check_name
 from ovsfs.engine.writebuffer import WriteBuffer
 from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OvsfsError, VolumeFailed
@@ -263,10 +263,7 @@ class Engine:
                 raise AlreadyExists(f"volume {name} already exists (it could not be opened: "
                                     f"{self.failed[name]['reason']}; delete it first)")
             cs = pool["cluster_size"]
-            if not isinstance(size, int) or size <= 0 or size % cs:
-                raise InvalidArgument(f"size {size} is not a positive multiple of the cluster size ({cs} bytes)")
-            if size > MAX_VOLUME_SIZE:
-                raise InvalidArgument(f"size {size} is over the maximum of {MAX_VOLUME_SIZE} bytes")
+            check_size(size)
             rec = {"name": name, "ns": f"vol-{uuid.uuid4().hex[:16]}", "vpool": vpool, "size": size,
                    "cluster_size": cs, "sco_clusters": pool["sco_clusters"], "parent": parent,
                    "created": time.time()}

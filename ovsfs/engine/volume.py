@@ -304,6 +304,8 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
         cs = self.cluster_size
         first_full = -(-offset // cs)
         end_full = (offset + length) // cs
+        if offset + length == self.size:
+            end_full = -(-self.size // cs)   # a partial last cluster is dropped whole, not zero-filled
         # Partial clusters at the edges are zeroed by writing; whole ones are dropped from the map.
         edges = []
         if first_full > end_full:

@@ -98,10 +98,9 @@ class ImportJob(_Job):
             try:
                 self.vol = self.engine.volume(self.name)
             except NotFound:
-                pool = self.engine.vpool(self.vpool or "default")
-                cs = pool["cluster_size"]
-                size = -(-self.total // cs) * cs
-                self.vol = self.engine.create_volume(self.name, size, self.vpool or "default")
+                # Sized to the file, to the byte (the one size rule, names.check_size):
+                # never rounded up to the cluster size.
+                self.vol = self.engine.create_volume(self.name, self.total, self.vpool or "default")
                 self.created = True
             if self.total > self.vol.size:
                 raise InvalidArgument(f"{self.path} ({self.total} bytes) is larger than volume "
