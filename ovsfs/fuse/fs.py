@@ -6,16 +6,25 @@ direct_io and no kernel caching (attribute and entry timeouts of 0), so a write 
 another door (NBD, vhost-user, iSCSI) is visible here at once and vice versa.
 
 Decisions (see tree.py for the layout):
+The vPool directory behaves as a directory of sparse raw images (issue 10, item 5), so
+`cp` (also --sparse=always), `dd` (with and without conv=notrunc), `rsync --inplace`,
+`qemu-img convert`, `truncate` and `fallocate` work into it:
+- A new file is a placeholder whose name is reserved in the engine (tree.py) until its
+  first growth creates the volume: a truncate, a fallocate, or a write.
+- A write past the end grows the volume to the write's end, like a sparse file (the gap
+  reads as zeros, nothing is allocated for it). Sizes follow the one size rule
+  (names.check_size: multiples of 512 bytes, kept to the byte): a truncate to, or a
+  write ending at, another size past the end gets EINVAL and one log line. (Rounding
+  the file up would leave an image silently longer than its source.)
+- A truncate to a smaller size (O_TRUNC is a truncate to 0) drops the data past the new
+  end, like truncate(2) on a file; the volume's snapshots keep theirs. EBUSY (one log
+  line) while a door other than FUSE has the volume open.
+- A placeholder removed while open never becomes a volume: writes and truncates through
+  its descriptors get ENOENT and one log line.
+
 - Only volumes live in a vPool. A name that does not end in `.raw` is refused with
   EPERM (create, mknod, rename to it), mkdir inside a vPool too; a bad volume name gets
   EINVAL, a name over 200 characters (before `.raw`) ENAMETOOLONG.
-- A new file is an in-memory zero-length placeholder until the first truncate to a
-  positive multiple of the cluster size creates the volume (`truncate -s 10G`,
-  `qemu-img create -f raw`, `fallocate -l`). Truncate to another size resizes; sizes that
-  are not a multiple of the cluster size, shrinking over written data, and truncating a
-  volume to 0 (O_TRUNC, `cp` onto a volume) get EINVAL.
-- Volumes have a fixed size: a write past the end gets ENOSPC (a write that crosses the
-  end writes up to the end and returns a short count, like a block device).
 - rm deletes the volume (EBUSY while it is open here or exported through another door);
   mv renames within a vPool (EXDEV across vPools, EEXIST rather than replacing a volume,
   EBUSY while in use). mkdir at the top creates a vPool.
@@ -41,7 +50,8 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from ovsfs.errors import OvsfsError
+from ovsfs.engine.names import check_size
+from ovsfs.errors import Busy, InvalidArgument, OvsfsError
 from ovsfs.fuse.batch import WriteBatcher
 from ovsfs.fuse.ranges import RangeOps
 from ovsfs.fuse.tree import SUFFIX, Tree, fail, volume_name
@@ -80,6 +90,7 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
         self.batchers: weakref.WeakKeyDictionary[Any, WriteBatcher] = weakref.WeakKeyDictionary()
         self.started = time.time_ns()
         self.limiters: dict[str, trio.CapacityLimiter] = {}
+        self.grow_lock = threading.Lock()   # one size change at a time (writes past the end race)
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -117,7 +128,8 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
 
     def _attr(self, key: tuple, ino: int) -> pyfuse3.EntryAttributes:
         """Attributes of a key (synchronous; in a worker thread)."""
-        self.tree.check(key)
+        if key[0] != "gone":        # a removed placeholder still open: an empty file
+            self.tree.check(key)
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.entry_timeout = a.attr_timeout = TIMEOUT
@@ -232,11 +244,9 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
     def _make_pending(self, parent_inode: int, name: bytes) -> tuple:
         pool = self._pool_of(parent_inode)
         base = volume_name(os.fsdecode(name))
-        with self.tree.lock:
-            if base in self.engine.volumes or any(n == base for (_p, n) in self.tree.pending):
-                raise fail(errno.EEXIST)
-            self.tree.pending[(pool, base)] = time.time()
-        log.info("new file %s/%s%s: a placeholder until its first truncate", pool, base, SUFFIX)
+        self.tree.reserve(pool, base)
+        log.info("new file %s/%s%s: a reserved name until it grows (truncate, fallocate or a write)",
+                 pool, base, SUFFIX)
         return ("pending", pool, base)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -260,8 +270,8 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             if key[0] == "snaps":
                 raise fail(errno.EISDIR)
             if key[0] == "pending":
-                with self.tree.lock:
-                    self.tree.pending.pop((key[1], key[2]), None)
+                self.tree.release(key[1], key[2])
+                self.tree.inodes.orphan(key)
                 return
             self._settled(fname[:-len(SUFFIX)])
             self.engine.delete_volume(fname[:-len(SUFFIX)])
@@ -285,8 +295,7 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             if self.tree.name_taken(pool, base_new):
                 raise fail(errno.EEXIST)  # never replace a volume
             if key[0] == "pending":
-                with self.tree.lock:
-                    self.tree.pending[(pool, base_new)] = self.tree.pending.pop((pool, key[2]))
+                self.tree.move(pool, key[2], base_new)
                 self.tree.inodes.rebind(key, ("pending", pool, base_new))
                 return
             self._settled(old[:-len(SUFFIX)])
@@ -323,32 +332,85 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             return self._attr(self.tree.inodes.key(inode), inode)
         return await self._call("setattr", run)
 
-    def _truncate(self, inode: int, key: tuple, size: int) -> None:
+    def _truncate(self, inode: int, key: tuple, size: int, why: str = "truncate") -> None:
+        """Set a file's size (synchronous): create the volume of a placeholder, grow, or
+        shrink dropping the data past the new end. Errors as FUSEError / OvsfsError."""
         kind = key[0]
         if kind == "snap":
             raise fail(errno.EROFS)
-        if kind == "pending":
-            if size == 0:
-                return
-            _, pool, base = key
-            vol = self.engine.create_volume(base, size, pool)
-            with self.tree.lock:
-                self.tree.pending.pop((pool, base), None)
-            self.tree.inodes.rebind(key, ("vol", vol.ns))
-            with self.hlock:
-                waiting = [h for h in self.handles.values() if h.ino == inode and h.vol is None]
-            for h in waiting:
-                vol.acquire("fuse")
-                h.vol, h.user = vol, "fuse"
-            return
-        if kind != "vol":
+        if kind == "gone":
+            log.warning("%s of a file removed before it became a volume: refused (ENOENT), nothing is stored", why)
+            raise fail(errno.ENOENT)
+        if kind not in ("pending", "vol"):
             raise fail(errno.EISDIR)
-        vol = self.tree.by_ns(key[1])
-        if size == 0:
-            raise fail(errno.EINVAL)  # a volume cannot be empty; rm deletes it
-        if size != vol.size:
+        try:
+            check_size(size)
+        except InvalidArgument as e:
+            log.warning("%s of %s to %d bytes refused (EINVAL): %s", why, self._label(key), size, e.message)
+            raise fail(errno.EINVAL) from None
+        with self.grow_lock:
+            key = self.tree.inodes.key(inode)   # a racing growth may have made the volume
+            if key[0] == "pending":
+                self._create(inode, key, size)
+                return
+            if key[0] == "gone":
+                return self._truncate(inode, key, size, why)
+            vol = self.tree.by_ns(key[1])
+            if size == vol.size:
+                return
+            if size < vol.size:
+                others = sorted(set(vol.users) - {"fuse"})
+                if others:
+                    log.warning("%s of %s to %d bytes refused (EBUSY): in use by %s",
+                                why, vol.name, size, ", ".join(others))
+                    raise Busy(f"volume {vol.name} is in use by {', '.join(others)}")
+                # Like truncate(2): what is past the new end is dropped (snapshots keep theirs).
+                vol.trim(size, vol.size - size)
             vol.resize(size)
             self.mtimes[inode] = time.time_ns()
+
+    def _create(self, inode: int, key: tuple, size: int) -> None:
+        """A placeholder grows: its reservation becomes a volume of `size` bytes (size 0
+        stays a placeholder). Open descriptors of it now write to the volume."""
+        if size == 0:
+            return
+        _, pool, base = key
+        self.tree.release(pool, base)
+        try:
+            vol = self.engine.create_volume(base, size, pool)
+        except BaseException:
+            try:
+                self.tree.reserve(pool, base)    # still a placeholder
+            except pyfuse3.FUSEError:
+                self.tree.inodes.orphan(key)     # someone else took the name meanwhile
+            raise
+        self.tree.inodes.rebind(key, ("vol", vol.ns))
+        with self.hlock:
+            waiting = [h for h in self.handles.values() if h.ino == inode and h.vol is None]
+        for h in waiting:
+            vol.acquire("fuse")
+            h.vol, h.user = vol, "fuse"
+        log.info("new file %s/%s%s is now a volume of %d bytes", pool, base, SUFFIX, size)
+
+    def _label(self, key: tuple) -> str:
+        if key[0] == "pending":
+            return f"{key[1]}/{key[2]}{SUFFIX}"
+        if key[0] == "vol":
+            try:
+                return self.tree.by_ns(key[1]).name + SUFFIX
+            except pyfuse3.FUSEError:
+                pass
+        return str(key)
+
+    def _grow(self, h: Handle, end: int) -> None:
+        """Before a write ending at `end` past the end of the file: grow it to `end`."""
+        key = self.tree.inodes.key(h.ino)
+        if key[0] == "vol" and self.tree.by_ns(key[1]).size >= end:
+            return   # grown meanwhile by another write
+        if key[0] == "gone":
+            log.warning("write to a file removed before it became a volume: refused (ENOENT), nothing is stored")
+            raise fail(errno.ENOENT)
+        self._truncate(h.ino, key, end, why="write past the end")
 
     # ---- files --------------------------------------------------------------------------
 
@@ -393,13 +455,15 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         h = self._handle(fh)
-        vol = h.vol
         if h.snapshot is not None:
             raise fail(errno.EROFS)
-        if vol is None or off >= vol.size:
-            raise fail(errno.ENOSPC)
-        n = min(len(buf), vol.size - off)
-        data = buf if n == len(buf) else memoryview(buf)[:n]
+        n = len(buf)
+        if h.vol is None or off + n > h.vol.size:
+            await self._call(f"write {off}+{n}", self._grow, h, off + n)
+        vol = h.vol
+        if vol is None:
+            raise fail(errno.ENOENT)
+        data = buf
         b = self.batchers.get(vol)
         if b is None:
             b = self.batchers[vol] = WriteBatcher(vol, self._call)
