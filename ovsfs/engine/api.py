@@ -12,8 +12,10 @@ Two Protocols and two value types:
   it opened: a snapshot handle reads that snapshot (by its epoch) whatever later happens
   to the name, and while it is open the snapshot cannot be deleted or rolled away.
 
-The real implementation is `ovsfs.engine.engine.Engine` (catalog) with
-`ovsfs.engine.handles.EngineHandle`; an in-memory one is `ovsfs.engine.memory`. The same
+The real implementation is `Engine.catalog` (an `ovsfs.engine.catalog.EngineCatalog`;
+`Engine` itself keeps its older methods, whose names clash: `Engine.open()` starts the
+engine) with `ovsfs.engine.handles.EngineHandle`; an in-memory one is
+`ovsfs.engine.memory.MemoryCatalog`. The same
 contract tests (tests/engine/test_contract.py) run on both.
 
 Engine calls are synchronous and thread-safe; trio doors call them through the async
@@ -141,14 +143,19 @@ class VolumeCatalog(Protocol):
     def list_volumes(self, vpool: str | None = None) -> list[dict[str, Any]]:
         """Info records of the open volumes (see info), sorted by name."""
 
+    def failed_volumes(self) -> list[dict[str, Any]]:
+        """Volumes that could not be opened: {"name", "vpool", "size", "state": "failed", "reason"}."""
+
     def info(self, name: str) -> dict[str, Any]:
         """{"name", "vpool", "size", "cluster_size", "snapshots", "parent", "holders": [str],
         "failed", ...}; for a volume that could not be opened {"name", "state": "failed",
         "reason", ...}. NotFound."""
 
-    def create_volume(self, name: str, size: int, vpool: str = "default") -> dict[str, Any]:
-        """A new, empty volume of `size` bytes. AlreadyExists (a volume or a reserved name),
-        InvalidArgument (name, size), NotFound (vPool)."""
+    def create_volume(self, name: str, size: int, vpool: str = "default",
+                      holder: Holder | None = None) -> dict[str, Any]:
+        """A new, empty volume of `size` bytes. A name reserved by `holder` becomes this
+        volume (the reservation ends). AlreadyExists (a volume, or a name reserved by
+        another holder), InvalidArgument (name, size), NotFound (vPool)."""
 
     def delete_volume(self, name: str) -> None:
         """Busy naming the holders (or "has clones"); NotFound. A failed volume can be deleted."""

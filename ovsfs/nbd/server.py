@@ -31,20 +31,65 @@ import trio
 
 from ovsfs.errors import ConfigError, NotFound
 from ovsfs.nbd.connection import Connection
+from ovsfs.nbd.context import Export
 from ovsfs.nbd.limits import RECV_CHUNK, Limits
 
 log = logging.getLogger("ovsfs.nbd")
 
 
-@dataclass
-class Export:
-    """One negotiated export: a volume, or a read-only snapshot view of it."""
+class _VolumeView:
+    """A VolumeHandle over an engine without a catalog (before ovsfs.engine.catalog):
+    the volume, or a read-only view of one snapshot of it; holds vol.acquire(user) until
+    close(). Used only when the engine has no `catalog` attribute."""
 
-    name: str
-    vol: Any
-    snapshot: str | None
-    size: int
-    read_only: bool
+    def __init__(self, vol: Any, snapshot: str | None, size: int, user: str) -> None:
+        from ovsfs.engine.api import Capabilities, Holder
+
+        self._vol, self._snap, self._size, self._user = vol, snapshot, size, user
+        self.volume = vol.name
+        self.snapshot = snapshot
+        self.name = f"{vol.name}@{snapshot}" if snapshot else vol.name
+        self.holder = Holder("nbd", user)
+        ro = snapshot is not None or bool(getattr(vol, "read_only", False))
+        self.caps = Capabilities(read_only=ro, logical_block_size=512,
+                                 preferred_block_size=int(getattr(vol, "cluster_size", 4096)),
+                                 fua=True, trim=True, write_zeroes=True, extents=True,
+                                 multi_conn=True)
+        self._closed = False
+        vol.acquire(user)
+
+    @property
+    def size(self) -> int:
+        return self._size if self._snap else self._vol.size
+
+    def readv(self, reqs: Any, nowait: bool = False) -> list[bytes]:
+        kw = {"snapshot": self._snap} if self._snap else {}
+        return self._vol.readv(reqs, nowait=nowait, **kw)
+
+    def writev(self, reqs: Any, nowait: bool = False) -> None:
+        self._vol.writev(reqs, nowait=nowait)
+
+    def write_room(self, nbytes: int) -> bool:
+        return self._vol.write_room(nbytes)
+
+    def flush(self) -> None:
+        self._vol.flush()
+
+    def trim(self, offset: int, length: int) -> None:
+        self._vol.trim(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._vol.write_zeroes(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        if self._snap:
+            return self._vol.extents(offset, length, snapshot=self._snap)
+        return self._vol.extents(offset, length)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._vol.release(self._user)
 
 
 def make_ssl_context(nbd: Any, cfg: Any) -> ssl.SSLContext | None:
@@ -80,27 +125,54 @@ class NbdServer:
         self.ids = itertools.count(1)
         self.connections: dict[int, Connection] = {}
         self.limits = Limits(nbd)
+        self.io = self.limits.io
         self.recv_buffer = bytearray(RECV_CHUNK)   # shared by every connection (connection._receive)
         self.refused = 0                           # connections closed over max_connections
         self._refused_logged = 0.0
 
     # ---- exports ---------------------------------------------------------------------------
 
-    def resolve(self, name: str) -> Export:
-        """Find an export by name (blocking: run in a worker thread)."""
+    def _default(self, name: str) -> str:
         if name == "":
             vols = self.engine.list_volumes()
             if len(vols) != 1:
                 raise NotFound(f"no default export: {len(vols)} volumes exist; name one")
-            name = vols[0]["name"]
+            return vols[0]["name"]
+        return name
+
+    def resolve(self, name: str) -> Export:
+        """Describe an export without opening it (blocking: run in a worker thread)."""
+        name = self._default(name)
         base, at, snap = name.partition("@")
+        if getattr(self.engine, "catalog", None) is not None:
+            info = self.engine.catalog.info(name)
+            return Export(name, base, snap or None, int(info["size"]),
+                          bool(at) or bool(info.get("read_only", False)),
+                          int(info.get("cluster_size", 4096)))
         vol = self.engine.volume(base)
+        cs = int(getattr(vol, "cluster_size", 4096))
         if not at:
-            return Export(name, vol, None, vol.size, bool(getattr(vol, "read_only", False)))
+            return Export(name, base, None, vol.size, bool(getattr(vol, "read_only", False)), cs)
         for s in vol.list_snapshots():
             if s["name"] == snap:
-                return Export(name, vol, snap, int(s.get("size", vol.size)), True)
+                return Export(name, base, snap, int(s.get("size", vol.size)), True, cs)
         raise NotFound(f"snapshot {name} does not exist")
+
+    def open(self, name: str, client: str) -> Export:
+        """Open an export for `client` through the catalog (a hold, named in Busy errors
+        of delete/rename/rollback while the connection lasts). Blocking."""
+        name = self._default(name)
+        cat = getattr(self.engine, "catalog", None)
+        if cat is not None:
+            from ovsfs.engine.api import Holder
+
+            h = cat.open(name, Holder("nbd", client))
+        else:
+            ex = self.resolve(name)
+            h = _VolumeView(self.engine.volume(ex.volume), ex.snapshot, ex.size, f"nbd:{client}")
+        size = h.size
+        return Export(name, h.volume, h.snapshot, size, h.caps.read_only,
+                      h.caps.preferred_block_size, h)
 
     def list_exports(self) -> list[tuple[str, str]]:
         out = []
