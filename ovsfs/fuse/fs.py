@@ -1,7 +1,12 @@
 """The vPool filesystem: pyfuse3 operations over the shared engine.
 
-Every engine call runs in a worker thread (`trio.to_thread.run_sync`), one call per FUSE
-request; pyfuse3 runs many requests at once as trio tasks. Files are opened with
+Files are opened through the engine's catalog as volume handles (ovsfs.engine.api), all
+held by this mount's one Holder ("fuse client MOUNTPOINT"), so the engine's lifecycle
+rules cover open files (delete, rename, rollback, snapshot delete: EBUSY). Reads, writes,
+fsync, trim and extents go through the doors' async adapter (ovsfs.doors.adapter: the
+nowait-or-thread rule, write room waited for in trio, bounds in flight); name and
+attribute calls run in this door's own worker threads. pyfuse3 runs many requests at
+once as trio tasks. Files are opened with
 direct_io and no kernel caching (attribute and entry timeouts of 0), so a write through
 another door (NBD, vhost-user, iSCSI) is visible here at once and vice versa.
 
@@ -43,13 +48,14 @@ import os
 import stat
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyfuse3
 import trio
 
+from ovsfs.doors.adapter import READ, DoorIO, Op
+from ovsfs.engine.api import Holder
 from ovsfs.engine.names import check_size
 from ovsfs.errors import Busy, InvalidArgument, OvsfsError
 from ovsfs.fuse.batch import WriteBatcher
@@ -60,7 +66,6 @@ log = logging.getLogger("ovsfs.fuse")
 
 TIMEOUT = 0.0             # entry and attribute timeouts: other doors change things too
 BLKSIZE = 1 << 20         # st_blksize: tools size their buffers from it
-INLINE_MAX = int(os.environ.get("OVSFS_FUSE_INLINE_MAX", 64 << 10))  # bytes; 0 = always a thread
 RELEASE_WAIT = 0.5        # seconds rm / mv wait for releases still in flight
 THREADS = {"meta": 8, "data": 16, "flush": 4}   # worker threads per class of FUSE request
 
@@ -68,31 +73,55 @@ THREADS = {"meta": 8, "data": 16, "flush": 4}   # worker threads per class of FU
 @dataclass
 class Handle:
     ino: int
-    vol: Any = None             # None while the file is a placeholder
+    vol: Any = None             # the VolumeHandle; None while the file is a placeholder
     snapshot: str | None = None
-    user: str | None = None     # what we acquired on vol
     writable: bool = True
+    batcher: WriteBatcher | None = None
 
 
 class VpoolFS(RangeOps, pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, holder: Holder | None = None) -> None:
         super().__init__()
         self.engine = engine
-        self.tree = Tree(engine)
+        self.catalog = engine.catalog
+        # One holder for the whole mount: a truncate through one descriptor is not kept
+        # from shrinking by another descriptor of the same file (as with any file).
+        self.holder = holder or Holder("fuse", "mount")
+        self.tree = Tree(engine, self.holder)
+        self._io: DoorIO | None = None
         self.handles: dict[int, Handle] = {}
         self.hlock = threading.Lock()
         self.next_fh = 1
         self.dirs: dict[int, list[tuple[str, pyfuse3.EntryAttributes]]] = {}
         self.mtimes: dict[int, int] = {}
-        self.batchers: weakref.WeakKeyDictionary[Any, WriteBatcher] = weakref.WeakKeyDictionary()
         self.started = time.time_ns()
         self.limiters: dict[str, trio.CapacityLimiter] = {}
         self.grow_lock = threading.Lock()   # one size change at a time (writes past the end race)
 
     # ---- plumbing -----------------------------------------------------------------------
+
+    @property
+    def io(self) -> DoorIO:
+        """The door's adapter (created in the trio run that uses it)."""
+        if self._io is None:
+            self._io = DoorIO("fuse", threads=THREADS["data"], flush_threads=THREADS["flush"])
+        return self._io
+
+    async def _run(self, what: str, handle: Any, ops: list[Op]) -> list[Op]:
+        """Run ops through the adapter; the first error becomes FUSEError(errno)."""
+        await self.io.run(handle, ops)
+        for op in ops:
+            if op.error is not None:
+                e = op.error
+                (log.error if e.errno == errno.EIO else log.debug)("%s: %s", what, e)
+                raise fail(e.errno or errno.EIO)
+        return ops
+
+    def _open_handle(self, name: str, read_only: bool = False) -> Any:
+        return self.catalog.open(name, self.holder, read_only=read_only)
 
     def _limiter(self, kind: str) -> trio.CapacityLimiter:
         """The door's own thread limiters (created in the trio run that uses them): data
@@ -274,7 +303,7 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
                 self.tree.inodes.orphan(key)
                 return
             self._settled(fname[:-len(SUFFIX)])
-            self.engine.delete_volume(fname[:-len(SUFFIX)])
+            self.catalog.delete_volume(fname[:-len(SUFFIX)])
         await self._call(f"unlink {os.fsdecode(name)}", run)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -299,7 +328,7 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
                 self.tree.inodes.rebind(key, ("pending", pool, base_new))
                 return
             self._settled(old[:-len(SUFFIX)])
-            self.engine.rename_volume(old[:-len(SUFFIX)], base_new)
+            self.catalog.rename_volume(old[:-len(SUFFIX)], base_new)
         await self._call(f"rename {os.fsdecode(name_old)}", run)
 
     def _settled(self, name: str) -> None:
@@ -307,11 +336,14 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
 
         The kernel sends RELEASE asynchronously after close(2), so `dd ...; rm` could
         otherwise see EBUSY for a file nobody has open any more."""
-        vol = self.engine.volumes.get(name)
-        if vol is None:
-            return
         deadline = time.monotonic() + RELEASE_WAIT
-        while vol.users and set(vol.users) <= {"fuse"} and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            try:
+                holders = self.catalog.holders(name)
+            except OvsfsError:
+                return
+            if not holders or set(holders) != {self.holder}:
+                return
             time.sleep(0.005)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
@@ -358,15 +390,16 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             vol = self.tree.by_ns(key[1])
             if size == vol.size:
                 return
-            if size < vol.size:
-                others = sorted(set(vol.users) - {"fuse"})
-                if others:
-                    log.warning("%s of %s to %d bytes refused (EBUSY): in use by %s",
-                                why, vol.name, size, ", ".join(others))
-                    raise Busy(f"volume {vol.name} is in use by {', '.join(others)}")
-                # Like truncate(2): what is past the new end is dropped (snapshots keep theirs).
-                vol.trim(size, vol.size - size)
-            vol.resize(size)
+            # Like truncate(2): shrinking drops what is past the new end (snapshots keep
+            # theirs); Busy while another door holds the volume.
+            h = self._open_handle(vol.name)
+            try:
+                h.resize(size)
+            except Busy as e:
+                log.warning("%s of %s to %d bytes refused (EBUSY): %s", why, vol.name, size, e.message)
+                raise
+            finally:
+                h.close()
             self.mtimes[inode] = time.time_ns()
 
     def _create(self, inode: int, key: tuple, size: int) -> None:
@@ -375,21 +408,13 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
         if size == 0:
             return
         _, pool, base = key
-        self.tree.release(pool, base)
-        try:
-            vol = self.engine.create_volume(base, size, pool)
-        except BaseException:
-            try:
-                self.tree.reserve(pool, base)    # still a placeholder
-            except pyfuse3.FUSEError:
-                self.tree.inodes.orphan(key)     # someone else took the name meanwhile
-            raise
-        self.tree.inodes.rebind(key, ("vol", vol.ns))
+        info = self.catalog.create_volume(base, size, pool, holder=self.holder)  # the reservation becomes it
+        self.tree.forget(pool, base)
+        self.tree.inodes.rebind(key, ("vol", info["namespace"]))
         with self.hlock:
             waiting = [h for h in self.handles.values() if h.ino == inode and h.vol is None]
         for h in waiting:
-            vol.acquire("fuse")
-            h.vol, h.user = vol, "fuse"
+            h.vol = self._open_handle(base)
         log.info("new file %s/%s%s is now a volume of %d bytes", pool, base, SUFFIX, size)
 
     def _label(self, key: tuple) -> str:
@@ -420,22 +445,19 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             writable = (flags & os.O_ACCMODE) != os.O_RDONLY
             h = Handle(inode, writable=writable)
             if writable and flags & os.O_TRUNC:
-                # libfuse asks for atomic O_TRUNC: truncating a volume to 0 is refused (EINVAL).
-                self._truncate(inode, key, 0)
+                # libfuse asks for atomic O_TRUNC: the volume is emptied (truncate to 0).
+                self._truncate(inode, key, 0, why="O_TRUNC")
             if key[0] == "vol":
-                h.vol, h.user = self.tree.by_ns(key[1]), "fuse"
+                h.vol = self._open_handle(self.tree.by_ns(key[1]).name)
             elif key[0] == "snap":
                 if writable:
                     raise fail(errno.EROFS)
                 vol = self.tree.by_ns(key[1])
-                self.tree.snapshot(vol, key[2])
-                h.vol, h.snapshot, h.user = vol, key[2], f"snapshot:{key[2]}"
-            elif key[0] == "pending":
+                h.vol, h.snapshot = self._open_handle(f"{vol.name}@{key[2]}", read_only=True), key[2]
+            elif key[0] in ("pending", "gone"):
                 self.tree.check(key)
             else:
                 raise fail(errno.EISDIR)
-            if h.vol is not None:
-                h.vol.acquire(h.user)
             return pyfuse3.FileInfo(fh=self._new_fh(h), direct_io=True, keep_cache=False)
         return await self._call("open", run)
 
@@ -444,14 +466,11 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
         vol = h.vol
         if vol is None:
             return b""
-        if h.snapshot is None:
-            end = vol.size
-        else:
-            end = (await self._call("read", self.tree.snapshot, vol, h.snapshot))["size"]
-        n = min(size, end - off)
+        n = min(size, vol.size - off)     # a snapshot handle's size is the snapshot's
         if n <= 0:
             return b""
-        return await self._call(f"read {vol.name} {off}+{n}", vol.read, off, n, h.snapshot, kind="data")
+        ops = await self._run(f"read {vol.name} {off}+{n}", vol, [Op(READ, off, n)])
+        return ops[0].result
 
     async def write(self, fh, off, buf):
         h = self._handle(fh)
@@ -460,22 +479,21 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
         n = len(buf)
         if h.vol is None or off + n > h.vol.size:
             await self._call(f"write {off}+{n}", self._grow, h, off + n)
-        vol = h.vol
-        if vol is None:
+        if h.vol is None:
             raise fail(errno.ENOENT)
-        data = buf
-        b = self.batchers.get(vol)
-        if b is None:
-            b = self.batchers[vol] = WriteBatcher(vol, self._call)
-        if n > INLINE_MAX or not b.want_inline() or not self._write_inline(vol, off, data):
-            await b.write(off, data)
+        if h.batcher is None:
+            h.batcher = WriteBatcher(h.vol, self.io)
+        await h.batcher.write(off, buf)
         self.mtimes[h.ino] = time.time_ns()
         return n
 
     async def fsync(self, fh, datasync):
         h = self._handle(fh)
         if h.vol is not None and h.snapshot is None:
-            await self._call(f"fsync {h.vol.name}", h.vol.flush, kind="flush")
+            err = await self.io.run_flush(h.vol)
+            if err is not None:
+                log.error("fsync %s: %s", h.vol.name, err)
+                raise fail(err.errno or errno.EIO)
 
     async def flush(self, fh):
         pass
@@ -483,5 +501,5 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
     async def release(self, fh):
         with self.hlock:
             h = self.handles.pop(fh, None)
-        if h is not None and h.vol is not None and h.user:
-            await self._call("release", h.vol.release, h.user)
+        if h is not None and h.vol is not None:
+            await self._call("release", h.vol.close)

@@ -35,7 +35,6 @@ SUFFIX = ".raw"
 SNAPDIR = ".snapshots"
 MAX_NAME = 200
 GONE = ("gone",)            # the key of a placeholder removed while open
-HOLDER = Holder("fuse", "new file")   # who reserves placeholder names in the engine
 
 
 def fail(err: int) -> pyfuse3.FUSEError:
@@ -101,8 +100,9 @@ class Inodes:
 class Tree:
     """Name resolution over the engine; every method is synchronous (run it in a thread)."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, holder: Holder) -> None:
         self.engine = engine
+        self.holder = holder        # who reserves placeholder names in the engine
         self.inodes = Inodes()
         self.lock = threading.RLock()
         self.pending: dict[tuple[str, str], float] = {}   # (vPool, NAME) -> creation time
@@ -115,27 +115,22 @@ class Tree:
             if (pool, base) in self.pending:
                 raise fail(errno.EEXIST)
             try:
-                self._engine_reserve(pool, base)
+                self.engine.catalog.reserve_name(base, self.holder, pool)
             except AlreadyExists:
                 raise fail(errno.EEXIST) from None
             self.pending[(pool, base)] = time.time()
-
-    def _engine_reserve(self, pool: str, base: str) -> None:
-        reserve = getattr(self.engine, "reserve_name", None)
-        if reserve is not None:
-            reserve(base, HOLDER, pool)
-        elif base in self.engine.volumes or any(n == base for (_p, n) in self.pending):
-            # An engine without reservations (before the catalog): this mount's own check.
-            raise AlreadyExists(f"volume {base} already exists")
 
     def release(self, pool: str, base: str) -> None:
         """Drop a placeholder and its reservation (open descriptors of it become GONE)."""
         with self.lock:
             if self.pending.pop((pool, base), None) is None:
                 return
-            release = getattr(self.engine, "release_name", None)
-            if release is not None:
-                release(base, HOLDER)
+            self.engine.catalog.release_name(base, self.holder)
+
+    def forget(self, pool: str, base: str) -> None:
+        """The placeholder became a volume (its reservation with it)."""
+        with self.lock:
+            self.pending.pop((pool, base), None)
 
     def move(self, pool: str, old: str, new: str) -> None:
         """Rename a placeholder: the new name is reserved before the old one is released."""

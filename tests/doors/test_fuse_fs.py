@@ -79,7 +79,7 @@ def test_create_by_truncate_resize_and_bad_sizes(fz: InprocFuse) -> None:
     try:
         os.ftruncate(fd, 16 * MiB)
         os.pwrite(fd, b"hello", 4096)
-        assert fz.engine.volume("q").users == {"fuse": 1}
+        assert [str(h) for h in fz.engine.catalog.holders("q")] == [f"fuse client {fz.mnt}"]
     finally:
         os.close(fd)
     assert fz.engine.volume("q").read(4096, 5) == b"hello"
@@ -138,7 +138,7 @@ def test_snapshots_read_only(fz: InprocFuse) -> None:
     assert snap.stat().st_size == 8 * MiB and snap.stat().st_mode & 0o222 == 0
     with open(snap, "rb") as f:
         assert f.read(MiB) == b"A" * MiB
-        assert v.users == {"snapshot:s1": 1}
+        assert [str(h) for h in fz.engine.catalog.holders("v@s1")] == [f"fuse client {fz.mnt}"]
     assert (fz.pool / "v.raw").read_bytes()[:MiB] == b"B" * MiB
     assert oserr(open, snap, "r+b") == errno.EROFS
     assert oserr(os.truncate, snap, 4 * MiB) == errno.EROFS

@@ -52,12 +52,6 @@ def oserr(fn, *args) -> int:
 
 # ---- one namespace ------------------------------------------------------------------------
 
-needs_reservations = pytest.mark.skipif(
-    not hasattr(__import__("ovsfs.engine.engine", fromlist=["Engine"]).Engine, "reserve_name"),
-    reason="the engine's name reservations (VolumeCatalog.reserve_name, helper w1) are not merged yet")
-
-
-@needs_reservations
 def test_placeholder_is_a_reservation_one_name_one_object(fz: InprocFuse) -> None:
     p = fz.pool / "img.raw"
     p.touch()                                   # what a failed cp leaves behind
@@ -81,8 +75,7 @@ def test_unlinked_open_file_never_becomes_a_volume(fz: InprocFuse, caplog: pytes
     fd = os.open(p, os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o644)
     try:
         os.unlink(p)
-        if hasattr(fz.engine, "reservations"):
-            assert fz.engine.reservations() == []
+        assert fz.engine.reservations() == []
         with caplog.at_level(logging.WARNING, logger="ovsfs.fuse"):
             assert oserr(os.ftruncate, fd, 4 * MiB) == errno.ENOENT
             assert oserr(os.pwrite, fd, b"x" * 4096, 0) == errno.ENOENT
