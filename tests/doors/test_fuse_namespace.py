@@ -63,6 +63,9 @@ def test_placeholder_is_a_reservation_one_name_one_object(fz: InprocFuse) -> Non
     assert oserr(os.rename, p, fz.pool / "other.raw") == errno.EEXIST
     with pytest.raises(AlreadyExists):
         fz.engine.rename_volume("other", "img")
+    fz.engine.volume("other").create_snapshot("s")
+    with pytest.raises(AlreadyExists):
+        fz.engine.clone_volume("other", "s", "img")
     os.unlink(p)                                # rm of the placeholder drops the reservation only
     assert fz.engine.reservations("default") == []
     assert "other" in fz.engine.volumes
