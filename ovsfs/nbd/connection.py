@@ -277,18 +277,33 @@ class Connection(Negotiation):
             if not head.error and head.type == P.CMD_FLUSH:
                 bg.start_soon(self._flush, head)
                 continue
-            reads = sum(r.length for r in g if r.type in (P.CMD_READ, P.CMD_CACHE) and not r.error)
-            if reads:
-                # Charged from here on: other connections see it at once.
-                await self._read_room(reads)
-                self.flight.charge(reads)
-            spans = [(r.offset, r.offset + r.length, r.type in P.MUTATING)
-                     for r in g if not r.error and r.length]
-            after = [t for t in self.running if _conflict(t.spans, spans)]
-            task = _Running(spans)
-            self.running.append(task)
-            bg.start_soon(self._run_group, g, reads, after, task)
+            # The requests of a group commute: those that conflict with a running group
+            # wait for it, the others start now.
+            blocked: list[Request] = []
+            if self.running:
+                free = []
+                for r in g:
+                    (blocked if not r.error and r.length and any(
+                        t.conflicts(r.offset, r.offset + r.length, r.type in P.MUTATING)
+                        for t in self.running) else free).append(r)
+                g = free
+            for part in (g, blocked):
+                if part:
+                    await self._start(part, bg)
         return False
+
+    async def _start(self, g: list[Request], bg: trio.Nursery) -> None:
+        """Start one group as a task, after the running groups it conflicts with."""
+        reads = sum(r.length for r in g if r.type in (P.CMD_READ, P.CMD_CACHE) and not r.error)
+        if reads:
+            # Charged from here on: other connections see it at once.
+            await self._read_room(reads)
+            self.flight.charge(reads)
+        task = _Running([(r.offset, r.offset + r.length, r.type in P.MUTATING)
+                         for r in g if not r.error and r.length])
+        after = [t for t in self.running if t.conflicts_with(task)]
+        self.running.append(task)
+        bg.start_soon(self._run_group, g, reads, after, task)
 
     async def _read_room(self, reads: int) -> None:
         """Before a group allocates `reads` bytes of read data: wait until they fit under
@@ -396,23 +411,24 @@ _KIND = {P.CMD_READ: READ, P.CMD_CACHE: READ, P.CMD_WRITE: WRITE, P.CMD_TRIM: TR
 
 
 class _Running:
-    """A group under way: what it touches, and when it is done."""
+    """A group under way: what it touches (start, end, modifies), and when it is done."""
 
-    __slots__ = ("spans", "done")
+    __slots__ = ("spans", "done", "lo", "hi", "mut")
 
     def __init__(self, spans: list[tuple[int, int, bool]]) -> None:
         self.spans = spans
         self.done = trio.Event()
+        self.lo = min((a for a, _b, _m in spans), default=0)
+        self.hi = max((b for _a, b, _m in spans), default=0)
+        self.mut = any(m for _a, _b, m in spans)
 
+    def conflicts(self, s: int, e: int, mut: bool) -> bool:
+        """Does [s, e) overlap this group where one of the two modifies data?"""
+        if not (mut or self.mut) or e <= self.lo or s >= self.hi:
+            return False
+        return any(s < b and a < e and (mut or m) for a, b, m in self.spans)
 
-def _conflict(a: list[tuple[int, int, bool]], b: list[tuple[int, int, bool]]) -> bool:
-    """Do two groups overlap where one of them modifies data?"""
-    if not a or not b:
-        return False
-    if not any(m for _s, _e, m in a) and not any(m for _s, _e, m in b):
-        return False            # reads never conflict with reads
-    for s, e, m in b:
-        for s2, e2, m2 in a:
-            if s < e2 and s2 < e and (m or m2):
-                return True
-    return False
+    def conflicts_with(self, other: "_Running") -> bool:
+        if not (self.mut or other.mut) or other.hi <= self.lo or other.lo >= self.hi:
+            return False
+        return any(self.conflicts(s, e, m) for s, e, m in other.spans)

@@ -1,6 +1,8 @@
 """NBD listeners: a unix socket and (optionally) TCP, with an allow-list and TLS.
 
-`serve(engine, cfg)` is what the daemon runs inside its nursery. Export name = volume
+`serve(engine, cfg)` is what the daemon runs inside its nursery; the door uses only
+`engine.catalog` (ovsfs.engine.api.VolumeCatalog): each connection opens its export as a
+VolumeHandle for Holder("nbd", peer) and closes it when it ends. Export name = volume
 name; `VOL@SNAP` is a read-only export of a snapshot; the empty name means the only
 volume when exactly one exists.
 
@@ -29,67 +31,13 @@ from typing import Any
 
 import trio
 
+from ovsfs.engine.api import Holder, VolumeCatalog
 from ovsfs.errors import ConfigError, NotFound
 from ovsfs.nbd.connection import Connection
 from ovsfs.nbd.context import Export
 from ovsfs.nbd.limits import RECV_CHUNK, Limits
 
 log = logging.getLogger("ovsfs.nbd")
-
-
-class _VolumeView:
-    """A VolumeHandle over an engine without a catalog (before ovsfs.engine.catalog):
-    the volume, or a read-only view of one snapshot of it; holds vol.acquire(user) until
-    close(). Used only when the engine has no `catalog` attribute."""
-
-    def __init__(self, vol: Any, snapshot: str | None, size: int, user: str) -> None:
-        from ovsfs.engine.api import Capabilities, Holder
-
-        self._vol, self._snap, self._size, self._user = vol, snapshot, size, user
-        self.volume = vol.name
-        self.snapshot = snapshot
-        self.name = f"{vol.name}@{snapshot}" if snapshot else vol.name
-        self.holder = Holder("nbd", user)
-        ro = snapshot is not None or bool(getattr(vol, "read_only", False))
-        self.caps = Capabilities(read_only=ro, logical_block_size=512,
-                                 preferred_block_size=int(getattr(vol, "cluster_size", 4096)),
-                                 fua=True, trim=True, write_zeroes=True, extents=True,
-                                 multi_conn=True)
-        self._closed = False
-        vol.acquire(user)
-
-    @property
-    def size(self) -> int:
-        return self._size if self._snap else self._vol.size
-
-    def readv(self, reqs: Any, nowait: bool = False) -> list[bytes]:
-        kw = {"snapshot": self._snap} if self._snap else {}
-        return self._vol.readv(reqs, nowait=nowait, **kw)
-
-    def writev(self, reqs: Any, nowait: bool = False) -> None:
-        self._vol.writev(reqs, nowait=nowait)
-
-    def write_room(self, nbytes: int) -> bool:
-        return self._vol.write_room(nbytes)
-
-    def flush(self) -> None:
-        self._vol.flush()
-
-    def trim(self, offset: int, length: int) -> None:
-        self._vol.trim(offset, length)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        self._vol.write_zeroes(offset, length)
-
-    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        if self._snap:
-            return self._vol.extents(offset, length, snapshot=self._snap)
-        return self._vol.extents(offset, length)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._vol.release(self._user)
 
 
 def make_ssl_context(nbd: Any, cfg: Any) -> ssl.SSLContext | None:
@@ -111,7 +59,7 @@ def make_ssl_context(nbd: Any, cfg: Any) -> ssl.SSLContext | None:
 
 class NbdServer:
     def __init__(self, engine: Any, cfg: Any) -> None:
-        self.engine = engine
+        self.catalog: VolumeCatalog = engine.catalog     # the door uses only the contract
         self.cfg = cfg
         nbd = cfg.nbd
         self.tls_mode = nbd.tls
@@ -134,49 +82,38 @@ class NbdServer:
 
     def _default(self, name: str) -> str:
         if name == "":
-            vols = self.engine.list_volumes()
+            vols = self.catalog.list_volumes()
             if len(vols) != 1:
                 raise NotFound(f"no default export: {len(vols)} volumes exist; name one")
             return vols[0]["name"]
         return name
 
     def resolve(self, name: str) -> Export:
-        """Describe an export without opening it (blocking: run in a worker thread)."""
+        """Describe an export without opening it (blocking: run in a worker thread).
+        NotFound."""
         name = self._default(name)
         base, at, snap = name.partition("@")
-        if getattr(self.engine, "catalog", None) is not None:
-            info = self.engine.catalog.info(name)
-            return Export(name, base, snap or None, int(info["size"]),
-                          bool(at) or bool(info.get("read_only", False)),
-                          int(info.get("cluster_size", 4096)))
-        vol = self.engine.volume(base)
-        cs = int(getattr(vol, "cluster_size", 4096))
+        info = self.catalog.info(base)
+        cs = int(info.get("cluster_size", 4096))
         if not at:
-            return Export(name, base, None, vol.size, bool(getattr(vol, "read_only", False)), cs)
-        for s in vol.list_snapshots():
+            # A failed volume takes no writes: exported read-only.
+            return Export(name, base, None, int(info["size"]), info.get("failed") is not None, cs)
+        for s in self.catalog.list_snapshots(base):
             if s["name"] == snap:
-                return Export(name, base, snap, int(s.get("size", vol.size)), True, cs)
+                return Export(name, base, snap, int(s.get("size", info["size"])), True, cs)
         raise NotFound(f"snapshot {name} does not exist")
 
     def open(self, name: str, client: str) -> Export:
-        """Open an export for `client` through the catalog (a hold, named in Busy errors
-        of delete/rename/rollback while the connection lasts). Blocking."""
-        name = self._default(name)
-        cat = getattr(self.engine, "catalog", None)
-        if cat is not None:
-            from ovsfs.engine.api import Holder
-
-            h = cat.open(name, Holder("nbd", client))
-        else:
-            ex = self.resolve(name)
-            h = _VolumeView(self.engine.volume(ex.volume), ex.snapshot, ex.size, f"nbd:{client}")
-        size = h.size
-        return Export(name, h.volume, h.snapshot, size, h.caps.read_only,
+        """Open an export for `client` through the catalog: a hold, named in the Busy
+        errors of delete/rename/rollback/snapshot delete while the connection lasts.
+        Blocking. NotFound, VolumeFailed."""
+        h = self.catalog.open(self._default(name), Holder("nbd", client))
+        return Export(h.name, h.volume, h.snapshot, h.size, h.caps.read_only,
                       h.caps.preferred_block_size, h)
 
     def list_exports(self) -> list[tuple[str, str]]:
         out = []
-        for v in self.engine.list_volumes():
+        for v in self.catalog.list_volumes():
             out.append((v["name"], f"ovsfs volume, {v.get('size', 0)} bytes"))
         return out
 
