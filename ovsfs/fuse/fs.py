@@ -211,6 +211,20 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
         except KeyError:
             raise fail(errno.EBADF) from None
 
+    def shutdown(self) -> None:
+        """At unmount: the holds of files still open and the names of placeholders end
+        with the mount (a lazy unmount sends no more releases)."""
+        with self.hlock:
+            hs = list(self.handles.values())
+            self.handles.clear()
+        for h in hs:
+            if h.vol is not None:
+                try:
+                    h.vol.close()
+                except Exception:  # noqa: BLE001 - the engine may be closing too; nothing to keep
+                    log.debug("closing a handle at unmount failed", exc_info=True)
+        self.tree.release_all()
+
     # ---- names --------------------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):

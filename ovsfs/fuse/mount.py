@@ -99,6 +99,7 @@ async def serve(engine: Any, cfg: Any, *, task_status: Any = trio.TASK_STATUS_IG
         with trio.CancelScope(shield=True):
             # Unmount first (lazily, as root), so nothing new arrives, then free the session.
             pyfuse3.close(unmount=True)
+        ops.shutdown()
         log.info("FUSE unmounted from %s", mnt)
 
 

@@ -127,6 +127,12 @@ class Tree:
                 return
             self.engine.catalog.release_name(base, self.holder)
 
+    def release_all(self) -> None:
+        """Drop every placeholder of this mount (at unmount)."""
+        with self.lock:
+            for pool, base in list(self.pending):
+                self.release(pool, base)
+
     def forget(self, pool: str, base: str) -> None:
         """The placeholder became a volume (its reservation with it)."""
         with self.lock:

@@ -169,3 +169,25 @@ def test_write_past_the_end_grows_like_a_sparse_file(fz: InprocFuse, caplog: pyt
     finally:
         os.close(fd)
     assert fz.engine.volume("g").read(0, 4096)[100:200] == b"c" * 100
+
+
+def test_unmount_ends_reservations_and_holds(tmp_path: Path) -> None:
+    f = InprocFuse(tmp_path / "state").start()
+    try:
+        (f.pool / "p.raw").touch()
+        f.engine.create_volume("v", 4 * MiB)
+        fd = os.open(f.pool / "v.raw", os.O_RDWR)
+        assert [r["name"] for r in f.engine.reservations()] == ["p"]
+        assert f.engine.catalog.holders("v")
+        engine = f.engine
+        f.engine = None                      # stop() below must not close it: it is checked after
+        f.stop()
+        f.engine = engine
+        assert engine.reservations() == [] and engine.catalog.holders("v") == []
+        engine.delete_volume("v")            # nothing holds it any more
+        with pytest.raises(OSError):         # the mount is gone under the descriptor
+            os.close(fd)
+    finally:
+        if f.engine is not None:
+            f.engine.close()
+    assert not mounts_under(tmp_path)
