@@ -1,15 +1,22 @@
 #!/usr/bin/env python3
-"""fio through NBD: ovsfs against qemu-storage-daemon (raw and qcow2), same disk, same run.
+"""fio through NBD: ovsfs against qemu-nbd (raw) and qemu-storage-daemon (qcow2), same
+disk, same run, runs alternated.
 
-    .venv/bin/python tools/bench_nbd.py [--dir DIR] [--size 1G] [--runtime 8] [--daemon]
+    .venv/bin/python tools/bench_nbd.py [--dir DIR] [--size 1G] [--runtime 8] [--jobs a,b]
+
+Targets (all served at once, each over a unix socket, files in the same directory):
+  ovsfs       the real Engine and NBD door in their own process (this script, --serve)
+  nbd-raw     qemu-nbd on a fully allocated raw file (a raw file's steady state)
+  nbd-sparse  qemu-nbd on a new sparse raw file: recreated before every write run
+              (reads are not measured on it: they would read holes)
+  qsd-qcow2   qemu-storage-daemon on a qcow2 file
+ovsfs, nbd-raw and qsd-qcow2 are first filled with a sequential write so reads find data.
 
 Jobs: 4 KiB random write and read at QD1 and QD32, 1 MiB sequential write and read (QD8).
-Every target is first filled with a sequential write so that reads find data. Prints each
-figure and a table of ratios ovsfs / peer. Every process it starts is stopped by PID and
-the work directory is removed.
-
-The ovsfs side is this script re-run with --serve (the real Engine and NBD door in their
-own process); with --daemon it is `ovsfs daemon` instead (when the CLI has it).
+Each job runs on every target in the order A B C D, then D C B A (noisy machines: the
+drift cancels out); every run is printed, then a table of means and ratios ovsfs / peer,
+and the issue-10 targets with met / not met. Every process it starts is stopped by PID
+and the work directory is removed.
 """
 
 from __future__ import annotations
@@ -33,6 +40,13 @@ JOBS = [  # name, rw, bs, iodepth
     ("4k randread QD32", "randread", "4k", 32),
     ("1M seq write QD8", "write", "1M", 8),
     ("1M seq read QD8", "read", "1M", 8),
+]
+TARGETS = [  # (job, peer, wanted ratio ovsfs / peer): issue 10
+    ("1M seq write QD8", "nbd-raw", 0.8),
+    ("1M seq read QD8", "nbd-raw", 0.8),
+    ("4k randwrite QD32", "qsd-qcow2", 1.5),
+    ("4k randread QD32", "nbd-raw", 1.3),
+    ("4k randwrite QD1", "nbd-raw", 0.7),
 ]
 
 
@@ -127,88 +141,131 @@ def fio(uri: str, name: str, rw: str, bs: str, qd: int, size: int, runtime: floa
             "lat_us": side["lat_ns"]["mean"] / 1000}
 
 
-def run_target(label: str, uri: str, size: int, runtime: float) -> dict[str, dict]:
-    print(f"== {label}: prefill {size >> 20} MiB", flush=True)
-    fio(uri, "prefill", "write", "1M", 8, size, 0)
-    out = {}
-    for name, rw, bs, qd in JOBS:
-        res = fio(uri, name, rw, bs, qd, size, runtime)
-        out[name] = res
-        print(f"   {name:20s} {res['iops']:10.0f} IOPS {res['mibs']:9.1f} MiB/s "
-              f"lat {res['lat_us']:8.1f} us", flush=True)
-    return out
+class Target:
+    """One NBD server under test; `fresh` ones get a new sparse file before each write run."""
+
+    def __init__(self, name: str, work: Path, size: int, fresh: bool = False) -> None:
+        self.name, self.work, self.size, self.fresh = name, work, size, fresh
+        self.sock = work / f"{name}.sock"
+        self.proc: Proc | None = None
+
+    def uri(self) -> str:
+        return f"nbd+unix:///{'bench' if self.name == 'ovsfs' else 'd0'}?socket={self.sock}"
+
+    def start(self) -> None:
+        w, size = self.work, self.size
+        if self.name == "ovsfs":
+            cmd = [sys.executable, os.path.abspath(__file__), "--serve", str(w / "state"),
+                   str(self.sock), str(size)]
+            self.proc = Proc("ovsfs", cmd, w / "ovsfs.log", env=os.environ.copy())
+        elif self.name.startswith("nbd-"):
+            img = w / f"{self.name}.raw"
+            img.unlink(missing_ok=True)
+            with open(img, "wb") as f:
+                f.truncate(size)
+            if not self.fresh:      # fully allocated: blocks exist, the steady state
+                subprocess.run(["fallocate", "-l", str(size), str(img)], check=True, env=SYS_ENV)
+            self.proc = Proc(self.name, ["qemu-nbd", "-f", "raw", "-k", str(self.sock), "-x", "d0",
+                                         "-t", "-e", "64", str(img)], w / f"{self.name}.log")
+        else:
+            img = w / f"{self.name}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(size)],
+                           check=True, env=SYS_ENV)
+            self.proc = Proc(self.name, [
+                "qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f0,filename={img}",
+                "--blockdev", "driver=qcow2,node-name=d0,file=f0",
+                "--nbd-server", f"addr.type=unix,addr.path={self.sock}",
+                "--export", "type=nbd,id=e0,node-name=d0,name=d0,writable=on"], w / f"{self.name}.log")
+        wait_socket(self.sock, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def measures(self, rw: str) -> bool:
+        return not (self.fresh and "read" in rw)
+
+    def run(self, name: str, rw: str, bs: str, qd: int, runtime: float) -> dict:
+        if self.fresh:
+            self.stop()
+            self.start()
+        return fio(self.uri(), name, rw, bs, qd, self.size, runtime)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", help="work directory (default: a new one under /var/tmp)")
     ap.add_argument("--size", default="1G", help="volume / file size")
-    ap.add_argument("--runtime", type=float, default=8, help="seconds per job")
+    ap.add_argument("--runtime", type=float, default=8, help="seconds per run")
+    ap.add_argument("--jobs", help="comma-separated job names (default: all)")
     ap.add_argument("--serve", nargs=3, metavar=("STATE", "SOCKET", "SIZE"), help=argparse.SUPPRESS)
     ap.add_argument("--skip-peers", action="store_true", help="only measure ovsfs")
     a = ap.parse_args()
     if a.serve:
         serve_main(a.serve[0], a.serve[1], int(a.serve[2]))
         return 0
-    for tool in ("fio", "qemu-img", "qemu-storage-daemon", "nbdinfo"):
+    for tool in ("fio", "qemu-img", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "fallocate"):
         if not shutil.which(tool, path=SYS_ENV["PATH"]):
             print(f"{tool} is needed", file=sys.stderr)
             return 2
     size = parse_size(a.size)
+    jobs = [j for j in JOBS if not a.jobs or j[0] in a.jobs.split(",")]
     work = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="ovsfs-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
-    procs: list[Proc] = []
-    results: dict[str, dict[str, dict]] = {}
+    names = ["ovsfs"] + ([] if a.skip_peers else ["nbd-raw", "nbd-sparse", "qsd-qcow2"])
+    targets = [Target(n, work, size, fresh=(n == "nbd-sparse")) for n in names]
+    runs: dict[str, dict[str, list[dict]]] = {t.name: {} for t in targets}
     try:
-        # ovsfs
-        sock = work / "ovsfs.sock"
-        p = Proc("ovsfs", [sys.executable, os.path.abspath(__file__), "--serve", str(work / "state"),
-                           str(sock), str(size)], work / "ovsfs.log", env=os.environ.copy())
-        procs.append(p)
-        wait_socket(sock, p)
-        results["ovsfs"] = run_target("ovsfs", f"nbd+unix:///bench?socket={sock}", size, a.runtime)
-        p.stop()
-        # peers: qemu-storage-daemon over a raw and a qcow2 file in the same directory
-        if not a.skip_peers:
-            for fmt in ("raw", "qcow2"):
-                img = work / f"disk.{fmt}"
-                subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(img), str(size)], check=True,
-                               env=SYS_ENV)
-                qsock = work / f"qsd-{fmt}.sock"
-                cmd = ["qemu-storage-daemon",
-                       "--blockdev", f"driver=file,node-name=f0,filename={img}",
-                       "--blockdev", f"driver={fmt},node-name=d0,file=f0",
-                       "--nbd-server", f"addr.type=unix,addr.path={qsock}",
-                       "--export", "type=nbd,id=e0,node-name=d0,name=d0,writable=on"]
-                p = Proc(f"qsd-{fmt}", cmd, work / f"qsd-{fmt}.log")
-                procs.append(p)
-                wait_socket(qsock, p)
-                results[f"qsd {fmt}"] = run_target(f"qemu-storage-daemon {fmt}",
-                                                   f"nbd+unix:///d0?socket={qsock}", size, a.runtime)
-                p.stop()
-        print_table(results)
+        for t in targets:
+            t.start()
+            if not t.fresh:
+                print(f"== {t.name}: prefill {size >> 20} MiB", flush=True)
+                fio(t.uri(), "prefill", "write", "1M", 8, size, 0)
+        for name, rw, bs, qd in jobs:
+            order = targets + targets[::-1]          # A B C D D C B A
+            for t in order:
+                if not t.measures(rw):
+                    continue
+                res = t.run(name, rw, bs, qd, a.runtime)
+                runs[t.name].setdefault(name, []).append(res)
+                print(f"   {name:20s} {t.name:11s} {res['iops']:10.0f} IOPS {res['mibs']:9.1f} MiB/s "
+                      f"lat {res['lat_us']:8.1f} us", flush=True)
+        print_table(runs, jobs)
     finally:
-        for p in procs:
-            p.stop()
+        for t in targets:
+            t.stop()
         if not a.dir:
             shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def print_table(results: dict[str, dict[str, dict]]) -> None:
-    peers = [k for k in results if k != "ovsfs"]
+def _mean(rs: list[dict], key: str) -> float:
+    return sum(r[key] for r in rs) / len(rs) if rs else 0.0
+
+
+def print_table(runs: dict[str, dict[str, list[dict]]], jobs: list) -> None:
+    peers = [k for k in runs if k != "ovsfs"]
     print()
-    head = f"| {'job':20s} | {'ovsfs':>14s} |" + "".join(f" {p:>14s} | {'ratio':>6s} |" for p in peers)
+    head = f"| {'job (mean of runs)':20s} | {'ovsfs':>14s} |" + "".join(
+        f" {p:>14s} | {'ratio':>6s} |" for p in peers)
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    for name, _rw, bs, _qd in JOBS:
+    for name, _rw, bs, _qd in jobs:
         unit, key = ("MiB/s", "mibs") if bs == "1M" else ("IOPS", "iops")
-        o = results["ovsfs"][name][key]
+        o = _mean(runs["ovsfs"].get(name, []), key)
         row = f"| {name:20s} | {o:>8.0f} {unit:5s} |"
         for p in peers:
-            v = results[p][name][key]
-            row += f" {v:>8.0f} {unit:5s} | {o / v if v else 0:6.2f} |"
+            v = _mean(runs[p].get(name, []), key)
+            row += (f" {v:>8.0f} {unit:5s} | {o / v:6.2f} |" if v else f" {'-':>14s} | {'-':>6s} |")
         print(row)
+    print()
+    for name, peer, want in TARGETS:
+        key = "mibs" if "1M" in name else "iops"
+        o, v = _mean(runs["ovsfs"].get(name, []), key), _mean(runs.get(peer, {}).get(name, []), key)
+        if o and v:
+            print(f"target {name:20s} >= {want:.1f} x {peer:10s}: {o / v:5.2f}  "
+                  f"{'met' if o / v >= want else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ from ovsfs.backend.local import LocalStore
 from ovsfs.backend.store import Store
 from ovsfs.cluster.store import ConfigStore
 from ovsfs.config import Config
+from ovsfs.engine.api import Holder
+from ovsfs.engine.catalog import EngineCatalog
 from ovsfs.engine.recovery import open_volume
 from ovsfs.engine.scrub import scrub_volume
-from ovsfs.engine.names import MAX_VOLUME_SIZE
+from ovsfs.engine.names import check_size
 from ovsfs.engine.volume import Volume, check_name
 from ovsfs.engine.writebuffer import WriteBuffer
 from ovsfs.fsutil import mkdir_durable
@@ -51,6 +53,11 @@ class Engine:
         # Volumes that could not be opened at start: name -> registry record + "reason".
         self.failed: dict[str, dict[str, Any]] = {}
         self.lock = threading.RLock()
+        # Names reserved by a door before they are volumes (FUSE files being created):
+        # name -> (vPool, holder). In memory: a reservation ends with its file or the node.
+        self.reserved: dict[str, tuple[str, Holder]] = {}
+        # The contract (ovsfs/engine/api.py): what doors, jobs and the management API use.
+        self.catalog = EngineCatalog(self)
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
@@ -254,20 +261,20 @@ class Engine:
         return [v.info() for v in vols if vpool is None or v.vpool == vpool]
 
     def create_volume(self, name: str, size: int, vpool: str = "default",
-                      parent: dict[str, Any] | None = None) -> Volume:
+                      parent: dict[str, Any] | None = None, holder: Holder | None = None) -> Volume:
+        """A new volume. A name reserved by `holder` becomes this volume (the reservation
+        ends); reserved by anyone else it is AlreadyExists."""
         check_name("volume", name)
         with self.lock:
             pool = self.vpool(vpool)
             if name in self.volumes:
                 raise AlreadyExists(f"volume {name} already exists")
+            self._check_unreserved(name, holder)
             if name in self.failed:
                 raise AlreadyExists(f"volume {name} already exists (it could not be opened: "
                                     f"{self.failed[name]['reason']}; delete it first)")
             cs = pool["cluster_size"]
-            if not isinstance(size, int) or size <= 0 or size % cs:
-                raise InvalidArgument(f"size {size} is not a positive multiple of the cluster size ({cs} bytes)")
-            if size > MAX_VOLUME_SIZE:
-                raise InvalidArgument(f"size {size} is over the maximum of {MAX_VOLUME_SIZE} bytes")
+            check_size(size)
             rec = {"name": name, "ns": f"vol-{uuid.uuid4().hex[:16]}", "vpool": vpool, "size": size,
                    "cluster_size": cs, "sco_clusters": pool["sco_clusters"], "parent": parent,
                    "created": time.time()}
@@ -276,6 +283,7 @@ class Engine:
             open_volume(vol, create=True, preset=pool.get("preset"))
             self.registry.put(f"/volumes/{name}", rec)
             self.volumes[name] = vol
+            self.reserved.pop(name, None)
             log.info("created volume %s (%d bytes) in vPool %s", name, size, vpool)
             return vol
 
@@ -307,8 +315,7 @@ class Engine:
                 self._delete_failed(name)
                 return
             vol = self.volume(name)
-            if vol.users:
-                raise Busy(f"volume {name} is in use by {', '.join(sorted(vol.users))}")
+            vol.holds.check_delete_volume(name)
             if self._has_clones(vol, None):
                 raise Busy(f"volume {name} has clones")
             # First, and synchronously: without volume.json the namespace is no volume any
@@ -316,8 +323,7 @@ class Engine:
             # volume back (open() would otherwise adopt it from the backend).
             self.store.delete(vol.ns, "volume.json")
             with vol.lock:
-                if vol.users:
-                    raise Busy(f"volume {name} is in use by {', '.join(sorted(vol.users))}")
+                vol.holds.check_delete_volume(name)
                 vol.deleted = True   # no write gets in after this (_check_open)
                 # The open SCO never reaches the upload queue: its bytes are given back here.
                 open_bytes = vol.sco_idx * vol.cluster_size if vol.sco_fd is not None else 0
@@ -363,8 +369,8 @@ class Engine:
                 raise AlreadyExists(f"volume {new} already exists (it could not be opened)")
             if new in self.volumes:
                 raise AlreadyExists(f"volume {new} already exists")
-            if vol.users:
-                raise Busy(f"volume {old} is in use by {', '.join(sorted(vol.users))}")
+            self._check_unreserved(new, None)
+            vol.holds.check_rename(old)
             vol.meta["name"] = new
             self.store.put(vol.ns, "volume.json", json.dumps(vol.meta).encode())
             self.registry.put(f"/volumes/{new}", vol.meta)
@@ -376,12 +382,51 @@ class Engine:
                     p["name"] = new
                     self.registry.put(f"/volumes/{v.name}", v.meta)
 
+    # ---- name reservations -------------------------------------------------------------------
+
+    def _check_unreserved(self, name: str, holder: Holder | None) -> None:
+        r = self.reserved.get(name)
+        if r is not None and r[1] != holder:
+            raise AlreadyExists(f"volume {name} already exists (a new file in vPool {r[0]}, held by {r[1]})")
+
+    def reserve_name(self, name: str, holder: Holder, vpool: str = "default") -> None:
+        """Take `name` for a volume-to-be (one name, one object). AlreadyExists if a volume
+        (open or failed) or another holder has it; reserving it again is a no-op."""
+        check_name("volume", name)
+        with self.lock:
+            self.vpool(vpool)
+            if name in self.volumes or name in self.failed:
+                raise AlreadyExists(f"volume {name} already exists")
+            self._check_unreserved(name, holder)
+            self.reserved[name] = (vpool, holder)
+
+    def release_name(self, name: str, holder: Holder) -> None:
+        with self.lock:
+            r = self.reserved.get(name)
+            if r is not None and r[1] == holder:
+                del self.reserved[name]
+
+    def reservations(self, vpool: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            items = sorted(self.reserved.items())
+        return [{"name": n, "vpool": p, "holder": str(h)} for n, (p, h) in items if vpool is None or p == vpool]
+
     # ---- maintenance --------------------------------------------------------------------
 
     def scrub(self, name: str | None = None) -> list[dict[str, Any]]:
         with self.lock:
             vols = [self.volume(name)] if name else list(self.volumes.values())
         return [scrub_volume(v, self.cfg.engine.scrub_threshold) for v in vols]
+
+    def drop_cache(self) -> int:
+        """Drop the uploaded SCOs kept in the write buffer as a read cache; bytes freed."""
+        before = self.wb.cached
+        self.wb.drop_cache()
+        return max(0, before - self.wb.cached)
+
+    def sync_volume(self, name: str, timeout: float | None = None) -> None:
+        """Wait until all of a volume is on the backend. NotFound, VolumeFailed."""
+        self.volume(name).sync(timeout)
 
     def stats(self) -> dict[str, Any]:
         with self.lock:

@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ovsfs.engine import tlog
-from ovsfs.engine.names import MAX_VOLUME_SIZE, check_name
+from ovsfs.engine.names import check_name, check_size
 from ovsfs.errors import AlreadyExists, Busy, DataError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -91,14 +91,18 @@ class SnapshotOps(_Base):
     # ---- size ------------------------------------------------------------------------------
 
     def resize(self, size: int) -> None:
-        if size <= 0 or size % self.cluster_size:
-            raise InvalidArgument(f"size {size} is not a positive multiple of the cluster size {self.cluster_size}")
-        if size > MAX_VOLUME_SIZE:
-            raise InvalidArgument(f"size {size} is over the maximum of {MAX_VOLUME_SIZE} bytes")
+        check_size(size)
         with self.lock:
             self._check_open()
             if size < self.size:
-                used = [e for e in self.extents(size, self.size - size) if e[2]]
+                # Bytes past the end of a partial last cluster always read as zeros (so a
+                # later growth shows zeros there, like a sparse file): what is cut off of
+                # that cluster must be zeros already, the whole clusters after it unmapped.
+                cs = self.cluster_size
+                cut = min(-(-size // cs) * cs, self.size)
+                tail = self.read(size, cut - size) if cut > size else b""
+                used = [(size + tail.index(next(b for b in tail if b)), 0, True)] if any(tail) else []
+                used += [e for e in self.extents(cut, self.size - cut) if e[2]]
                 if used:
                     raise InvalidArgument(
                         f"cannot shrink {self.name} to {size}: data is written at offset {used[0][0]}")

@@ -25,6 +25,7 @@ from ovsfs.config import EngineSection
 from ovsfs.dtl import DtlSink, NoDtl
 from ovsfs.engine import tlog
 from ovsfs.engine.fileio import FileIO
+from ovsfs.engine.holders import HoldTable, legacy_holder
 from ovsfs.engine.log import LogWriter
 from ovsfs.engine.reads import IDX_MASK, ReadPath
 from ovsfs.engine.map import ClusterMap
@@ -100,7 +101,9 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
         self._tlog_reported = 0
         self.last_commit = time.monotonic()
         self.tlogs_since_checkpoint = 0
-        self.users: dict[str, int] = {}
+        self.users: dict[str, int] = {}       # legacy acquire() strings; the holds are in `holds`
+        self.holds = HoldTable()               # every handle/job holding this volume or a snapshot
+        self._user_epochs: dict[str, int | None] = {}
         self.closed = False
         self.deleted = False
         self.appended = 0                      # bytes appended to SCOs (write-buffer accounting)
@@ -304,6 +307,8 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
         cs = self.cluster_size
         first_full = -(-offset // cs)
         end_full = (offset + length) // cs
+        if offset + length == self.size:
+            end_full = -(-self.size // cs)   # a partial last cluster is dropped whole, not zero-filled
         # Partial clusters at the edges are zeroed by writing; whole ones are dropped from the map.
         edges = []
         if first_full > end_full:
@@ -323,9 +328,14 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
     # ---- users and info --------------------------------------------------------------------
 
     def acquire(self, user: str) -> None:
+        """Legacy hold by a user string ("nbd:<cid>", "fuse", "snapshot:<name>"); it is
+        registered in `holds` like a handle, so the lifecycle rules see it."""
         with self.lock:
             self._check_open()
+            epoch = self._snapshot(user[9:])["epoch"] if user.startswith("snapshot:") else None
             self.users[user] = self.users.get(user, 0) + 1
+            self.holds.add(legacy_holder(user), epoch)
+            self._user_epochs[user] = epoch
 
     def release(self, user: str) -> None:
         with self.lock:
@@ -334,6 +344,10 @@ class Volume(ReadPath, LogWriter, SnapshotOps):
                 self.users[user] = n
             else:
                 self.users.pop(user, None)
+            if user in self._user_epochs:
+                self.holds.remove(legacy_holder(user), self._user_epochs[user])
+                if n <= 0:
+                    del self._user_epochs[user]
 
     def info(self) -> dict[str, Any]:
         with self.lock:

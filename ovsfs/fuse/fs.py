@@ -1,21 +1,35 @@
 """The vPool filesystem: pyfuse3 operations over the shared engine.
 
-Every engine call runs in a worker thread (`trio.to_thread.run_sync`), one call per FUSE
-request; pyfuse3 runs many requests at once as trio tasks. Files are opened with
+Files are opened through the engine's catalog as volume handles (ovsfs.engine.api), all
+held by this mount's one Holder ("fuse client MOUNTPOINT"), so the engine's lifecycle
+rules cover open files (delete, rename, rollback, snapshot delete: EBUSY). Reads, writes,
+fsync, trim and extents go through the doors' async adapter (ovsfs.doors.adapter: the
+nowait-or-thread rule, write room waited for in trio, bounds in flight); name and
+attribute calls run in this door's own worker threads. pyfuse3 runs many requests at
+once as trio tasks. Files are opened with
 direct_io and no kernel caching (attribute and entry timeouts of 0), so a write through
 another door (NBD, vhost-user, iSCSI) is visible here at once and vice versa.
 
 Decisions (see tree.py for the layout):
+The vPool directory behaves as a directory of sparse raw images (issue 10, item 5), so
+`cp` (also --sparse=always), `dd` (with and without conv=notrunc), `rsync --inplace`,
+`qemu-img convert`, `truncate` and `fallocate` work into it:
+- A new file is a placeholder whose name is reserved in the engine (tree.py) until its
+  first growth creates the volume: a truncate, a fallocate, or a write.
+- A write past the end grows the volume to the write's end, like a sparse file (the gap
+  reads as zeros, nothing is allocated for it). Sizes follow the one size rule
+  (names.check_size: multiples of 512 bytes, kept to the byte): a truncate to, or a
+  write ending at, another size past the end gets EINVAL and one log line. (Rounding
+  the file up would leave an image silently longer than its source.)
+- A truncate to a smaller size (O_TRUNC is a truncate to 0) drops the data past the new
+  end, like truncate(2) on a file; the volume's snapshots keep theirs. EBUSY (one log
+  line) while a door other than FUSE has the volume open.
+- A placeholder removed while open never becomes a volume: writes and truncates through
+  its descriptors get ENOENT and one log line.
+
 - Only volumes live in a vPool. A name that does not end in `.raw` is refused with
   EPERM (create, mknod, rename to it), mkdir inside a vPool too; a bad volume name gets
   EINVAL, a name over 200 characters (before `.raw`) ENAMETOOLONG.
-- A new file is an in-memory zero-length placeholder until the first truncate to a
-  positive multiple of the cluster size creates the volume (`truncate -s 10G`,
-  `qemu-img create -f raw`, `fallocate -l`). Truncate to another size resizes; sizes that
-  are not a multiple of the cluster size, shrinking over written data, and truncating a
-  volume to 0 (O_TRUNC, `cp` onto a volume) get EINVAL.
-- Volumes have a fixed size: a write past the end gets ENOSPC (a write that crosses the
-  end writes up to the end and returns a short count, like a block device).
 - rm deletes the volume (EBUSY while it is open here or exported through another door);
   mv renames within a vPool (EXDEV across vPools, EEXIST rather than replacing a volume,
   EBUSY while in use). mkdir at the top creates a vPool.
@@ -34,14 +48,16 @@ import os
 import stat
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyfuse3
 import trio
 
-from ovsfs.errors import OvsfsError
+from ovsfs.doors.adapter import READ, DoorIO, Op
+from ovsfs.engine.api import Holder
+from ovsfs.engine.names import check_size
+from ovsfs.errors import Busy, InvalidArgument, OvsfsError
 from ovsfs.fuse.batch import WriteBatcher
 from ovsfs.fuse.ranges import RangeOps
 from ovsfs.fuse.tree import SUFFIX, Tree, fail, volume_name
@@ -50,7 +66,6 @@ log = logging.getLogger("ovsfs.fuse")
 
 TIMEOUT = 0.0             # entry and attribute timeouts: other doors change things too
 BLKSIZE = 1 << 20         # st_blksize: tools size their buffers from it
-INLINE_MAX = int(os.environ.get("OVSFS_FUSE_INLINE_MAX", 64 << 10))  # bytes; 0 = always a thread
 RELEASE_WAIT = 0.5        # seconds rm / mv wait for releases still in flight
 THREADS = {"meta": 8, "data": 16, "flush": 4}   # worker threads per class of FUSE request
 
@@ -58,30 +73,55 @@ THREADS = {"meta": 8, "data": 16, "flush": 4}   # worker threads per class of FU
 @dataclass
 class Handle:
     ino: int
-    vol: Any = None             # None while the file is a placeholder
+    vol: Any = None             # the VolumeHandle; None while the file is a placeholder
     snapshot: str | None = None
-    user: str | None = None     # what we acquired on vol
     writable: bool = True
+    batcher: WriteBatcher | None = None
 
 
 class VpoolFS(RangeOps, pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, holder: Holder | None = None) -> None:
         super().__init__()
         self.engine = engine
-        self.tree = Tree(engine)
+        self.catalog = engine.catalog
+        # One holder for the whole mount: a truncate through one descriptor is not kept
+        # from shrinking by another descriptor of the same file (as with any file).
+        self.holder = holder or Holder("fuse", "mount")
+        self.tree = Tree(engine, self.holder)
+        self._io: DoorIO | None = None
         self.handles: dict[int, Handle] = {}
         self.hlock = threading.Lock()
         self.next_fh = 1
         self.dirs: dict[int, list[tuple[str, pyfuse3.EntryAttributes]]] = {}
         self.mtimes: dict[int, int] = {}
-        self.batchers: weakref.WeakKeyDictionary[Any, WriteBatcher] = weakref.WeakKeyDictionary()
         self.started = time.time_ns()
         self.limiters: dict[str, trio.CapacityLimiter] = {}
+        self.grow_lock = threading.Lock()   # one size change at a time (writes past the end race)
 
     # ---- plumbing -----------------------------------------------------------------------
+
+    @property
+    def io(self) -> DoorIO:
+        """The door's adapter (created in the trio run that uses it)."""
+        if self._io is None:
+            self._io = DoorIO("fuse", threads=THREADS["data"], flush_threads=THREADS["flush"])
+        return self._io
+
+    async def _run(self, what: str, handle: Any, ops: list[Op]) -> list[Op]:
+        """Run ops through the adapter; the first error becomes FUSEError(errno)."""
+        await self.io.run(handle, ops)
+        for op in ops:
+            if op.error is not None:
+                e = op.error
+                (log.error if e.errno == errno.EIO else log.debug)("%s: %s", what, e)
+                raise fail(e.errno or errno.EIO)
+        return ops
+
+    def _open_handle(self, name: str, read_only: bool = False) -> Any:
+        return self.catalog.open(name, self.holder, read_only=read_only)
 
     def _limiter(self, kind: str) -> trio.CapacityLimiter:
         """The door's own thread limiters (created in the trio run that uses them): data
@@ -117,7 +157,8 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
 
     def _attr(self, key: tuple, ino: int) -> pyfuse3.EntryAttributes:
         """Attributes of a key (synchronous; in a worker thread)."""
-        self.tree.check(key)
+        if key[0] != "gone":        # a removed placeholder still open: an empty file
+            self.tree.check(key)
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.entry_timeout = a.attr_timeout = TIMEOUT
@@ -169,6 +210,20 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             return self.handles[fh]
         except KeyError:
             raise fail(errno.EBADF) from None
+
+    def shutdown(self) -> None:
+        """At unmount: the holds of files still open and the names of placeholders end
+        with the mount (a lazy unmount sends no more releases)."""
+        with self.hlock:
+            hs = list(self.handles.values())
+            self.handles.clear()
+        for h in hs:
+            if h.vol is not None:
+                try:
+                    h.vol.close()
+                except Exception:  # noqa: BLE001 - the engine may be closing too; nothing to keep
+                    log.debug("closing a handle at unmount failed", exc_info=True)
+        self.tree.release_all()
 
     # ---- names --------------------------------------------------------------------------
 
@@ -232,11 +287,9 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
     def _make_pending(self, parent_inode: int, name: bytes) -> tuple:
         pool = self._pool_of(parent_inode)
         base = volume_name(os.fsdecode(name))
-        with self.tree.lock:
-            if base in self.engine.volumes or any(n == base for (_p, n) in self.tree.pending):
-                raise fail(errno.EEXIST)
-            self.tree.pending[(pool, base)] = time.time()
-        log.info("new file %s/%s%s: a placeholder until its first truncate", pool, base, SUFFIX)
+        self.tree.reserve(pool, base)
+        log.info("new file %s/%s%s: a reserved name until it grows (truncate, fallocate or a write)",
+                 pool, base, SUFFIX)
         return ("pending", pool, base)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -260,11 +313,11 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             if key[0] == "snaps":
                 raise fail(errno.EISDIR)
             if key[0] == "pending":
-                with self.tree.lock:
-                    self.tree.pending.pop((key[1], key[2]), None)
+                self.tree.release(key[1], key[2])
+                self.tree.inodes.orphan(key)
                 return
             self._settled(fname[:-len(SUFFIX)])
-            self.engine.delete_volume(fname[:-len(SUFFIX)])
+            self.catalog.delete_volume(fname[:-len(SUFFIX)])
         await self._call(f"unlink {os.fsdecode(name)}", run)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -285,12 +338,11 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             if self.tree.name_taken(pool, base_new):
                 raise fail(errno.EEXIST)  # never replace a volume
             if key[0] == "pending":
-                with self.tree.lock:
-                    self.tree.pending[(pool, base_new)] = self.tree.pending.pop((pool, key[2]))
+                self.tree.move(pool, key[2], base_new)
                 self.tree.inodes.rebind(key, ("pending", pool, base_new))
                 return
             self._settled(old[:-len(SUFFIX)])
-            self.engine.rename_volume(old[:-len(SUFFIX)], base_new)
+            self.catalog.rename_volume(old[:-len(SUFFIX)], base_new)
         await self._call(f"rename {os.fsdecode(name_old)}", run)
 
     def _settled(self, name: str) -> None:
@@ -298,11 +350,14 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
 
         The kernel sends RELEASE asynchronously after close(2), so `dd ...; rm` could
         otherwise see EBUSY for a file nobody has open any more."""
-        vol = self.engine.volumes.get(name)
-        if vol is None:
-            return
         deadline = time.monotonic() + RELEASE_WAIT
-        while vol.users and set(vol.users) <= {"fuse"} and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            try:
+                holders = self.catalog.holders(name)
+            except OvsfsError:
+                return
+            if not holders or set(holders) != {self.holder}:
+                return
             time.sleep(0.005)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
@@ -323,32 +378,78 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             return self._attr(self.tree.inodes.key(inode), inode)
         return await self._call("setattr", run)
 
-    def _truncate(self, inode: int, key: tuple, size: int) -> None:
+    def _truncate(self, inode: int, key: tuple, size: int, why: str = "truncate") -> None:
+        """Set a file's size (synchronous): create the volume of a placeholder, grow, or
+        shrink dropping the data past the new end. Errors as FUSEError / OvsfsError."""
         kind = key[0]
         if kind == "snap":
             raise fail(errno.EROFS)
-        if kind == "pending":
-            if size == 0:
-                return
-            _, pool, base = key
-            vol = self.engine.create_volume(base, size, pool)
-            with self.tree.lock:
-                self.tree.pending.pop((pool, base), None)
-            self.tree.inodes.rebind(key, ("vol", vol.ns))
-            with self.hlock:
-                waiting = [h for h in self.handles.values() if h.ino == inode and h.vol is None]
-            for h in waiting:
-                vol.acquire("fuse")
-                h.vol, h.user = vol, "fuse"
-            return
-        if kind != "vol":
+        if kind == "gone":
+            log.warning("%s of a file removed before it became a volume: refused (ENOENT), nothing is stored", why)
+            raise fail(errno.ENOENT)
+        if kind not in ("pending", "vol"):
             raise fail(errno.EISDIR)
-        vol = self.tree.by_ns(key[1])
-        if size == 0:
-            raise fail(errno.EINVAL)  # a volume cannot be empty; rm deletes it
-        if size != vol.size:
-            vol.resize(size)
+        try:
+            check_size(size)
+        except InvalidArgument as e:
+            log.warning("%s of %s to %d bytes refused (EINVAL): %s", why, self._label(key), size, e.message)
+            raise fail(errno.EINVAL) from None
+        with self.grow_lock:
+            key = self.tree.inodes.key(inode)   # a racing growth may have made the volume
+            if key[0] == "pending":
+                self._create(inode, key, size)
+                return
+            if key[0] == "gone":
+                return self._truncate(inode, key, size, why)
+            vol = self.tree.by_ns(key[1])
+            if size == vol.size:
+                return
+            # Like truncate(2): shrinking drops what is past the new end (snapshots keep
+            # theirs); Busy while another door holds the volume.
+            h = self._open_handle(vol.name)
+            try:
+                h.resize(size)
+            except Busy as e:
+                log.warning("%s of %s to %d bytes refused (EBUSY): %s", why, vol.name, size, e.message)
+                raise
+            finally:
+                h.close()
             self.mtimes[inode] = time.time_ns()
+
+    def _create(self, inode: int, key: tuple, size: int) -> None:
+        """A placeholder grows: its reservation becomes a volume of `size` bytes (size 0
+        stays a placeholder). Open descriptors of it now write to the volume."""
+        if size == 0:
+            return
+        _, pool, base = key
+        info = self.catalog.create_volume(base, size, pool, holder=self.holder)  # the reservation becomes it
+        self.tree.forget(pool, base)
+        self.tree.inodes.rebind(key, ("vol", info["namespace"]))
+        with self.hlock:
+            waiting = [h for h in self.handles.values() if h.ino == inode and h.vol is None]
+        for h in waiting:
+            h.vol = self._open_handle(base)
+        log.info("new file %s/%s%s is now a volume of %d bytes", pool, base, SUFFIX, size)
+
+    def _label(self, key: tuple) -> str:
+        if key[0] == "pending":
+            return f"{key[1]}/{key[2]}{SUFFIX}"
+        if key[0] == "vol":
+            try:
+                return self.tree.by_ns(key[1]).name + SUFFIX
+            except pyfuse3.FUSEError:
+                pass
+        return str(key)
+
+    def _grow(self, h: Handle, end: int) -> None:
+        """Before a write ending at `end` past the end of the file: grow it to `end`."""
+        key = self.tree.inodes.key(h.ino)
+        if key[0] == "vol" and self.tree.by_ns(key[1]).size >= end:
+            return   # grown meanwhile by another write
+        if key[0] == "gone":
+            log.warning("write to a file removed before it became a volume: refused (ENOENT), nothing is stored")
+            raise fail(errno.ENOENT)
+        self._truncate(h.ino, key, end, why="write past the end")
 
     # ---- files --------------------------------------------------------------------------
 
@@ -358,22 +459,19 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             writable = (flags & os.O_ACCMODE) != os.O_RDONLY
             h = Handle(inode, writable=writable)
             if writable and flags & os.O_TRUNC:
-                # libfuse asks for atomic O_TRUNC: truncating a volume to 0 is refused (EINVAL).
-                self._truncate(inode, key, 0)
+                # libfuse asks for atomic O_TRUNC: the volume is emptied (truncate to 0).
+                self._truncate(inode, key, 0, why="O_TRUNC")
             if key[0] == "vol":
-                h.vol, h.user = self.tree.by_ns(key[1]), "fuse"
+                h.vol = self._open_handle(self.tree.by_ns(key[1]).name)
             elif key[0] == "snap":
                 if writable:
                     raise fail(errno.EROFS)
                 vol = self.tree.by_ns(key[1])
-                self.tree.snapshot(vol, key[2])
-                h.vol, h.snapshot, h.user = vol, key[2], f"snapshot:{key[2]}"
-            elif key[0] == "pending":
+                h.vol, h.snapshot = self._open_handle(f"{vol.name}@{key[2]}", read_only=True), key[2]
+            elif key[0] in ("pending", "gone"):
                 self.tree.check(key)
             else:
                 raise fail(errno.EISDIR)
-            if h.vol is not None:
-                h.vol.acquire(h.user)
             return pyfuse3.FileInfo(fh=self._new_fh(h), direct_io=True, keep_cache=False)
         return await self._call("open", run)
 
@@ -382,36 +480,34 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
         vol = h.vol
         if vol is None:
             return b""
-        if h.snapshot is None:
-            end = vol.size
-        else:
-            end = (await self._call("read", self.tree.snapshot, vol, h.snapshot))["size"]
-        n = min(size, end - off)
+        n = min(size, vol.size - off)     # a snapshot handle's size is the snapshot's
         if n <= 0:
             return b""
-        return await self._call(f"read {vol.name} {off}+{n}", vol.read, off, n, h.snapshot, kind="data")
+        ops = await self._run(f"read {vol.name} {off}+{n}", vol, [Op(READ, off, n)])
+        return ops[0].result
 
     async def write(self, fh, off, buf):
         h = self._handle(fh)
-        vol = h.vol
         if h.snapshot is not None:
             raise fail(errno.EROFS)
-        if vol is None or off >= vol.size:
-            raise fail(errno.ENOSPC)
-        n = min(len(buf), vol.size - off)
-        data = buf if n == len(buf) else memoryview(buf)[:n]
-        b = self.batchers.get(vol)
-        if b is None:
-            b = self.batchers[vol] = WriteBatcher(vol, self._call)
-        if n > INLINE_MAX or not b.want_inline() or not self._write_inline(vol, off, data):
-            await b.write(off, data)
+        n = len(buf)
+        if h.vol is None or off + n > h.vol.size:
+            await self._call(f"write {off}+{n}", self._grow, h, off + n)
+        if h.vol is None:
+            raise fail(errno.ENOENT)
+        if h.batcher is None:
+            h.batcher = WriteBatcher(h.vol, self.io)
+        await h.batcher.write(off, buf)
         self.mtimes[h.ino] = time.time_ns()
         return n
 
     async def fsync(self, fh, datasync):
         h = self._handle(fh)
         if h.vol is not None and h.snapshot is None:
-            await self._call(f"fsync {h.vol.name}", h.vol.flush, kind="flush")
+            err = await self.io.run_flush(h.vol)
+            if err is not None:
+                log.error("fsync %s: %s", h.vol.name, err)
+                raise fail(err.errno or errno.EIO)
 
     async def flush(self, fh):
         pass
@@ -419,5 +515,5 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
     async def release(self, fh):
         with self.hlock:
             h = self.handles.pop(fh, None)
-        if h is not None and h.vol is not None and h.user:
-            await self._call("release", h.vol.release, h.user)
+        if h is not None and h.vol is not None:
+            await self._call("release", h.vol.close)

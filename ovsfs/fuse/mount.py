@@ -19,6 +19,7 @@ import trio
 
 from ovsfs.errors import ConfigError
 from ovsfs.fuse import lowlevel
+from ovsfs.engine.api import Holder
 from ovsfs.fuse.fs import VpoolFS
 
 log = logging.getLogger("ovsfs.fuse")
@@ -86,7 +87,7 @@ async def serve(engine: Any, cfg: Any, *, task_status: Any = trio.TASK_STATUS_IG
     """Serve the vPool tree at cfg.fuse.mountpoint until cancelled; then unmount."""
     mnt = cfg.path(cfg.fuse.mountpoint)
     await trio.to_thread.run_sync(prepare_mountpoint, mnt)
-    ops = VpoolFS(engine)
+    ops = VpoolFS(engine, Holder("fuse", str(mnt)))   # named in Busy: "fuse client MNT"
     pyfuse3.init(ops, str(mnt), mount_options(cfg))
     log.info("FUSE mounted at %s", mnt)
     try:
@@ -98,6 +99,7 @@ async def serve(engine: Any, cfg: Any, *, task_status: Any = trio.TASK_STATUS_IG
         with trio.CancelScope(shield=True):
             # Unmount first (lazily, as root), so nothing new arrives, then free the session.
             pyfuse3.close(unmount=True)
+        ops.shutdown()
         log.info("FUSE unmounted from %s", mnt)
 
 

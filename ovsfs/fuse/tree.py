@@ -10,26 +10,31 @@ Inode keys: ("root",), ("pool", P), ("snaps", P), ("snapdir", NS), ("vol", NS),
 inode survives a rename through any door. Inode numbers are never reused while mounted.
 
 A file created in a vPool (create, mknod, `truncate -s` on a new name) is a *pending*
-volume: a zero-length placeholder kept in memory by this mount, until its first
-truncate to a positive multiple of the cluster size creates the volume. Placeholders are
-not stored anywhere: they vanish at unmount.
+volume: a zero-length placeholder whose name is reserved in the engine's registry
+(`reserve_name`: create/import/clone/rename elsewhere see the name as taken: one name,
+one object), until its first growth (truncate, fallocate or a write) creates the volume.
+Placeholders are not stored anywhere: they vanish at unmount. A placeholder removed while
+open becomes ("gone",): its open descriptors can never make a volume.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
+import time
 from typing import Any
 
 import pyfuse3
 
+from ovsfs.engine.api import Holder
 from ovsfs.engine.names import NAME_RE
-from ovsfs.errors import NotFound
+from ovsfs.errors import AlreadyExists, NotFound
 
 ROOT = pyfuse3.ROOT_INODE
 SUFFIX = ".raw"
 SNAPDIR = ".snapshots"
 MAX_NAME = 200
+GONE = ("gone",)            # the key of a placeholder removed while open
 
 
 def fail(err: int) -> pyfuse3.FUSEError:
@@ -71,6 +76,14 @@ class Inodes:
         except KeyError:
             raise fail(errno.ENOENT) from None
 
+    def orphan(self, key: tuple) -> None:
+        """The object behind `key` is gone but may still be open: its inode now names
+        nothing (GONE), and a new object of the same name gets a new inode."""
+        with self.lock:
+            i = self.by_key.pop(key, None)
+            if i is not None:
+                self.by_ino[i] = GONE
+
     def rebind(self, old: tuple, new: tuple) -> None:
         """Give `new` the inode of `old` (a pending file became a volume, or was renamed)."""
         with self.lock:
@@ -87,11 +100,53 @@ class Inodes:
 class Tree:
     """Name resolution over the engine; every method is synchronous (run it in a thread)."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, holder: Holder) -> None:
         self.engine = engine
+        self.holder = holder        # who reserves placeholder names in the engine
         self.inodes = Inodes()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.pending: dict[tuple[str, str], float] = {}   # (vPool, NAME) -> creation time
+
+    # ---- placeholders: names reserved in the engine -----------------------------------
+
+    def reserve(self, pool: str, base: str) -> None:
+        """Reserve NAME for a new file (EEXIST when a volume or a reservation has it)."""
+        with self.lock:
+            if (pool, base) in self.pending:
+                raise fail(errno.EEXIST)
+            try:
+                self.engine.catalog.reserve_name(base, self.holder, pool)
+            except AlreadyExists:
+                raise fail(errno.EEXIST) from None
+            self.pending[(pool, base)] = time.time()
+
+    def release(self, pool: str, base: str) -> None:
+        """Drop a placeholder and its reservation (open descriptors of it become GONE)."""
+        with self.lock:
+            if self.pending.pop((pool, base), None) is None:
+                return
+            self.engine.catalog.release_name(base, self.holder)
+
+    def release_all(self) -> None:
+        """Drop every placeholder of this mount (at unmount)."""
+        with self.lock:
+            for pool, base in list(self.pending):
+                self.release(pool, base)
+
+    def forget(self, pool: str, base: str) -> None:
+        """The placeholder became a volume (its reservation with it)."""
+        with self.lock:
+            self.pending.pop((pool, base), None)
+
+    def move(self, pool: str, old: str, new: str) -> None:
+        """Rename a placeholder: the new name is reserved before the old one is released."""
+        with self.lock:
+            if (pool, old) not in self.pending:
+                raise fail(errno.ENOENT)
+            self.reserve(pool, new)
+            self.pending[(pool, new)] = self.pending[(pool, old)]
+            self.release(pool, old)
+            self.pending.pop((pool, old), None)
 
     # ---- objects behind keys ----------------------------------------------------------
 
@@ -190,6 +245,8 @@ class Tree:
             with self.lock:
                 if (key[1], key[2]) not in self.pending:
                     raise fail(errno.ENOENT)
+        if kind == "gone":
+            raise fail(errno.ENOENT)
 
     def name_taken(self, pool: str, base: str) -> bool:
         """Volume names are global across vPools; placeholders count too."""

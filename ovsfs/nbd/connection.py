@@ -1,25 +1,33 @@
 """One NBD client: fixed-newstyle negotiation, then pipelined transmission.
 
-Transmission: every receive is parsed into as many complete requests as it holds; the
-batch is split into order-preserving groups (protocol.groups) and each group runs as one
-worker-thread call (one vol.writev for its writes, one vol.readv for its reads). Replies
-queue up and a sender task writes them with one send per wake-up. FLUSH and FUA run in
-the background after the writes before them, so later requests never wait behind a flush.
+Transmission is pipelined: every receive is parsed into as many complete requests as it
+holds; the batch is split into order-preserving groups (transmission.groups) and each
+group runs as its own task through the door's adapter (ovsfs.doors.adapter: one writev
+for its writes, one readv for its reads, nowait in the event loop or a worker thread)
+while the connection goes on receiving. A group waits only for the earlier groups it
+conflicts with. Replies queue up as groups complete and a sender task writes them with
+one send per wake-up. FLUSH starts at once (it covers the writes already replied to);
+FUA replies follow a flush after their write.
 
 Limits (limits.py): the socket is read only while the connection and the node are under
-their bytes-in-flight bounds; writes that find no write-buffer room wait here, in trio,
-not in a worker thread; worker threads come from the door's own limiters. An engine
-error fails the request it belongs to (an NBD error reply), never the connection.
+their bytes-in-flight bounds (request payloads, read data of running groups and unsent
+replies count); writes that find no write-buffer room wait in trio (the adapter); worker
+threads come from the door's own limiters. An engine error fails the request it belongs
+to (an NBD error reply), never the connection.
+
+The connection knows its door only as a context.DoorContext (never the server module);
+the export is a VolumeHandle opened through the catalog, closed when the connection ends.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ovsfs.doors.adapter import EXTENTS, READ, TRIM, WRITE, ZEROES, Op
 from ovsfs.nbd import protocol as P
 from ovsfs.nbd.limits import PART_OVERHEAD, RECV_CHUNK, ConnFlight
 from ovsfs.nbd.negotiation import CONTEXT_ID, Closed, Negotiation
@@ -29,14 +37,11 @@ from ovsfs.nbd.transmission import (
 )
 
 if TYPE_CHECKING:
-    from ovsfs.nbd.server import Export, NbdServer
+    from ovsfs.nbd.context import DoorContext, Export
 
 log = logging.getLogger("ovsfs.nbd")
 
 BLOCK_STATUS_CAP = 1 << 30     # bytes described per BLOCK_STATUS request at most
-INLINE_MAX = 256 << 10         # groups up to this many data bytes may run in the event loop
-ROOM_POLL = (0.002, 0.1)       # seconds: first and longest pause between write-buffer room checks
-ROOM_PROBE = 1.0               # seconds without room before one writer tries the blocking path
 GROUP_MAX_READ = 8 << 20       # read bytes per group (one bigger READ is a group of its own)
 
 
@@ -47,8 +52,8 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 class Connection(Negotiation):
-    def __init__(self, server: "NbdServer", stream: Any, cid: int, peer: str, tcp: bool) -> None:
-        self.server = server
+    def __init__(self, ctx: "DoorContext", stream: Any, cid: int, peer: str, tcp: bool) -> None:
+        self.ctx = ctx
         self.stream = stream
         self.cid = cid
         self.peer = peer
@@ -66,11 +71,9 @@ class Connection(Negotiation):
         self.drained = trio.Event()
         self.closing = False
         self.logged: set[tuple[int, int]] = set()
-        self.user = f"nbd:{cid}"
-        self.acquired = False
-        self._probing = False
-        self.limits = server.limits
-        self.flight = ConnFlight(server.limits.node, server.limits.connection_buffer)
+        self.running: list[_Running] = []     # groups under way, in the order received
+        self.limits = ctx.limits
+        self.flight = ConnFlight(ctx.limits.node, ctx.limits.connection_buffer)
 
     # ---- plumbing --------------------------------------------------------------------------
 
@@ -123,11 +126,11 @@ class Connection(Negotiation):
             why = "internal error"
             log.exception("nbd[%d] %s: internal error; closing the connection", self.cid, self.peer)
         finally:
-            if self.acquired and self.export is not None:
-                try:
-                    self.export.vol.release(self.user)
+            if self.export is not None and self.export.handle is not None:
+                try:   # the hold on the volume (or snapshot) ends with the connection
+                    self.export.handle.close()
                 except Exception:
-                    log.exception("nbd[%d]: release failed", self.cid)
+                    log.exception("nbd[%d]: closing the export failed", self.cid)
             self.flight.release_all()
             self.out.clear()
             with trio.CancelScope(shield=True):
@@ -177,7 +180,7 @@ class Connection(Negotiation):
         if sock is None:  # TLS
             return await self.stream.receive_some(n)
         fd = sock.fileno()
-        buf = self.server.recv_buffer
+        buf = self.ctx.recv_buffer
         # Yield first (a busy client must not starve the others), then read at once when
         # data is there: waiting for readiness first would cost an epoll round per receive.
         await trio.lowlevel.checkpoint()
@@ -252,218 +255,180 @@ class Connection(Negotiation):
         return simple_reply(r.cookie, code)
 
     async def _batch(self, reqs: list[Request], bg: trio.Nursery) -> bool:
+        """Start every group of a parsed batch as its own task, in order; True on DISC.
+
+        Pipelining: the receive loop goes on reading while the groups run. A group waits
+        only for the earlier groups it conflicts with (an overlap where one of them
+        modifies), so the order the client gave holds wherever it matters; replies go out
+        as groups complete. A FLUSH covers the writes completed (replied to) before it was
+        received (NBD proto.md), so it waits for nothing before it starts."""
         ex = self.export
         assert ex is not None
         meta = self.meta_export is not None
         for r in reqs:
             check_request(r, ex.size, read_only=ex.read_only, structured=self.structured, meta=meta)
         gs = groups(reqs, max_read=min(self.flight.limit // 2, GROUP_MAX_READ))
-        try:
-            for g in gs:
-                reads = sum(r.length for r in g if r.type in (P.CMD_READ, P.CMD_CACHE) and not r.error)
-                head = g[0]
-                if not head.error and head.type == P.CMD_DISC:
-                    return True
-                if not head.error and head.type == P.CMD_FLUSH:
-                    bg.start_soon(self._flush_then, [simple_reply(head.cookie)],
-                                  lambda code, msg, r=head: [self._error_reply(r, code, msg)])
-                else:
-                    if reads:
-                        # Charged from the check on: other connections see it at once.
-                        await self._read_room(reads)
-                        self.flight.charge(reads)
-                    try:
-                        await self._group(g, bg)
-                    finally:
-                        self.flight.release(reads)   # the replies are charged as they queue
-                self.flight.release(sum(len(r.data) for r in g if r.data is not None))
+        for k, g in enumerate(gs):
+            head = g[0]
+            if not head.error and head.type == P.CMD_DISC:
+                # Requests after DISC are not served: what they hold is free.
+                self.flight.release(sum(len(r.data) for h in gs[k:] for r in h if r.data is not None))
+                return True
+            if not head.error and head.type == P.CMD_FLUSH:
+                bg.start_soon(self._flush, head)
+                continue
+            # The requests of a group commute: those that conflict with a running group
+            # wait for it, the others start now.
+            blocked: list[Request] = []
+            if self.running:
+                free = []
                 for r in g:
-                    r.data = None
-        finally:
-            # DISC, or the connection is going: what the rest of the batch held is free.
-            self.flight.release(sum(len(r.data) for r in reqs if r.data is not None))
+                    (blocked if not r.error and r.length and any(
+                        t.conflicts(r.offset, r.offset + r.length, r.type in P.MUTATING)
+                        for t in self.running) else free).append(r)
+                g = free
+            for part in (g, blocked):
+                if part:
+                    await self._start(part, bg)
         return False
+
+    async def _start(self, g: list[Request], bg: trio.Nursery) -> None:
+        """Start one group as a task, after the running groups it conflicts with."""
+        reads = sum(r.length for r in g if r.type in (P.CMD_READ, P.CMD_CACHE) and not r.error)
+        if reads:
+            # Charged from here on: other connections see it at once.
+            await self._read_room(reads)
+            self.flight.charge(reads)
+        task = _Running([(r.offset, r.offset + r.length, r.type in P.MUTATING)
+                         for r in g if not r.error and r.length])
+        after = [t for t in self.running if t.conflicts_with(task)]
+        self.running.append(task)
+        bg.start_soon(self._run_group, g, reads, after, task)
 
     async def _read_room(self, reads: int) -> None:
         """Before a group allocates `reads` bytes of read data: wait until they fit under
-        the connection's bound (counting its unsent replies) and the node's.
+        the connection's bound (counting its unsent replies and its running groups) and
+        the node's.
 
-        Deadlock-free: a connection waits for node room only while it holds no request
-        data of its own (or while it has unsent replies, which its own client frees, or
-        send_timeout). So when its replies are all sent, a connection that holds the rest
-        of a batch, or asks for no more than one receive's worth, goes on at once: clients
-        that read their replies are served even while others keep the node at its bound."""
+        Deadlock-free: a connection waits only while something of its own will free bytes
+        (running groups finish; unsent replies are read by its client, or send_timeout),
+        or for node room while it holds nothing of its own that others wait for. With
+        nothing running and nothing queued, a connection that holds the rest of a batch,
+        or asks for no more than one receive's worth, goes on at once: clients that read
+        their replies are served even while others keep the node at its bound."""
         flight = self.flight
         node = flight.node
         while True:
             queued = self.out_bytes + self.sending
-            if queued and queued + reads > flight.limit:
-                self.drained = trio.Event()
-                await self.drained.wait()
+            mine = queued or self.running
+            if mine and flight.used + reads > flight.limit:
+                await node.wait_freed()     # our own releases wake the node's waiters too
                 continue
             if node.used == 0 or node.used + reads <= node.limit:
                 return
             holds = flight.used - queued > 0
-            if not queued and (holds or reads <= RECV_CHUNK):
+            if not mine and (holds or reads <= RECV_CHUNK):
                 return
             await node.wait_freed()
 
-    async def _flush_then(self, replies: list[bytes], errs: Callable[[int, str], list[bytes]]) -> None:
-        """Flush the volume, then send `replies` (or errs(code, message) if it failed)."""
-        ex = self.export
-        assert ex is not None
-        if not ex.read_only:
-            try:
-                await trio.to_thread.run_sync(ex.vol.flush, limiter=self.limits.flush)
-            except Exception as e:
-                code = P.nbd_errno(e)
-                self._log_once((P.CMD_FLUSH, code), "flush failed: %s", e)
-                replies = errs(code, str(e))
-        self._queue(replies)
+    async def _flush(self, r: Request) -> None:
+        err = await self.ctx.io.run_flush(self.export.handle) if self.export else None
+        if err is not None:
+            code = P.nbd_errno(err)
+            self._log_once((P.CMD_FLUSH, code), "flush failed: %s", err)
+            self._queue([self._error_reply(r, code, str(err))])
+        else:
+            self._queue([simple_reply(r.cookie)])
 
-    async def _group(self, g: list[Request], bg: trio.Nursery) -> None:
+    async def _run_group(self, g: list[Request], reads: int, after: list["_Running"],
+                         task: "_Running") -> None:
+        try:
+            for t in after:
+                await t.done.wait()
+            await self._group(g)
+        finally:
+            self.flight.release(reads)     # the replies are charged as they queue
+            self.flight.release(sum(len(r.data) for r in g if r.data is not None))
+            for r in g:
+                r.data = None
+            self.running.remove(task)
+            task.done.set()
+
+    async def _group(self, g: list[Request]) -> None:
         ex = self.export
-        assert ex is not None
-        vol, snap = ex.vol, ex.snapshot
-        writes, trims, zeroes, reads, bstat = [], [], [], [], []
+        assert ex is not None and ex.handle is not None
         out: list[bytes] = []
+        ops: list[Op] = []
         for r in g:
             if r.error:
                 self._log_once((r.type, r.error), "%s refused (error %d): %s", r.name, r.error, r.reason)
                 out.append(self._error_reply(r, r.error, r.reason))
-            elif r.type == P.CMD_WRITE:
-                writes.append(r)
-            elif r.type == P.CMD_READ:
-                reads.append(r)
-            elif r.type == P.CMD_TRIM:
-                trims.append(r)
-            elif r.type == P.CMD_WRITE_ZEROES:
-                zeroes.append(r)
-            elif r.type == P.CMD_CACHE:
-                if r.length <= P.MAX_PAYLOAD:
-                    reads.append(r)
-                else:
-                    out.append(self._ok(r))
-            elif r.type == P.CMD_BLOCK_STATUS:
-                bstat.append(r)
-        failed: dict[int, BaseException] = {}
-        results: dict[int, Any] = {}
-        kw = {"snapshot": snap} if snap else {}
-        # Small groups first try the engine's nowait calls from the event loop: at queue
-        # depth 1 the thread hop costs more than the engine work. Anything that would wait
-        # (or fail) goes to the worker thread below, which sorts out errors per request.
-        small = sum(r.length for r in writes) + sum(r.length for r in reads) <= INLINE_MAX
-        if small and (writes or reads) and not (trims or zeroes or bstat):
-            try:
-                if writes:
-                    vol.writev([(r.offset, r.data) for r in writes], nowait=True)
-                    writes = []
-                if reads:
-                    for r, d in zip(reads, vol.readv([(r.offset, r.length) for r in reads], nowait=True, **kw)):
-                        results[id(r)] = d
-                    reads = []
-            except Exception:  # noqa: BLE001 - WouldBlock, or an error the thread sorts out per request
-                pass
-        if writes or trims or zeroes:
-            # What the engine will reserve: whole clusters (two per trim or zeroing for its
-            # partial edges), so a waiting writer does not go on a little too early.
-            cs = int(getattr(vol, "cluster_size", 4096))
-            need = sum(((r.offset + r.length - 1) // cs - r.offset // cs + 1) * cs
-                       for r in writes if r.length) + 2 * cs * (len(trims) + len(zeroes))
-            await self._write_room(vol, need)
-
-        def work() -> None:
-            if writes:
-                try:
-                    vol.writev([(r.offset, r.data) for r in writes])
-                except Exception:
-                    for r in writes:   # find out which ones fail
-                        try:
-                            vol.write(r.offset, r.data)
-                        except Exception as e:
-                            failed[id(r)] = e
-            for r in trims:
-                try:
-                    vol.trim(r.offset, r.length)
-                except Exception as e:
-                    failed[id(r)] = e
-            for r in zeroes:
-                try:
-                    vol.write_zeroes(r.offset, r.length)
-                except Exception as e:
-                    failed[id(r)] = e
-            if reads:
-                try:
-                    for r, d in zip(reads, vol.readv([(r.offset, r.length) for r in reads], **kw)):
-                        results[id(r)] = d
-                except Exception:
-                    for r in reads:
-                        try:
-                            results[id(r)] = vol.read(r.offset, r.length, **kw)
-                        except Exception as e:
-                            failed[id(r)] = e
-            for r in bstat:
-                try:
-                    n = min(r.length, BLOCK_STATUS_CAP)
-                    results[id(r)] = vol.extents(r.offset, n, snapshot=snap) if snap else \
-                        vol.extents(r.offset, n)
-                except Exception as e:
-                    failed[id(r)] = e
-
-        if writes or trims or zeroes or reads or bstat:
-            limiter = self.limits.data
-            if self._probing:
-                limiter, self._probing = self.limits.probe, False
-            # Abandoned on cancel (shutdown, the client gone): a thread stuck waiting for a
-            # backend that is away must not hold up the door; nothing of it is acknowledged.
-            await trio.to_thread.run_sync(work, limiter=limiter, abandon_on_cancel=True)
+            elif r.type == P.CMD_CACHE and r.length > P.MAX_PAYLOAD:
+                out.append(simple_reply(r.cookie))
+            else:
+                ops.append(Op(_KIND[r.type], r.offset,
+                              min(r.length, BLOCK_STATUS_CAP) if r.type == P.CMD_BLOCK_STATUS
+                              else r.length, r.data, tag=r))
+        if ops:
+            await self.ctx.io.run(ex.handle, ops)
         fua: list[Request] = []
-        for r in g:
-            if r.error:
-                continue
-            e = failed.get(id(r))
-            if e is not None:
-                code = P.nbd_errno(e, r.type)
-                self._log_once((r.type, code), "%s %d+%d failed: %s", r.name, r.offset, r.length, e)
-                out.append(self._error_reply(r, code, str(e)))
+        for op in ops:
+            r = op.tag
+            if op.error is not None:
+                code = P.nbd_errno(op.error, r.type)
+                self._log_once((r.type, code), "%s %d+%d failed: %s", r.name, r.offset, r.length,
+                               op.error)
+                out.append(self._error_reply(r, code, str(op.error)))
             elif r.type == P.CMD_READ:
-                data = results[id(r)]
                 if self.structured:
-                    out.extend(read_reply_structured(r.cookie, r.offset, data))
+                    out.extend(read_reply_structured(r.cookie, r.offset, op.result))
                 else:
                     out.append(simple_reply(r.cookie))
-                    out.append(data)
+                    out.append(op.result)
             elif r.type == P.CMD_BLOCK_STATUS:
-                out.append(block_status_reply(r.cookie, CONTEXT_ID, results[id(r)],
-                                                bool(r.flags & P.CMD_FLAG_REQ_ONE)))
+                out.append(block_status_reply(r.cookie, CONTEXT_ID, op.result,
+                                              bool(r.flags & P.CMD_FLAG_REQ_ONE)))
             elif r.flags & P.CMD_FLAG_FUA:
                 fua.append(r)
             else:
-                out.append(self._ok(r))
+                out.append(simple_reply(r.cookie))
+            op.result = op.data = None
         if out:
             self._queue(out)
         if fua:
-            bg.start_soon(self._flush_then, [self._ok(r) for r in fua],
-                          lambda code, msg: [self._error_reply(r, code, msg) for r in fua])
+            # The other replies of the group are out already; FUA ones follow the flush.
+            err = await self.ctx.io.run_flush(ex.handle)
+            if err is not None:
+                code = P.nbd_errno(err)
+                self._log_once((P.CMD_FLUSH, code), "flush (FUA) failed: %s", err)
+                self._queue([self._error_reply(r, code, str(err)) for r in fua])
+            else:
+                self._queue([simple_reply(r.cookie) for r in fua])
 
-    async def _write_room(self, vol: Any, nbytes: int) -> None:
-        """Wait here, in trio, until the write buffer has room for `nbytes`.
 
-        With the backend away the buffer stays full; writers waiting in worker threads
-        would take every thread the node has. After ROOM_PROBE seconds one writer per
-        node (the probe limiter) goes on into the engine's blocking reserve anyway: the
-        engine seals idle volumes' open SCOs when writers wait there."""
-        room = getattr(vol, "write_room", None)
-        if room is None or room(nbytes):
-            return
-        pause, waited = ROOM_POLL[0], 0.0
-        while not room(nbytes):
-            if waited >= ROOM_PROBE and self.limits.probe.available_tokens:
-                self._probing = True
-                return
-            await trio.sleep(pause)
-            waited += pause
-            pause = min(pause * 2, ROOM_POLL[1])
+_KIND = {P.CMD_READ: READ, P.CMD_CACHE: READ, P.CMD_WRITE: WRITE, P.CMD_TRIM: TRIM,
+         P.CMD_WRITE_ZEROES: ZEROES, P.CMD_BLOCK_STATUS: EXTENTS}
 
-    def _ok(self, r: Request) -> bytes:
-        return simple_reply(r.cookie)
+
+class _Running:
+    """A group under way: what it touches (start, end, modifies), and when it is done."""
+
+    __slots__ = ("spans", "done", "lo", "hi", "mut")
+
+    def __init__(self, spans: list[tuple[int, int, bool]]) -> None:
+        self.spans = spans
+        self.done = trio.Event()
+        self.lo = min((a for a, _b, _m in spans), default=0)
+        self.hi = max((b for _a, b, _m in spans), default=0)
+        self.mut = any(m for _a, _b, m in spans)
+
+    def conflicts(self, s: int, e: int, mut: bool) -> bool:
+        """Does [s, e) overlap this group where one of the two modifies data?"""
+        if not (mut or self.mut) or e <= self.lo or s >= self.hi:
+            return False
+        return any(s < b and a < e and (mut or m) for a, b, m in self.spans)
+
+    def conflicts_with(self, other: "_Running") -> bool:
+        if not (self.mut or other.mut) or other.hi <= self.lo or other.lo >= self.hi:
+            return False
+        return any(self.conflicts(s, e, m) for s, e, m in other.spans)

@@ -42,6 +42,7 @@ from typing import Any
 
 import trio
 
+from ovsfs.doors.adapter import DoorIO
 from ovsfs.errors import ConfigError
 
 RECV_CHUNK = 1 << 20      # bytes per socket receive at most (the shared receive buffer)
@@ -136,11 +137,13 @@ class Limits:
         if self.threads < 1 or self.flush_threads < 1:
             raise ConfigError("nbd.threads and nbd.flush_threads must be at least 1")
         self.node = NodeFlight(self.node_buffer)
-        self.data = trio.CapacityLimiter(self.threads)      # reads, writes, trims
-        self.flush = trio.CapacityLimiter(self.flush_threads)  # FLUSH, FUA, negotiation
-        # A writer that found no write-buffer room for a while goes into the engine's
-        # blocking reserve (which seals idle SCOs under pressure): one at a time per node.
-        self.probe = trio.CapacityLimiter(1)
+        # The door's adapter: its own data threads (reads, writes, trims) and flush threads
+        # (FLUSH, FUA, negotiation), and the one writer per node that may go into the
+        # engine's blocking reserve when the write buffer has no room for long. Bytes in
+        # flight are bounded here (NodeFlight/ConnFlight count reply bytes too), so the
+        # adapter's own byte bounds are left wide.
+        self.io = DoorIO("nbd", threads=self.threads, flush_threads=self.flush_threads)
+        self.data, self.flush, self.probe = self.io.data, self.io.flush, self.io.probe
 
     def describe(self) -> str:
         return (f"max_connections {self.max_connections}, handshake_timeout "

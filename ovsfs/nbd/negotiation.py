@@ -1,6 +1,7 @@
 """NBD fixed-newstyle negotiation: options up to NBD_OPT_GO / NBD_OPT_EXPORT_NAME.
 
-A mixin of Connection (connection.py): it uses self.stream, self.server, self.rbuf,
+A mixin of Connection (connection.py): it uses self.stream, self.ctx (the door, a
+context.DoorContext), self.rbuf,
 recv_exact() and sets self.export, self.structured, self.meta_export, self.tls.
 """
 
@@ -16,7 +17,7 @@ from ovsfs.errors import OvsfsError
 from ovsfs.nbd import protocol as P
 
 if TYPE_CHECKING:
-    from ovsfs.nbd.server import Export
+    from ovsfs.nbd.context import DoorContext, Export
 
 log = logging.getLogger("ovsfs.nbd")
 
@@ -32,7 +33,7 @@ class Closed(Exception):
 
 class Negotiation:
     stream: Any
-    server: Any
+    ctx: "DoorContext"
     rbuf: bytearray
     cid: int
     peer: str
@@ -42,8 +43,6 @@ class Negotiation:
     structured: bool
     meta_export: str | None
     export: "Export | None"
-    acquired: bool
-    user: str
 
     async def recv_exact(self, n: int) -> bytes:
         raise NotImplementedError
@@ -59,7 +58,16 @@ class Negotiation:
         await self.stream.send_all(P.option_error(opt, rtype, msg))
 
     async def _resolve(self, name: str) -> "Export":
-        return await trio.to_thread.run_sync(self.server.resolve, name, limiter=self.server.limits.flush)
+        return await trio.to_thread.run_sync(self.ctx.resolve, name, limiter=self.ctx.io.flush)
+
+    async def _open(self, name: str) -> "Export":
+        """Open the export for this client (a hold on the volume or snapshot through the
+        catalog, closed when the connection ends)."""
+        ex = await trio.to_thread.run_sync(self.ctx.open, name, self.peer, limiter=self.ctx.io.flush)
+        self.export = ex
+        log.info("nbd[%d] %s: export %r (%d bytes%s%s)", self.cid, self.peer, ex.name, ex.size,
+                 ", read-only" if ex.read_only else "", ", TLS" if self.tls else "")
+        return ex
 
     async def negotiate(self) -> bool:
         await self.stream.send_all(P.server_greeting())
@@ -94,7 +102,7 @@ class Negotiation:
 
     async def option(self, opt: int, data: bytes) -> bool:
         """Handle one option; True when transmission starts."""
-        gated = self.server.tls_required(self.tcp) and not self.tls
+        gated = self.ctx.tls_required(self.tcp) and not self.tls
         if opt == P.OPT_ABORT:
             try:
                 await self._reply(opt, P.REP_ACK)
@@ -115,8 +123,7 @@ class Negotiation:
         if opt == P.OPT_EXPORT_NAME:
             name = data.decode(errors="replace")
             try:
-                ex = await self._resolve(name)
-                await self._attach(ex)
+                ex = await self._open(name)
             except OvsfsError as e:
                 log.warning("nbd[%d] %s: export %r: %s; closing", self.cid, self.peer, name, e)
                 raise Closed(f"export {name!r} refused") from None
@@ -126,8 +133,8 @@ class Negotiation:
             if data:
                 await self._error(opt, P.REP_ERR_INVALID, "LIST takes no data")
                 return False
-            exports = await trio.to_thread.run_sync(self.server.list_exports,
-                                                    limiter=self.server.limits.flush)
+            exports = await trio.to_thread.run_sync(self.ctx.list_exports,
+                                                    limiter=self.ctx.io.flush)
             await self.stream.send_all(b"".join(
                 P.option_reply(opt, P.REP_SERVER, P.rep_server(n, d)) for n, d in exports)
                 + P.option_reply(opt, P.REP_ACK))
@@ -149,7 +156,7 @@ class Negotiation:
 
     async def _starttls(self, data: bytes) -> None:
         opt = P.OPT_STARTTLS
-        ctx = self.server.ssl_ctx
+        ctx = self.ctx.ssl_ctx
         if data:
             return await self._error(opt, P.REP_ERR_INVALID, "STARTTLS takes no data")
         if ctx is None:
@@ -173,32 +180,24 @@ class Negotiation:
             await self._error(opt, P.REP_ERR_INVALID, str(e))
             return False
         try:
-            ex = await self._resolve(name)
-            if opt == P.OPT_GO:
-                await self._attach(ex)
+            ex = await (self._open(name) if opt == P.OPT_GO else self._resolve(name))
         except OvsfsError as e:
             await self._error(opt, P.REP_ERR_UNKNOWN, e.message)
             return False
-        cs = int(getattr(ex.vol, "cluster_size", 4096))
+        cs = ex.block_size
         out = [P.option_reply(opt, P.REP_INFO, P.info_export(ex.size, self._tflags(ex))),
                P.option_reply(opt, P.REP_INFO, P.info_block_size(1, cs, P.MAX_PAYLOAD))]
         if P.INFO_NAME in wanted:
             out.append(P.option_reply(opt, P.REP_INFO, P.info_string(P.INFO_NAME, ex.name)))
         if P.INFO_DESCRIPTION in wanted:
-            what = f"snapshot {ex.snapshot} of volume {ex.vol.name}" if ex.snapshot else \
-                f"volume {ex.vol.name}"
+            what = f"snapshot {ex.snapshot} of volume {ex.volume}" if ex.snapshot else \
+                f"volume {ex.volume}"
             out.append(P.option_reply(opt, P.REP_INFO, P.info_string(P.INFO_DESCRIPTION, what)))
         out.append(P.option_reply(opt, P.REP_ACK))
         await self.stream.send_all(b"".join(out))
         if opt == P.OPT_GO and self.meta_export is not None and self.meta_export != name:
             self.meta_export = None
         return opt == P.OPT_GO
-
-    async def _attach(self, ex: "Export") -> None:
-        await trio.to_thread.run_sync(ex.vol.acquire, self.user, limiter=self.server.limits.flush)
-        self.export, self.acquired = ex, True
-        log.info("nbd[%d] %s: export %r (%d bytes%s%s)", self.cid, self.peer, ex.name, ex.size,
-                 ", read-only" if ex.read_only else "", ", TLS" if self.tls else "")
 
     async def _meta(self, opt: int, data: bytes) -> None:
         if opt == P.OPT_SET_META_CONTEXT and not self.structured:

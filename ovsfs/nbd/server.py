@@ -1,6 +1,8 @@
 """NBD listeners: a unix socket and (optionally) TCP, with an allow-list and TLS.
 
-`serve(engine, cfg)` is what the daemon runs inside its nursery. Export name = volume
+`serve(engine, cfg)` is what the daemon runs inside its nursery; the door uses only
+`engine.catalog` (ovsfs.engine.api.VolumeCatalog): each connection opens its export as a
+VolumeHandle for Holder("nbd", peer) and closes it when it ends. Export name = volume
 name; `VOL@SNAP` is a read-only export of a snapshot; the empty name means the only
 volume when exactly one exists.
 
@@ -29,22 +31,13 @@ from typing import Any
 
 import trio
 
+from ovsfs.engine.api import Holder, VolumeCatalog
 from ovsfs.errors import ConfigError, NotFound
 from ovsfs.nbd.connection import Connection
+from ovsfs.nbd.context import Export
 from ovsfs.nbd.limits import RECV_CHUNK, Limits
 
 log = logging.getLogger("ovsfs.nbd")
-
-
-@dataclass
-class Export:
-    """One negotiated export: a volume, or a read-only snapshot view of it."""
-
-    name: str
-    vol: Any
-    snapshot: str | None
-    size: int
-    read_only: bool
 
 
 def make_ssl_context(nbd: Any, cfg: Any) -> ssl.SSLContext | None:
@@ -66,7 +59,7 @@ def make_ssl_context(nbd: Any, cfg: Any) -> ssl.SSLContext | None:
 
 class NbdServer:
     def __init__(self, engine: Any, cfg: Any) -> None:
-        self.engine = engine
+        self.catalog: VolumeCatalog = engine.catalog     # the door uses only the contract
         self.cfg = cfg
         nbd = cfg.nbd
         self.tls_mode = nbd.tls
@@ -80,31 +73,47 @@ class NbdServer:
         self.ids = itertools.count(1)
         self.connections: dict[int, Connection] = {}
         self.limits = Limits(nbd)
+        self.io = self.limits.io
         self.recv_buffer = bytearray(RECV_CHUNK)   # shared by every connection (connection._receive)
         self.refused = 0                           # connections closed over max_connections
         self._refused_logged = 0.0
 
     # ---- exports ---------------------------------------------------------------------------
 
-    def resolve(self, name: str) -> Export:
-        """Find an export by name (blocking: run in a worker thread)."""
+    def _default(self, name: str) -> str:
         if name == "":
-            vols = self.engine.list_volumes()
+            vols = self.catalog.list_volumes()
             if len(vols) != 1:
                 raise NotFound(f"no default export: {len(vols)} volumes exist; name one")
-            name = vols[0]["name"]
+            return vols[0]["name"]
+        return name
+
+    def resolve(self, name: str) -> Export:
+        """Describe an export without opening it (blocking: run in a worker thread).
+        NotFound."""
+        name = self._default(name)
         base, at, snap = name.partition("@")
-        vol = self.engine.volume(base)
+        info = self.catalog.info(base)
+        cs = int(info.get("cluster_size", 4096))
         if not at:
-            return Export(name, vol, None, vol.size, bool(getattr(vol, "read_only", False)))
-        for s in vol.list_snapshots():
+            # A failed volume takes no writes: exported read-only.
+            return Export(name, base, None, int(info["size"]), info.get("failed") is not None, cs)
+        for s in self.catalog.list_snapshots(base):
             if s["name"] == snap:
-                return Export(name, vol, snap, int(s.get("size", vol.size)), True)
+                return Export(name, base, snap, int(s.get("size", info["size"])), True, cs)
         raise NotFound(f"snapshot {name} does not exist")
+
+    def open(self, name: str, client: str) -> Export:
+        """Open an export for `client` through the catalog: a hold, named in the Busy
+        errors of delete/rename/rollback/snapshot delete while the connection lasts.
+        Blocking. NotFound, VolumeFailed."""
+        h = self.catalog.open(self._default(name), Holder("nbd", client))
+        return Export(h.name, h.volume, h.snapshot, h.size, h.caps.read_only,
+                      h.caps.preferred_block_size, h)
 
     def list_exports(self) -> list[tuple[str, str]]:
         out = []
-        for v in self.engine.list_volumes():
+        for v in self.catalog.list_volumes():
             out.append((v["name"], f"ovsfs volume, {v.get('size', 0)} bytes"))
         return out
 

@@ -61,20 +61,25 @@ def test_create_by_truncate_resize_and_bad_sizes(fz: InprocFuse) -> None:
     assert fz.engine.volume("new").size == 10 << 30 and p.stat().st_size == 10 << 30
     os.truncate(p, 12 << 30)                   # resize
     assert fz.engine.volume("new").size == 12 << 30
-    assert oserr(os.truncate, p, 5000) == errno.EINVAL          # not a cluster multiple
-    assert oserr(os.truncate, p, 0) == errno.EINVAL             # volumes are never empty
+    assert oserr(os.truncate, p, 5000) == errno.EINVAL          # not a multiple of 512
     with open(p, "r+b") as f:
         f.seek(8 * MiB)
         f.write(b"x" * 4096)
-    assert oserr(os.truncate, p, 4 * MiB) == errno.EINVAL       # shrinking over data
-    assert oserr(open, p, "wb") == errno.EINVAL                 # O_TRUNC would destroy it
-    assert fz.engine.volume("new").read(8 * MiB, 4096) == b"x" * 4096
+    os.truncate(p, 8 * MiB + 512)              # like truncate(2): what is past the end goes
+    os.truncate(p, 12 << 30)
+    assert fz.engine.volume("new").read(8 * MiB, 4096) == b"x" * 512 + bytes(3584)
+    fz.engine.volume("new").acquire("nbd")     # another door has it open: no shrinking
+    assert oserr(os.truncate, p, 4 * MiB) == errno.EBUSY
+    fz.engine.volume("new").release("nbd")
+    with open(p, "wb"):                        # O_TRUNC empties it
+        pass
+    assert p.stat().st_size == 0 and fz.engine.volume("new").size == 0
     # create + ftruncate on the same descriptor (qemu-img create does this)
     fd = os.open(fz.pool / "q.raw", os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, 16 * MiB)
         os.pwrite(fd, b"hello", 4096)
-        assert fz.engine.volume("q").users == {"fuse": 1}
+        assert [str(h) for h in fz.engine.catalog.holders("q")] == [f"fuse client {fz.mnt}"]
     finally:
         os.close(fd)
     assert fz.engine.volume("q").read(4096, 5) == b"hello"
@@ -133,7 +138,7 @@ def test_snapshots_read_only(fz: InprocFuse) -> None:
     assert snap.stat().st_size == 8 * MiB and snap.stat().st_mode & 0o222 == 0
     with open(snap, "rb") as f:
         assert f.read(MiB) == b"A" * MiB
-        assert v.users == {"snapshot:s1": 1}
+        assert [str(h) for h in fz.engine.catalog.holders("v@s1")] == [f"fuse client {fz.mnt}"]
     assert (fz.pool / "v.raw").read_bytes()[:MiB] == b"B" * MiB
     assert oserr(open, snap, "r+b") == errno.EROFS
     assert oserr(os.truncate, snap, 4 * MiB) == errno.EROFS
@@ -156,11 +161,13 @@ def test_no_caching_between_doors(fz: InprocFuse) -> None:
         # partial, unaligned I/O
         os.pwrite(fd, b"xyz", 8192 + 5)
         assert v.read(8192, 10) == b"\0" * 5 + b"xyz" + b"\0\0"
-        # reads stop at the end; writes past it fail; a write crossing it is short
+        # reads stop at the end; a write past it grows the file to a size of the size
+        # rule (a multiple of 512 bytes), any other end past it is refused
         assert os.pread(fd, 8192, 16 * MiB - 4096) == b"\0" * 4096
         assert os.pread(fd, 10, 16 * MiB) == b""
-        assert oserr(os.pwrite, fd, b"z" * 10, 16 * MiB) == errno.ENOSPC
-        assert os.pwrite(fd, b"q" * 8192, 16 * MiB - 4096) == 4096
+        assert oserr(os.pwrite, fd, b"z" * 10, 16 * MiB) == errno.EINVAL
+        assert os.pwrite(fd, b"q" * 8192, 16 * MiB - 4096) == 8192
+        assert os.fstat(fd).st_size == v.size == 16 * MiB + 4096
         seq = v.synced_seq
         os.fsync(fd)
         assert v.synced_seq > seq

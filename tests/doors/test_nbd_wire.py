@@ -138,25 +138,26 @@ def test_pipelined_requests_keep_write_order(nbd, raw_client) -> None:
 
 
 class SlowFlushEngine:
-    """Wraps the real engine: volumes whose flush takes `delay` seconds."""
+    """Wraps the real engine: its catalog opens handles whose flush takes `delay` seconds."""
 
     def __init__(self, engine, delay: float) -> None:
         self.engine, self.delay = engine, delay
+        self.catalog = self
 
     def __getattr__(self, name):
-        return getattr(self.engine, name)
+        return getattr(self.engine.catalog, name)
 
-    def volume(self, name):
-        vol = self.engine.volume(name)
+    def open(self, name, holder, **kw):
+        handle = self.engine.catalog.open(name, holder, **kw)
         delay = self.delay
 
         class Slow:
             def __getattr__(self, attr):
-                return getattr(vol, attr)
+                return getattr(handle, attr)
 
             def flush(self):
                 time.sleep(delay)
-                vol.flush()
+                handle.flush()
         return Slow()
 
 
