@@ -94,10 +94,19 @@ class EngineHandle:
     def resize(self, size: int) -> None:
         vol = self._writable()
         with vol.lock:
-            if size < vol.size:
+            old = vol.size
+            if size < old:
                 vol.holds.check_shrink(vol.name, ignore=self.holder)
-                # Like truncate(2): what lies past the new end goes first.
-                vol.trim(size, vol.size - size)
+        if size < old:
+            # Like truncate(2): what lies past the new end goes first. Not under the volume
+            # lock: a trim may write (partial clusters), and writes wait for write-buffer
+            # room before taking the lock (the uploads that make room need it).
+            vol.trim(size, old - size)
+        with vol.lock:
+            if size < vol.size:
+                # Checked again: a holder that came meanwhile sees zeros past the new end
+                # (this holder's truncate), but its disk does not end under it.
+                vol.holds.check_shrink(vol.name, ignore=self.holder)
             vol.resize(size)
 
     def close(self) -> None:
