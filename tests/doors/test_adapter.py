@@ -266,3 +266,16 @@ def test_read_only_handle_refuses_writes_per_op() -> None:
 
     ops = trio.run(main)
     assert isinstance(ops[0].error, ReadOnly) and ops[1].result == bytes(512) and ops[2].error is None
+
+
+def test_try_now_is_all_or_nothing() -> None:
+    h = MemHandle("a")
+    io = DoorIO("test")
+    ops = [Op(WRITE, 0, data=b"n" * 512), Op(READ, 4096, 512)]
+    assert io.try_now(h, ops) and ops[1].result == bytes(512) and h.data[:512] == b"n" * 512
+    assert not io.try_now(h, [Op(WRITE, 0, data=b"f" * 512, fua=True)])     # FUA: run()
+    assert not io.try_now(h, [Op(TRIM, 0, 512)])
+    h.nowait_ok = False
+    ops = [Op(WRITE, 512, data=b"m" * 512), Op(READ, 0, 512)]
+    assert not io.try_now(h, ops)
+    assert ops[1].result is None and h.data[512] == 0                       # nothing done
