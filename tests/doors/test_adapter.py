@@ -164,14 +164,14 @@ def test_fua_and_flush_ops_flush_after_the_data() -> None:
 
 def test_flush_of_one_volume_never_waits_behind_writes_of_another() -> None:
     gate = threading.Event()
-    slow = MemHandle("slow", gate=gate)
+    slow = [MemHandle(f"slow{i}", gate=gate) for i in range(4)]
     other = MemHandle("other")
     io = DoorIO("test", threads=2, flush_threads=1)
 
     async def main() -> None:
         async with trio.open_nursery() as n:
-            for i in range(4):      # more writers than data threads: all of them taken
-                n.start_soon(io.run, slow, [Op(WRITE, i * 4096, data=b"s" * 4096)])
+            for i in range(4):      # more volumes writing than data threads: all taken
+                n.start_soon(io.run, slow[i], [Op(WRITE, i * 4096, data=b"s" * 4096)])
             await trio.sleep(0.05)
             assert io.data.borrowed_tokens == 2
             with trio.fail_after(5):
@@ -180,7 +180,7 @@ def test_flush_of_one_volume_never_waits_behind_writes_of_another() -> None:
             gate.set()
 
     trio.run(main)
-    assert all(slow.data[i * 4096] == ord("s") for i in range(4))
+    assert all(slow[i].data[i * 4096] == ord("s") for i in range(4))
 
 
 def test_writes_wait_for_room_in_trio_not_in_a_thread() -> None:
@@ -279,3 +279,21 @@ def test_try_now_is_all_or_nothing() -> None:
     ops = [Op(WRITE, 512, data=b"m" * 512), Op(READ, 0, 512)]
     assert not io.try_now(h, ops)
     assert ops[1].result is None and h.data[512] == 0                       # nothing done
+
+
+def test_concurrent_writes_of_one_handle_join_into_one_writev() -> None:
+    gate = threading.Event()
+    h = MemHandle("a", gate=gate)
+    io = DoorIO("test")
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            for i in range(6):
+                n.start_soon(io.run, h, [Op(WRITE, i * 4096, data=bytes([65 + i]) * 4096)])
+            await trio.sleep(0.1)
+            assert io.data.borrowed_tokens == 1      # one writer in a thread, five queued
+            gate.set()
+
+    trio.run(main)
+    assert [c for c in h.calls if c[0] == "writev"] == [("writev", 1, False), ("writev", 5, False)]
+    assert all(h.data[i * 4096] == 65 + i for i in range(6))
