@@ -185,7 +185,8 @@ def cmd_snapshot_list(args: argparse.Namespace) -> int:
     snaps = _client(args).call("GET", f"/volumes/{q(args.volume)}/snapshots")
     _out(args, snaps, lambda ss: print_table(
         ss, [("NAME", "name"), ("EPOCH", "epoch"), ("SIZE", lambda s: format_size(s["size"])),
-             ("CREATED", lambda s: _when(s.get("created")))]))
+             ("CREATED", lambda s: _when(s.get("created"))),
+             ("HELD BY", lambda s: ", ".join(s.get("holders") or []) or "-")]))
     return 0
 
 

@@ -22,6 +22,8 @@ def print_info(info: dict[str, Any]) -> None:
     for k, v in info.items():
         if isinstance(v, dict):
             v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
+        elif isinstance(v, list):
+            v = ", ".join(str(x) for x in v) or "-"
         print(f"{k + ':':<{width}} {'-' if v is None else v}")
 
 

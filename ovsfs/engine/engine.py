@@ -420,6 +420,16 @@ class Engine:
             vols = [self.volume(name)] if name else list(self.volumes.values())
         return [scrub_volume(v, self.cfg.engine.scrub_threshold) for v in vols]
 
+    def drop_cache(self) -> int:
+        """Drop the uploaded SCOs kept in the write buffer as a read cache; bytes freed."""
+        before = self.wb.cached
+        self.wb.drop_cache()
+        return max(0, before - self.wb.cached)
+
+    def sync_volume(self, name: str, timeout: float | None = None) -> None:
+        """Wait until all of a volume is on the backend. NotFound, VolumeFailed."""
+        self.volume(name).sync(timeout)
+
     def stats(self) -> dict[str, Any]:
         with self.lock:
             vols = list(self.volumes.values())

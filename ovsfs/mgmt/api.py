@@ -1,7 +1,10 @@
 """The management API routes (documented in README.md).
 
 Every engine call goes to a worker thread: the engine is synchronous and may wait on
-disk, and the event loop also serves the doors.
+disk, and the event loop also serves the doors. Volumes and snapshots are handled only
+through the door contract (`engine.catalog`, ovsfs/engine/api.py): the lifecycle rules
+live there, and import/export/clone jobs register as holders. Node-wide things outside
+the contract (vPools, stats, scrub, caches, sync) are Engine methods.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from ovsfs.config import Config
+from ovsfs.engine.api import Holder
 from ovsfs.engine.engine import Engine
 from ovsfs.errors import InvalidArgument, OvsfsError
 from ovsfs.mgmt.backend_api import BackendApi
@@ -79,6 +83,7 @@ class Api:
     def __init__(self, engine: Engine, cfg: Config, doors: dict[str, str],
                  backend: NodeBackend | None = None) -> None:
         self.engine = engine
+        self.catalog = engine.catalog
         self.cfg = cfg
         self.backend = backend
         self.doors = doors          # door name -> state, kept up to date by the daemon
@@ -134,12 +139,9 @@ class Api:
 
     async def drop_cache(self, req: Request) -> Response:
         proxy = self.backend.proxy if self.backend is not None else None
-        wb = self.engine.wb
 
         def drop() -> dict[str, int]:
-            before = wb.cached
-            wb.drop_cache()  # uploaded SCOs kept locally as a read cache
-            wb_freed = max(0, before - wb.cached)
+            wb_freed = self.engine.drop_cache()  # uploaded SCOs kept locally as a read cache
             frag_freed = proxy.drop_caches() if proxy is not None else 0
             return {"write_buffer_bytes": wb_freed, "fragment_cache_bytes": frag_freed,
                     "freed_bytes": wb_freed + frag_freed}
@@ -176,13 +178,13 @@ class Api:
 
     async def list_volumes(self, req: Request) -> Response:
         vpool = req.query.get("vpool") or None
-        vols = await _call(self.engine.list_volumes, vpool)
+        vols = await _call(self.catalog.list_volumes, vpool)
         # Volumes that could not be opened are listed too, with state "failed" and the reason.
-        failed = [f for f in self.engine.failed_volumes() if vpool is None or f["vpool"] == vpool]
+        failed = [f for f in self.catalog.failed_volumes() if vpool is None or f["vpool"] == vpool]
         return Response(200, sorted(vols + failed, key=lambda v: v["name"]))
 
     async def _info(self, name: str) -> dict[str, Any]:
-        return await _call(lambda: self.engine.volume(name).info())
+        return await _call(self.catalog.info, name)
 
     async def get_volume(self, req: Request, name: str) -> Response:
         return Response(200, await self._info(name))
@@ -192,8 +194,7 @@ class Api:
         name = _field(body, "name", str)
         size = _size(body)
         vpool = _field(body, "vpool", str, required=False) or "default"
-        vol = await _call(self.engine.create_volume, name, size, vpool)
-        return Response(201, await _call(vol.info))
+        return Response(201, await _call(self.catalog.create_volume, name, size, vpool))
 
     async def patch_volume(self, req: Request, name: str) -> Response:
         body = req.json()
@@ -202,52 +203,52 @@ class Api:
             raise InvalidArgument("PATCH takes 'size' (resize) and/or 'name' (rename)")
         if "size" in body:
             size = _size(body)
-            await _call(lambda: self.engine.volume(name).resize(size))
+            await _call(self.catalog.resize_volume, name, size)
             log.info("resized volume %s to %d bytes", name, size)
         if "name" in body:
             new = _field(body, "name", str)
             if new != name:
-                await _call(self.engine.rename_volume, name, new)
+                await _call(self.catalog.rename_volume, name, new)
                 log.info("renamed volume %s to %s", name, new)
                 name = new
         return Response(200, await self._info(name))
 
     async def sync_volume(self, req: Request, name: str) -> Response:
-        vol = await _call(self.engine.volume, name)
+        await _call(self.catalog.info, name)   # NotFound before the wait
         start = time.monotonic()
         # Abandoned on shutdown rather than holding it up: the sync only waits for uploads,
         # and closing the engine uploads everything anyway.
-        await trio.to_thread.run_sync(vol.sync, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(self.engine.sync_volume, name, abandon_on_cancel=True)
         return Response(200, {"volume": name, "seconds": round(time.monotonic() - start, 3)})
 
     async def delete_volume(self, req: Request, name: str) -> Response:
-        await _call(self.engine.delete_volume, name)
+        await _call(self.catalog.delete_volume, name)
         return Response(200, {"deleted": name})
 
     # ---- snapshots and clones ----------------------------------------------------------
 
     async def list_snapshots(self, req: Request, name: str) -> Response:
-        return Response(200, await _call(lambda: self.engine.volume(name).list_snapshots()))
+        return Response(200, await _call(self.catalog.list_snapshots, name))
 
     async def get_snapshot(self, req: Request, name: str, snap: str) -> Response:
-        for s in await _call(lambda: self.engine.volume(name).list_snapshots()):
+        for s in await _call(self.catalog.list_snapshots, name):
             if s["name"] == snap:
                 return Response(200, s)
         raise HttpError(404, f"snapshot {name}@{snap} does not exist")
 
     async def create_snapshot(self, req: Request, name: str) -> Response:
         snap = _field(req.json(), "name", str)
-        rec = await _call(lambda: self.engine.volume(name).create_snapshot(snap))
+        rec = await _call(self.catalog.create_snapshot, name, snap)
         log.info("created snapshot %s@%s", name, snap)
         return Response(201, rec)
 
     async def delete_snapshot(self, req: Request, name: str, snap: str) -> Response:
-        await _call(lambda: self.engine.volume(name).delete_snapshot(snap))
+        await _call(self.catalog.delete_snapshot, name, snap)
         log.info("deleted snapshot %s@%s", name, snap)
         return Response(200, {"deleted": f"{name}@{snap}"})
 
     async def rollback(self, req: Request, name: str, snap: str) -> Response:
-        await _call(lambda: self.engine.volume(name).rollback(snap))
+        await _call(self.catalog.rollback, name, snap)
         log.info("rolled %s back to snapshot %s", name, snap)
         return Response(200, await self._info(name))
 
@@ -255,20 +256,26 @@ class Api:
         body = req.json()
         new = _field(body, "name", str)
         vpool = _field(body, "vpool", str, required=False)
-        vol = await _call(self.engine.clone_volume, name, snap, new, vpool)
+
+        def clone() -> dict[str, Any]:
+            # Held as a job while it runs, like import and export (named in Busy messages).
+            with self.catalog.hold(f"{name}@{snap}", Holder("job", f"clone of {name}@{snap} as {new}")):
+                return self.catalog.clone_volume(name, snap, new, vpool)
+
+        info = await _call(clone)
         log.info("cloned %s@%s as %s", name, snap, new)
-        return Response(201, await _call(vol.info))
+        return Response(201, info)
 
     # ---- import / export ---------------------------------------------------------------
 
     async def import_file(self, req: Request, name: str) -> Response:
         body = req.json()
-        job = ImportJob(self.engine, name, body.get("path"), _field(body, "vpool", str, required=False))
+        job = ImportJob(self.catalog, name, body.get("path"), _field(body, "vpool", str, required=False))
         return await self._stream(job, f"import {job.path} -> {name}")
 
     async def export_file(self, req: Request, name: str) -> Response:
         body = req.json()
-        job = ExportJob(self.engine, name, body.get("path"), _field(body, "snapshot", str, required=False))
+        job = ExportJob(self.catalog, name, body.get("path"), _field(body, "snapshot", str, required=False))
         return await self._stream(job, f"export {name} -> {job.path}")
 
     async def _stream(self, job: ImportJob | ExportJob, what: str) -> Response:

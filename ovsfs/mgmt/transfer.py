@@ -9,6 +9,7 @@ left unwritten), so a mostly empty disk image costs little either way.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 from pathlib import Path
@@ -16,10 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from ovsfs.engine.engine import Engine, Volume
+from ovsfs.engine import names
+from ovsfs.engine.api import Holder, VolumeCatalog, VolumeHandle
 from ovsfs.errors import InvalidArgument, NotFound, OvsfsError
 
 CHUNK = 4 << 20
+
+_JOB_IDS = itertools.count(1)   # numbers jobs for the Busy messages they cause
 
 
 def _chunk(cs: int) -> int:
@@ -52,30 +56,43 @@ def _os_error(what: str, path: Path, e: OSError) -> OvsfsError:
 
 
 class _Job:
-    """A copy between a file and a volume: the file it has open and the volume it holds."""
+    """A copy between a file and a volume: the file it has open and the handle it holds
+    the volume (or snapshot) by; the handle's holder names the job in Busy messages."""
 
-    def __init__(self, engine: Engine, name: str, path: Any, user: str) -> None:
-        self.engine = engine
+    def __init__(self, catalog: VolumeCatalog, name: str, path: Any, kind: str) -> None:
+        self.catalog = catalog
         self.name = name
         self.path = _check_path(path)
         self.fd: int | None = None
-        self.vol: Volume | None = None
-        self.user = user   # the name it holds the volume (or snapshot) under
+        self.vol: VolumeHandle | None = None
+        self.holder = Holder("job", f"{kind} job {next(_JOB_IDS)} ({self.path})")
 
     def abort(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
         if self.vol is not None:
-            self.vol.release(self.user)
+            self.vol.close()
             self.vol = None
+
+
+def _import_size(nbytes: int) -> int:
+    """The size of a volume made for an image of nbytes: the image's own size (issue 10
+    item 6: any multiple of 512, kept to the byte)."""
+    check_size = getattr(names, "check_size", None)
+    if check_size is not None:
+        check_size(nbytes)
+        return nbytes
+    # TODO(merge): names.check_size is w3's (one size rule); until it is merged the engine
+    # still takes whole clusters only, so the size is rounded up as before.
+    return -(-nbytes // 4096) * 4096
 
 
 class ImportJob(_Job):
     """Copy a file into a volume; create the volume (sized to the file) when it is missing."""
 
-    def __init__(self, engine: Engine, name: str, path: Any, vpool: str | None) -> None:
-        super().__init__(engine, name, path, "import")
+    def __init__(self, catalog: VolumeCatalog, name: str, path: Any, vpool: str | None) -> None:
+        super().__init__(catalog, name, path, "import")
         self.vpool = vpool
         self.created = False
         self.total = 0
@@ -96,22 +113,18 @@ class ImportJob(_Job):
             if self.total == 0:
                 raise InvalidArgument(f"cannot import {self.path}: the file is empty")
             try:
-                self.vol = self.engine.volume(self.name)
+                self.vol = self.catalog.open(self.name, self.holder)
             except NotFound:
-                pool = self.engine.vpool(self.vpool or "default")
-                cs = pool["cluster_size"]
-                size = -(-self.total // cs) * cs
-                self.vol = self.engine.create_volume(self.name, size, self.vpool or "default")
+                self.catalog.create_volume(self.name, _import_size(self.total), self.vpool or "default")
                 self.created = True
+                self.vol = self.catalog.open(self.name, self.holder)
             if self.total > self.vol.size:
                 raise InvalidArgument(f"{self.path} ({self.total} bytes) is larger than volume "
                                       f"{self.name} ({self.vol.size} bytes)")
-            self.vol.acquire(self.user)
         except BaseException:
-            self.vol = None
             self.abort()
             raise
-        self.cs = self.vol.cluster_size
+        self.cs = self.vol.caps.preferred_block_size
         return self.total
 
     def _clear(self, offset: int, length: int) -> None:
@@ -166,25 +179,18 @@ class ImportJob(_Job):
 class ExportJob(_Job):
     """Copy a volume (or one of its snapshots) to a file, leaving holes where it is empty."""
 
-    def __init__(self, engine: Engine, name: str, path: Any, snapshot: str | None) -> None:
-        super().__init__(engine, name, path, "export")
+    def __init__(self, catalog: VolumeCatalog, name: str, path: Any, snapshot: str | None) -> None:
+        super().__init__(catalog, name, path, "export")
         self.snapshot = snapshot or None
         self.total = 0
         self.written = 0
         self.sparse = True
 
     def prepare(self) -> int:
-        vol = self.engine.volume(self.name)
-        if self.snapshot is None:
-            self.total = vol.size
-        else:
-            snaps = [s for s in vol.list_snapshots() if s["name"] == self.snapshot]
-            if not snaps:
-                raise NotFound(f"snapshot {self.name}@{self.snapshot} does not exist")
-            self.total = snaps[0]["size"]
-            self.user = f"snapshot:{self.snapshot}"  # keeps the snapshot from being deleted meanwhile
-        vol.acquire(self.user)
-        self.vol = vol
+        # The handle pins (and holds) the volume or snapshot until the job ends.
+        self.vol = self.catalog.open(f"{self.name}@{self.snapshot}" if self.snapshot else self.name,
+                                     self.holder, read_only=True)
+        self.total = self.vol.size
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
             st = os.fstat(self.fd)
@@ -208,15 +214,15 @@ class ExportJob(_Job):
 
     def step(self, offset: int) -> int:
         assert self.fd is not None and self.vol is not None
-        cs = self.vol.cluster_size
+        cs = self.vol.caps.preferred_block_size
         end = min(offset + _chunk(cs), self.total)
         try:
-            for o, n, allocated in self.vol.extents(offset, end - offset, self.snapshot):
+            for o, n, allocated in self.vol.extents(offset, end - offset):
                 if not allocated:
                     if not self.sparse:
                         self._write(o, bytes(n))
                     continue
-                buf = self.vol.read(o, n, self.snapshot)
+                buf = self.vol.readv([(o, n)])[0]
                 view = memoryview(buf)
                 for s, e, nonzero in _nonzero_runs(buf, cs) if self.sparse else [(0, len(buf), True)]:
                     if nonzero:
