@@ -290,10 +290,15 @@ class DoorIO:
                     w, ev = q.pop(0)
                     batch.append((w, ev))
                     size += sum(op.length for op in w)
+                ran = False
                 try:
                     await self._thread(handle, [op for w, _ev in batch for op in w], [], [])
+                    ran = True
                 finally:
-                    for _w, ev in batch:
+                    for w, ev in batch:
+                        if not ran:     # cancelled: never acknowledge what may not be written
+                            for op in w:
+                                op.error = op.error or OvsfsError("write interrupted: the door is closing")
                         ev.set()
         finally:
             del self._writers[key]

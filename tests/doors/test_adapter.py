@@ -297,3 +297,35 @@ def test_concurrent_writes_of_one_handle_join_into_one_writev() -> None:
     trio.run(main)
     assert [c for c in h.calls if c[0] == "writev"] == [("writev", 1, False), ("writev", 5, False)]
     assert all(h.data[i * 4096] == 65 + i for i in range(6))
+
+
+def test_a_cancelled_batch_never_acknowledges_the_writes_that_joined_it() -> None:
+    gate = threading.Event()
+    h = MemHandle("a", gate=gate)
+    io = DoorIO("test")
+    joined = [Op(WRITE, 4096, data=b"j" * 4096)]
+
+    async def main() -> None:
+        drain_scope = trio.CancelScope()
+        done = trio.Event()
+
+        async def drainer() -> None:
+            with drain_scope:
+                await io.run(h, [Op(WRITE, 0, data=b"d" * 4096)])
+
+        async def joiner() -> None:
+            await io.run(h, joined)
+            done.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(drainer)
+            await trio.sleep(0.05)          # the drainer's write is in a thread (gated)
+            n.start_soon(joiner)            # queued behind it, to join the next writev
+            await trio.sleep(0.05)
+            drain_scope.cancel()            # the drainer's client goes away
+            with trio.fail_after(5):
+                await done.wait()
+        gate.set()
+
+    trio.run(main)
+    assert joined[0].error is not None and "interrupted" in str(joined[0].error)
