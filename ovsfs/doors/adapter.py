@@ -19,7 +19,8 @@ Rules the adapter owns (so every door gets them the same):
   one `readv` (one SCO append, one map lookup pass). FLUSH ops of a batch run after all its
   data ops completed; a WRITE/TRIM/ZEROES with `fua=True` is flushed before it completes.
   Ops of different `run` calls are independent: a door that needs order awaits one before
-  it starts the next.
+  it starts the next. Write-only batches of one handle that arrive while a write of it
+  runs in a thread join into one writev (up to MAX_BATCH_BYTES), like FUSE's batcher.
 - nowait or thread: a small batch of only reads and writes first tries the engine's
   `nowait=True` calls in the event loop (at queue depth 1 a thread hop costs more than the
   engine work); whatever would wait (WouldBlock) or fails goes to a worker thread, which
@@ -60,6 +61,7 @@ MUTATING = (WRITE, TRIM, ZEROES)
 INLINE_MAX = 256 << 10     # bytes: batches up to this size may run in the event loop (nowait)
 ROOM_POLL = (0.002, 0.1)   # seconds: first and longest pause between write-room checks
 ROOM_PROBE = 1.0           # seconds without room before one writer per door goes on anyway
+MAX_BATCH_BYTES = 8 << 20  # bytes of concurrent writes of one handle joined into one writev
 
 
 @dataclass(slots=True, eq=False)
@@ -158,6 +160,7 @@ class DoorIO:
         self.flight = Flight(max_requests, max_bytes)
         self.handle_limits = (handle_requests, handle_bytes)
         self._handles: dict[int, Flight] = {}
+        self._writers: dict[int, list[tuple[list[Op], trio.Event]]] = {}   # batched writes per handle
         self.inline_max = inline_max
 
     def in_flight(self, handle: Any) -> tuple[int, int]:
@@ -196,6 +199,39 @@ class DoorIO:
                 self._handles.pop(key, None)
         return ops
 
+    def try_now(self, handle: Any, ops: Sequence[Op]) -> bool:
+        """The fast path, synchronous, in the event loop: run a small batch of only READs
+        and WRITEs (no FUA, no FLUSH) with the engine's nowait calls. True: every op has
+        its result. False: nothing was done (WouldBlock, an error, or not eligible); the
+        caller then awaits `run`, which sorts errors out per op. At queue depth 1 this
+        saves the task and thread hops the async path costs."""
+        total = 0
+        for op in ops:
+            if op.kind not in (READ, WRITE) or op.fua:
+                return False
+            total += op.length
+        if total > self.inline_max:
+            return False
+        writes = [op for op in ops if op.kind == WRITE]
+        reads = [op for op in ops if op.kind == READ]
+        try:
+            if reads and writes:
+                # Both or nothing: a read that would wait after the writes were done
+                # would leave the batch half run (run() would write them again: harmless
+                # for data, but the caller must see one outcome).
+                got = handle.readv([(op.offset, op.length) for op in reads], nowait=True)
+                handle.writev([(op.offset, op.data) for op in writes], nowait=True)
+            elif writes:
+                handle.writev([(op.offset, op.data) for op in writes], nowait=True)
+                got = []
+            else:
+                got = handle.readv([(op.offset, op.length) for op in reads], nowait=True)
+        except Exception:  # noqa: BLE001 - WouldBlock, or an error run() sorts out per op
+            return False
+        for op, d in zip(reads, got):
+            op.result = d
+        return True
+
     async def run_flush(self, handle: Any) -> OvsfsError | None:
         """Flush `handle` on the flush threads; the typed error, or None."""
         if getattr(getattr(handle, "caps", None), "read_only", False):
@@ -229,6 +265,50 @@ class DoorIO:
                 pass
             if not (writes or reads):
                 return
+        if writes and not (reads or others):
+            await self._write_batched(handle, writes)
+            return
+        await self._thread(handle, writes, reads, others)
+
+    async def _write_batched(self, handle: Any, writes: list[Op]) -> None:
+        """Writes of one handle that arrive while a write of it is in a worker thread go
+        to the engine together, as one writev (one SCO append, one TLog append, one lock
+        round), instead of queueing on the volume lock in several threads. Concurrent
+        `run` calls are independent by contract, so joining them keeps every promise."""
+        key = id(handle)
+        q = self._writers.get(key)
+        if q is not None:       # a drain is under way: it takes these too
+            done = trio.Event()
+            q.append((writes, done))
+            await done.wait()
+            return
+        q = self._writers[key] = [(writes, trio.Event())]
+        try:
+            while q:
+                batch, size = [], 0
+                while q and (not batch or size + sum(op.length for op in q[0][0]) <= MAX_BATCH_BYTES):
+                    w, ev = q.pop(0)
+                    batch.append((w, ev))
+                    size += sum(op.length for op in w)
+                ran = False
+                try:
+                    await self._thread(handle, [op for w, _ev in batch for op in w], [], [])
+                    ran = True
+                finally:
+                    for w, ev in batch:
+                        if not ran:     # cancelled: never acknowledge what may not be written
+                            for op in w:
+                                op.error = op.error or OvsfsError("write interrupted: the door is closing")
+                        ev.set()
+        finally:
+            del self._writers[key]
+            for w, ev in q:       # cancelled: nobody drains these any more
+                for op in w:
+                    op.error = OvsfsError("write interrupted: the door is closing")
+                ev.set()
+
+    async def _thread(self, handle: Any, writes: list[Op], reads: list[Op], others: list[Op]) -> None:
+        """Run ops in a worker thread, after waiting in trio for write room."""
         limiter = self.data
         mutating = writes + [op for op in others if op.kind in MUTATING]
         if mutating:

@@ -302,6 +302,22 @@ class Connection(Negotiation):
         task = _Running([(r.offset, r.offset + r.length, r.type in P.MUTATING)
                          for r in g if not r.error and r.length])
         after = [t for t in self.running if t.conflicts_with(task)]
+        if not after:
+            # Fast path (queue depth 1, small requests): the engine's nowait calls right
+            # here, in the receive loop; no task, no thread.
+            out: list[bytes] = []
+            ops = self._ops(g, out)
+            ex = self.export
+            assert ex is not None
+            if not ops or self.ctx.io.try_now(ex.handle, ops):
+                fua = self._replies(ops, out)
+                self.flight.release(reads)
+                self.flight.release(sum(len(r.data) for r in g if r.data is not None))
+                for r in g:
+                    r.data = None
+                if fua:
+                    bg.start_soon(self._fua, fua)
+                return
         self.running.append(task)
         bg.start_soon(self._run_group, g, reads, after, task)
 
@@ -358,6 +374,15 @@ class Connection(Negotiation):
         ex = self.export
         assert ex is not None and ex.handle is not None
         out: list[bytes] = []
+        ops = self._ops(g, out)
+        if ops:
+            await self.ctx.io.run(ex.handle, ops)
+        fua = self._replies(ops, out)
+        if fua:
+            await self._fua(fua)
+
+    def _ops(self, g: list[Request], out: list[bytes]) -> list[Op]:
+        """The adapter's ops for a group; replies of refused requests go to `out`."""
         ops: list[Op] = []
         for r in g:
             if r.error:
@@ -369,8 +394,11 @@ class Connection(Negotiation):
                 ops.append(Op(_KIND[r.type], r.offset,
                               min(r.length, BLOCK_STATUS_CAP) if r.type == P.CMD_BLOCK_STATUS
                               else r.length, r.data, tag=r))
-        if ops:
-            await self.ctx.io.run(ex.handle, ops)
+        return ops
+
+    def _replies(self, ops: list[Op], out: list[bytes]) -> list[Request]:
+        """Queue the replies of finished ops (with `out`); the FUA writes that still need
+        a flush before their reply are returned."""
         fua: list[Request] = []
         for op in ops:
             r = op.tag
@@ -395,15 +423,18 @@ class Connection(Negotiation):
             op.result = op.data = None
         if out:
             self._queue(out)
-        if fua:
-            # The other replies of the group are out already; FUA ones follow the flush.
-            err = await self.ctx.io.run_flush(ex.handle)
-            if err is not None:
-                code = P.nbd_errno(err)
-                self._log_once((P.CMD_FLUSH, code), "flush (FUA) failed: %s", err)
-                self._queue([self._error_reply(r, code, str(err)) for r in fua])
-            else:
-                self._queue([simple_reply(r.cookie) for r in fua])
+        return fua
+
+    async def _fua(self, fua: list[Request]) -> None:
+        """Flush, then the replies of FUA writes (the other replies went out already)."""
+        assert self.export is not None
+        err = await self.ctx.io.run_flush(self.export.handle)
+        if err is not None:
+            code = P.nbd_errno(err)
+            self._log_once((P.CMD_FLUSH, code), "flush (FUA) failed: %s", err)
+            self._queue([self._error_reply(r, code, str(err)) for r in fua])
+        else:
+            self._queue([simple_reply(r.cookie) for r in fua])
 
 
 _KIND = {P.CMD_READ: READ, P.CMD_CACHE: READ, P.CMD_WRITE: WRITE, P.CMD_TRIM: TRIM,

@@ -164,14 +164,14 @@ def test_fua_and_flush_ops_flush_after_the_data() -> None:
 
 def test_flush_of_one_volume_never_waits_behind_writes_of_another() -> None:
     gate = threading.Event()
-    slow = MemHandle("slow", gate=gate)
+    slow = [MemHandle(f"slow{i}", gate=gate) for i in range(4)]
     other = MemHandle("other")
     io = DoorIO("test", threads=2, flush_threads=1)
 
     async def main() -> None:
         async with trio.open_nursery() as n:
-            for i in range(4):      # more writers than data threads: all of them taken
-                n.start_soon(io.run, slow, [Op(WRITE, i * 4096, data=b"s" * 4096)])
+            for i in range(4):      # more volumes writing than data threads: all taken
+                n.start_soon(io.run, slow[i], [Op(WRITE, i * 4096, data=b"s" * 4096)])
             await trio.sleep(0.05)
             assert io.data.borrowed_tokens == 2
             with trio.fail_after(5):
@@ -180,7 +180,7 @@ def test_flush_of_one_volume_never_waits_behind_writes_of_another() -> None:
             gate.set()
 
     trio.run(main)
-    assert all(slow.data[i * 4096] == ord("s") for i in range(4))
+    assert all(slow[i].data[i * 4096] == ord("s") for i in range(4))
 
 
 def test_writes_wait_for_room_in_trio_not_in_a_thread() -> None:
@@ -266,3 +266,66 @@ def test_read_only_handle_refuses_writes_per_op() -> None:
 
     ops = trio.run(main)
     assert isinstance(ops[0].error, ReadOnly) and ops[1].result == bytes(512) and ops[2].error is None
+
+
+def test_try_now_is_all_or_nothing() -> None:
+    h = MemHandle("a")
+    io = DoorIO("test")
+    ops = [Op(WRITE, 0, data=b"n" * 512), Op(READ, 4096, 512)]
+    assert io.try_now(h, ops) and ops[1].result == bytes(512) and h.data[:512] == b"n" * 512
+    assert not io.try_now(h, [Op(WRITE, 0, data=b"f" * 512, fua=True)])     # FUA: run()
+    assert not io.try_now(h, [Op(TRIM, 0, 512)])
+    h.nowait_ok = False
+    ops = [Op(WRITE, 512, data=b"m" * 512), Op(READ, 0, 512)]
+    assert not io.try_now(h, ops)
+    assert ops[1].result is None and h.data[512] == 0                       # nothing done
+
+
+def test_concurrent_writes_of_one_handle_join_into_one_writev() -> None:
+    gate = threading.Event()
+    h = MemHandle("a", gate=gate)
+    io = DoorIO("test")
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            for i in range(6):
+                n.start_soon(io.run, h, [Op(WRITE, i * 4096, data=bytes([65 + i]) * 4096)])
+            await trio.sleep(0.1)
+            assert io.data.borrowed_tokens == 1      # one writer in a thread, five queued
+            gate.set()
+
+    trio.run(main)
+    assert [c for c in h.calls if c[0] == "writev"] == [("writev", 1, False), ("writev", 5, False)]
+    assert all(h.data[i * 4096] == 65 + i for i in range(6))
+
+
+def test_a_cancelled_batch_never_acknowledges_the_writes_that_joined_it() -> None:
+    gate = threading.Event()
+    h = MemHandle("a", gate=gate)
+    io = DoorIO("test")
+    joined = [Op(WRITE, 4096, data=b"j" * 4096)]
+
+    async def main() -> None:
+        drain_scope = trio.CancelScope()
+        done = trio.Event()
+
+        async def drainer() -> None:
+            with drain_scope:
+                await io.run(h, [Op(WRITE, 0, data=b"d" * 4096)])
+
+        async def joiner() -> None:
+            await io.run(h, joined)
+            done.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(drainer)
+            await trio.sleep(0.05)          # the drainer's write is in a thread (gated)
+            n.start_soon(joiner)            # queued behind it, to join the next writev
+            await trio.sleep(0.05)
+            drain_scope.cancel()            # the drainer's client goes away
+            with trio.fail_after(5):
+                await done.wait()
+        gate.set()
+
+    trio.run(main)
+    assert joined[0].error is not None and "interrupted" in str(joined[0].error)
