@@ -22,7 +22,7 @@ import trio
 
 from ovsfs.config import Config, default_toml, load
 from ovsfs.errors import ConfigError, OvsfsError
-from ovsfs.node_backend import NodeBackend, free_ports, preset_note
+from ovsfs.backend.node import NodeBackend, free_ports, preset_note
 from ovsfs.preflight import DoorUnavailable, check_doors
 
 log = logging.getLogger("ovsfs.daemon")
