@@ -22,7 +22,8 @@ import trio
 
 from ovsfs.config import Config, default_toml, load
 from ovsfs.errors import ConfigError, OvsfsError
-from ovsfs.node_backend import NodeBackend, free_ports, preset_note
+from ovsfs.backend.node import NodeBackend, free_ports, preset_note
+from ovsfs.preflight import DoorUnavailable, check_doors
 
 log = logging.getLogger("ovsfs.daemon")
 
@@ -62,9 +63,23 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+# What each door takes and the config keys that set it: named when a door cannot start.
+def _door_addresses(name: str, cfg: Config) -> tuple[str, str]:
+    if name == "nbd":
+        where = f"unix socket {cfg.path(cfg.nbd.socket)}"
+        if cfg.nbd.tcp_port:
+            where += f", TCP {cfg.nbd.tcp_host or '*'}:{cfg.nbd.tcp_port}"
+        return where, "nbd.socket / nbd.tcp_host / nbd.tcp_port"
+    if name == "fuse":
+        return f"mount point {cfg.path(cfg.fuse.mountpoint)}", "fuse.mountpoint"
+    return "?", f"[{name}]"
+
+
 async def _door(name: str, serve: Any, engine: Any, cfg: Config, doors: dict[str, str],
-                *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Run one door; a door that fails is logged and reported, the others keep serving."""
+                source: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run one door. A door that cannot start stops the daemon (DoorUnavailable out of
+    nursery.start: never a ready node without a configured door); one that fails later is
+    logged and reported, the others keep serving."""
     started = False
     try:
         async with trio.open_nursery() as inner:
@@ -75,11 +90,13 @@ async def _door(name: str, serve: Any, engine: Any, cfg: Config, doors: dict[str
             task_status.started()
     except Exception as e:
         leaf = _leaf(e)
-        log.error("%s door failed: %s", name, getattr(leaf, "message", None) or leaf,
-                  exc_info=not isinstance(leaf, (OvsfsError, OSError)))
-        doors[name] = f"failed: {leaf}"
+        reason = getattr(leaf, "message", None) or getattr(leaf, "strerror", None) or str(leaf)
+        doors[name] = f"failed: {reason}"
         if not started:
-            task_status.started()
+            where, keys = _door_addresses(name, cfg)
+            raise DoorUnavailable(name, where, reason, keys, source) from e
+        log.error("%s door failed: %s", name, reason,
+                  exc_info=not isinstance(leaf, (OvsfsError, OSError)))
 
 
 def _import_door(name: str, module: str) -> Any | None:
@@ -136,7 +153,9 @@ CLOSE_SLACK = 3.0
 MIN_BACKEND_CLOSE = 2.0
 
 
-async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = None) -> int:
+async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = None,
+                source: str = "the config file") -> int:
+    """Run the node until SIGTERM/SIGINT; `source` names the config file in messages."""
     shutdown = shutdown if shutdown is not None else Shutdown()
     from ovsfs.engine.engine import Engine
     from ovsfs.mgmt.api import Api
@@ -181,9 +200,13 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                         doors[name] = "unavailable"
                         continue
                     doors[name] = "starting"
-                    await nursery.start(_door, name, serve, engine, cfg, doors)
+                    await nursery.start(_door, name, serve, engine, cfg, doors, source)
                 # The API comes last: once /status answers, every door is listening.
-                await nursery.start(serve_unix, sock, Api(engine, cfg, doors, backend))
+                try:
+                    await nursery.start(serve_unix, sock, Api(engine, cfg, doors, backend))
+                except OvsfsError as e:
+                    raise DoorUnavailable("management API", f"unix socket {sock}", e.message,
+                                          "mgmt.socket", source) from e
                 log.info("management API on %s", sock)
                 interval = notify.watchdog_interval()
                 if interval:
@@ -194,8 +217,11 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                 log.info("ready: %d volumes; doors: %s", nvol, running)
         except Exception as e:
             leaf = _leaf(e)
-            log.error("daemon failed: %s", getattr(leaf, "message", None) or leaf,
-                      exc_info=not isinstance(leaf, OvsfsError))
+            if isinstance(leaf, DoorUnavailable):
+                log.error("%s", leaf.message)
+            else:
+                log.error("daemon failed: %s", getattr(leaf, "message", None) or leaf,
+                          exc_info=not isinstance(leaf, OvsfsError))
             rc = 1
         finally:
             notify("STOPPING=1\nSTATUS=closing the engine")
@@ -285,6 +311,7 @@ def main(config: Path | None, state: Path, embedded: bool, asds: int | None = No
         return 1
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    source = str(config if config is not None else (state / "ovsfs.toml").absolute())
     lock = StateLock(cfg.path(cfg.node.run_dir) / "ovsfs.pid")
     try:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -295,13 +322,20 @@ def main(config: Path | None, state: Path, embedded: bool, asds: int | None = No
     except OSError as e:
         print(f"ovsfs: error: cannot prepare {cfg.state_dir}: {e.strerror or e}", file=sys.stderr)
         return 1
+    try:
+        # Before the ASDs and the engine: a door that cannot listen stops the start at once.
+        check_doors(cfg, source)
+    except OvsfsError as e:
+        print(f"ovsfs: error: {e.message}", file=sys.stderr)
+        lock.release()
+        return 1
     log.info("ovsfs daemon (pid %d) starting on %s", os.getpid(), cfg.state_dir)
     backend = NodeBackend(cfg)
     shutdown = Shutdown()
     try:
         # Before the event loop: the ASDs are this process's children for its whole life.
         backend.spawn()
-        rc = trio.run(amain, cfg, backend, shutdown)
+        rc = trio.run(amain, cfg, backend, shutdown, source)
     except OvsfsError as e:
         log.error("cannot start: %s", e.message)
         rc = 1

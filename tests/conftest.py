@@ -226,11 +226,31 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     return daemon_factory()
 
 
+# ---- the suite runs bottom-up ------------------------------------------------------------------
+
+# tests/test_*.py (the layer check) first, then the engine, the backend (its tests run the
+# engine over the proxy too), the doors, the daemon: a failure shows up first in the lowest
+# layer that has it. The directories keep their names (imports such as tests.engine.helpers
+# stay); a stable sort keeps each file's own order and its module fixtures together.
+LAYER_ORDER = ["", "engine", "backend", "doors", "daemon"]
+
+
+def _layer_rank(item: Any) -> int:
+    rel = Path(str(item.fspath)).resolve().relative_to(REPO / "tests")
+    top = rel.parts[0] if len(rel.parts) > 1 else ""
+    return LAYER_ORDER.index(top) if top in LAYER_ORDER else len(LAYER_ORDER)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[Any]) -> None:
+    items.sort(key=_layer_rank)
+
+
 # ---- a run that collects nothing is a failure --------------------------------------------------
 
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[Any]) -> None:
-    config.stash[_collected] = len(items)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    session.config.stash[_collected] = len(session.items)
 
 
 _collected = pytest.StashKey[int]()

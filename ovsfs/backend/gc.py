@@ -23,20 +23,19 @@ index, so a concurrent put of the same name is never undone.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+from ovsfs.backend.context import ProxyContext
 from ovsfs.backend.index import manifest_key, ns_key, split_manifest_key, unquote_ns
 from ovsfs.backend.manifest import Manifest, NsRecord, Tombstone, decode_record
 from ovsfs.errors import DataError, OvsfsError
 
-if TYPE_CHECKING:
-    from ovsfs.backend.proxy import ProxyStore
 
 log = logging.getLogger("ovsfs.backend.gc")
 Progress = Callable[[dict[str, Any]], None]
 
 
-def _stale_record(p: "ProxyStore", asd_id: str, ns: str, name: str, rec: Manifest | Tombstone) -> bool:
+def _stale_record(p: ProxyContext, asd_id: str, ns: str, name: str, rec: Manifest | Tombstone) -> bool:
     """True when this ASD's record of ns/name is superseded and not a current replica."""
     idx = p.index
     if rec.seq <= idx.ns_tomb(ns):
@@ -48,7 +47,7 @@ def _stale_record(p: "ProxyStore", asd_id: str, ns: str, name: str, rec: Manifes
     return cur is None or asd_id not in cur.replica_ids()
 
 
-def _records(p: "ProxyStore", c: Any) -> int:
+def _records(p: ProxyContext, c: Any) -> int:
     removed = 0
     for key, blob in c.scan("m/").items():
         ns, name = split_manifest_key(key)
@@ -76,7 +75,7 @@ def _records(p: "ProxyStore", c: Any) -> int:
     return removed
 
 
-def _fragments(p: "ProxyStore", c: Any, grace: float) -> int:
+def _fragments(p: ProxyContext, c: Any, grace: float) -> int:
     if not hasattr(c, "ages"):
         return 0  # a member without ages (a whole Store under a stacked proxy): left alone
     ages = c.ages("f/")
@@ -103,7 +102,7 @@ def _fragments(p: "ProxyStore", c: Any, grace: float) -> int:
     return removed
 
 
-def _collect_tombstones(p: "ProxyStore", tombs: list[tuple[str, str, int]], ns_tombs: dict[str, int]) -> int:
+def _collect_tombstones(p: ProxyContext, tombs: list[tuple[str, str, int]], ns_tombs: dict[str, int]) -> int:
     """Delete tombstones from every ASD (all are up and clean): the index forgets them."""
     clients = p.asds.all()
     n = 0
@@ -130,7 +129,7 @@ def _collect_tombstones(p: "ProxyStore", tombs: list[tuple[str, str, int]], ns_t
     return n
 
 
-def collect(p: "ProxyStore", grace: float, progress: Progress | None = None) -> dict[str, Any]:
+def collect(p: ProxyContext, grace: float, progress: Progress | None = None) -> dict[str, Any]:
     """One garbage-collection pass; returns what it removed. `grace`: seconds a fragment
     must have existed before it may be taken for an orphan."""
     p.asds.refresh()

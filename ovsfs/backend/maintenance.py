@@ -20,22 +20,22 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ovsfs.backend import codec
+from ovsfs.backend.context import ProxyContext
+from ovsfs.backend.gc import collect
 from ovsfs.backend.index import manifest_key
 from ovsfs.backend.manifest import Manifest
 from ovsfs.errors import BackendError, DataError, NoSpace, NotFound, OvsfsError
 
-if TYPE_CHECKING:
-    from ovsfs.backend.proxy import ProxyStore
 
 log = logging.getLogger("ovsfs.backend.maintenance")
 Progress = Callable[[dict[str, Any]], None]
 
 
 class Maintenance:
-    def __init__(self, proxy: "ProxyStore", down_timeout: float = 900.0, interval: float = 2.0) -> None:
+    def __init__(self, proxy: ProxyContext, down_timeout: float = 900.0, interval: float = 2.0) -> None:
         self.proxy = proxy
         self.down_timeout = down_timeout
         self.interval = interval
@@ -90,8 +90,6 @@ class Maintenance:
 
     def gc(self, progress: Progress | None = None, grace: float | None = None) -> dict[str, Any]:
         """One garbage-collection pass now (ovsfs.backend.gc); `grace` overrides gc_grace."""
-        from ovsfs.backend.gc import collect
-
         with self.lock:
             return collect(self.proxy, self.gc_grace if grace is None else grace, progress)
 

@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 from ovsfs.backend import codec
 from ovsfs.backend.cache import ChunkCache, FragmentCache
 from ovsfs.backend.index import Index, manifest_key, ns_key
+from ovsfs.backend.maintenance import Maintenance
 from ovsfs.backend.manifest import Manifest, NsRecord, Tombstone
 from ovsfs.backend.placement import AsdSet
 from ovsfs.backend.policy import EC_HEADER, Preset, PresetStore
@@ -78,8 +79,8 @@ class ProxyStore:
         self.dirty: set[tuple[str, str]] = set()
         self.dirty_lock = threading.Lock()
         self._locks = [threading.Lock() for _ in range(64)]
+        # The parts get the proxy as their context (backend/context.py), never import it.
         self.writer = ObjectWriter(self)
-        from ovsfs.backend.maintenance import Maintenance  # maintenance drives the proxy
         self.maintenance = Maintenance(self, down_timeout=down_timeout)
         self.maintenance.gc_interval, self.maintenance.gc_grace = gc_interval, gc_grace
         self.maintenance._last_gc = time.monotonic()  # not at once: a start has enough to do

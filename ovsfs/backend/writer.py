@@ -10,16 +10,14 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
-from typing import TYPE_CHECKING
 
 from ovsfs.backend import codec
+from ovsfs.backend.context import ProxyContext
 from ovsfs.backend.index import manifest_key
 from ovsfs.backend.manifest import NONE, Chunk, Manifest
 from ovsfs.backend.policy import Preset, chunk_layout
 from ovsfs.errors import BackendError, NoSpace, OvsfsError
 
-if TYPE_CHECKING:
-    from ovsfs.backend.proxy import ProxyStore
 
 IN_FLIGHT_CHUNKS = 2  # chunks encoded ahead of the acknowledged ones: bounds memory
 
@@ -27,7 +25,7 @@ IN_FLIGHT_CHUNKS = 2  # chunks encoded ahead of the acknowledged ones: bounds me
 class ChunkWrite:
     """The k+m fragment puts of one chunk, acknowledged once c succeed."""
 
-    def __init__(self, proxy: "ProxyStore", man: Manifest, i: int, frags: list[bytes],
+    def __init__(self, proxy: ProxyContext, man: Manifest, i: int, frags: list[bytes],
                  targets: list[str | None], c: int) -> None:
         self.proxy, self.man, self.i = proxy, man, i
         self.frags, self.targets, self.c = frags, targets, c
@@ -103,7 +101,7 @@ class ChunkWrite:
 
 
 class ObjectWriter:
-    def __init__(self, proxy: "ProxyStore") -> None:
+    def __init__(self, proxy: ProxyContext) -> None:
         self.proxy = proxy
 
     def put(self, ns: str, name: str, data: bytes | memoryview, preset: Preset) -> Manifest:

@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = cmd(sub, "daemon", cmd_daemon, "run the node daemon with a config file (the systemd service)")
     d.add_argument("--config", required=True, metavar="FILE", help="node configuration (TOML)")
     r = cmd(sub, "run", cmd_run, "run the embedded single-node daemon (writes DIR/ovsfs.toml on first start)")
+    # Where a second node on the same machine picks its own ports (the start names the key).
+    r.epilog = ("Ports and paths come from DIR/ovsfs.toml: e.g. [nbd] tcp_port = 10810 (0: no NBD over "
+                "TCP) when another node already listens on the default port 10809.")
     r.add_argument("--asds", type=int, metavar="N",
                    help="erasure-coded backend over N local ASD processes (disks at DIR/asd/0..N-1)")
     cmd(sub, "status", cmd_status, "show the daemon's status")

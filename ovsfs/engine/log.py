@@ -1,10 +1,11 @@
 """The log side of a volume: appending to SCOs and TLogs, sealing and uploading them,
 committing the map, flushing (durability) and syncing to the backend.
 
-A mixin of Volume (ovsfs/engine/volume.py), whose attributes it uses; every method
-here runs with the volume lock held unless it says otherwise.
+A part of Volume (ovsfs/engine/volume.py): it works on the volume's shared state
+(state.py, `self.s`); every method here runs with the volume lock held unless it says
+otherwise.
 
-Local writes go through `self.fio` (fileio.FileIO): short writes are completed, a full
+Local writes go through `self.s.fio` (fileio.FileIO): short writes are completed, a full
 disk is NoSpace. A write is acknowledged only when its SCO data and TLog records are
 both whole; a failed TLog append is cut back to the last whole record, so replay
 never mis-parses. Durable order: SCO data, then the TLogs that point into it, then
@@ -21,27 +22,37 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import crc32c
 import numpy as np
 
 from ovsfs.engine import tlog
 from ovsfs.engine.map import SCO_SHIFT, ClusterMap
+from ovsfs.engine.checkpoint import queue_checkpoint
 from ovsfs.engine.names import sco_name, tlog_name
-from ovsfs.errors import BackendError, FsyncError, LocalIOError, NoSpace, OvsfsError, VolumeFailed
+from ovsfs.engine.state import VolumeState
+from ovsfs.errors import BackendError, Busy, FsyncError, LocalIOError, NoSpace, OvsfsError, VolumeFailed
 
-if TYPE_CHECKING:
-    from ovsfs.engine.volume import Volume as _Base
-else:
-    _Base = object
 
 log = logging.getLogger("ovsfs.engine.log")
 
 _REPORT_EVERY = 64 << 10   # TLog growth (bytes) between reports to the write-buffer budget
 
 
-class LogWriter(_Base):
+class LogWriter:
+    def __init__(self, state: VolumeState) -> None:
+        self.s = state
+
+    def check_open(self) -> None:
+        """Before any change: raises Busy (closed), VolumeFailed (failed fsync),
+        NoSpace / LocalIOError (the map cannot be rebuilt yet after a full disk)."""
+        if self.s.closed or self.s.deleted:
+            raise Busy(f"volume {self.s.name} is closed")
+        if self.s.failed is not None:
+            raise VolumeFailed(f"volume {self.s.name} failed: {self.s.failed}")
+        self._ensure_map()
+
     def _append(self, addrs: np.ndarray, buf: bytes, moved_from: np.ndarray | None = None) -> None:
         """Append whole clusters: one pwrite per SCO touched, one TLog write, one map update.
 
@@ -50,24 +61,25 @@ class LogWriter(_Base):
         Raises NoSpace / LocalIOError with nothing of the failed SCO run recorded (runs
         of earlier SCOs of the batch are), VolumeFailed when the TLog cannot be repaired.
         """
-        cs = self.cluster_size
+        cs = self.s.cluster_size
         n = len(addrs)
         locs = np.empty(n, dtype=np.uint64)
         view = memoryview(buf)
         pos = 0
         try:
             while pos < n:
-                if self.sco_fd is None or self.sco_idx >= self.sco_clusters:
+                if self.s.sco_fd is None or self.s.sco_idx >= self.s.sco_clusters:
                     self._roll_sco()
-                take = min(n - pos, self.sco_clusters - self.sco_idx)
+                take = min(n - pos, self.s.sco_clusters - self.s.sco_idx)
                 chunk = view[pos * cs:(pos + take) * cs]
-                self._mark_unsynced(self.sco_path, self.sco_fd)  # type: ignore[arg-type]
+                self._mark_unsynced(self.s.sco_path, self.s.sco_fd)  # type: ignore[arg-type]
                 try:
-                    self.fio.pwrite_all(self.sco_fd, chunk, self.sco_idx * cs, str(self.sco_path))  # type: ignore[arg-type]
+                    st = self.s
+                    st.fio.pwrite_all(st.sco_fd, chunk, st.sco_idx * cs, str(st.sco_path))  # type: ignore[arg-type]
                 except OvsfsError:
                     self._cut_sco_tail()
                     raise
-                base = (self.sco_no << SCO_SHIFT) | self.sco_idx
+                base = (self.s.sco_no << SCO_SHIFT) | self.s.sco_idx
                 seg = np.arange(base, base + take, dtype=np.uint64)
                 locs[pos:pos + take] = seg
                 crcs = [crc32c.crc32c(chunk[i * cs:(i + 1) * cs]) for i in range(take)]
@@ -85,33 +97,33 @@ class LogWriter(_Base):
                     self._cut_sco_tail()   # nothing points at these clusters: reuse them
                     raise
                 # Recorded: from here on the clusters are taken, whatever the map does.
-                self.sco_idx += take
-                self.appended += take * cs
+                self.s.sco_idx += take
+                self.s.appended += take * cs
                 try:
                     if moved_from is None and take == 1:
-                        self.map.update_one(int(addrs[pos]), base)
+                        self.s.map.update_one(int(addrs[pos]), base)
                     elif moved_from is None:
-                        self.map.update(addrs[pos:pos + take], seg)
+                        self.s.map.update(addrs[pos:pos + take], seg)
                     else:
-                        self.map.relocate(moved_from[pos:pos + take], seg)
+                        self.s.map.relocate(moved_from[pos:pos + take], seg)
                 except (sqlite3.Error, NoSpace, LocalIOError) as e:
                     self._map_failed(e)
-                if self.map.lost:   # an eviction found SQLite's transaction rolled back
+                if self.s.map.lost:   # an eviction found SQLite's transaction rolled back
                     self._recover_map()
                 pos += take
         finally:
             if pos:
-                self.write_seq += 1   # what was recorded is flushed like any write
+                self.s.write_seq += 1   # what was recorded is flushed like any write
         if moved_from is None:
-            self.dtl.append(self.name, addrs, locs, buf)
+            self.s.dtl.append(self.s.name, addrs, locs, buf)
 
     def _cut_sco_tail(self) -> None:
         """After a failed SCO write: drop bytes past the last recorded cluster (best effort;
         they are never referenced, the size only matters to the upload)."""
-        if self.sco_fd is None:
+        if self.s.sco_fd is None:
             return
         try:
-            self.fio.truncate(self.sco_fd, self.sco_idx * self.cluster_size, str(self.sco_path))
+            self.s.fio.truncate(self.s.sco_fd, self.s.sco_idx * self.s.cluster_size, str(self.s.sco_path))
         except OvsfsError:
             pass
 
@@ -119,111 +131,110 @@ class LogWriter(_Base):
         """Remember a file written since its last fsync, with an fd of its own: a sealed
         file is fsynced through a descriptor opened before its writes, never a reopened
         one (which would not see an earlier writeback error)."""
-        if path not in self.unsynced:
-            self.unsynced[path] = os.dup(fd)
+        if path not in self.s.unsynced:
+            self.s.unsynced[path] = os.dup(fd)
 
     def _tlog_append(self, rec: bytes) -> None:
         """Append whole records to the open TLog; on failure it is cut back to the last
         whole record (NoSpace / LocalIOError raised) or the volume fails (VolumeFailed)."""
-        if self.tlog_fd is None:
+        if self.s.tlog_fd is None:
             self._open_tlog()
-        self._mark_unsynced(self.tlog_path, self.tlog_fd)  # type: ignore[arg-type]
+        self._mark_unsynced(self.s.tlog_path, self.s.tlog_fd)  # type: ignore[arg-type]
         try:
-            self.fio.append_all(self.tlog_fd, rec, str(self.tlog_path))  # type: ignore[arg-type]
+            self.s.fio.append_all(self.s.tlog_fd, rec, str(self.s.tlog_path))  # type: ignore[arg-type]
         except OvsfsError as e:
             try:
-                self.fio.truncate(self.tlog_fd, self.tlog_off, str(self.tlog_path))  # type: ignore[arg-type]
+                self.s.fio.truncate(self.s.tlog_fd, self.s.tlog_off, str(self.s.tlog_path))  # type: ignore[arg-type]
             except OvsfsError as e2:
-                raise self._fail(f"TLog {self.tlog_path} cannot be cut back after a failed append"
+                raise self._fail(f"TLog {self.s.tlog_path} cannot be cut back after a failed append"
                                  f" ({e.message}; {e2.message})") from e2
             raise
-        self.tlog_off += len(rec)
-        self._tlog_growth += len(rec)
-        if self._tlog_growth - self._tlog_reported >= _REPORT_EVERY:
+        self.s.tlog_off += len(rec)
+        self.s._tlog_growth += len(rec)
+        if self.s._tlog_growth - self.s._tlog_reported >= _REPORT_EVERY:
             self._report_local()
 
     def _open_tlog(self) -> None:
-        no = self.next_tlog
-        path = self.tlog_dir / str(no)
-        fd = self.fio.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        self.tlog_no, self.tlog_path, self.tlog_fd = no, path, fd
-        self.next_tlog += 1
-        self.tlog_off = 0
-        self.dirty_dirs.add(self.tlog_dir)
+        no = self.s.next_tlog
+        path = self.s.tlog_dir / str(no)
+        fd = self.s.fio.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self.s.tlog_no, self.s.tlog_path, self.s.tlog_fd = no, path, fd
+        self.s.next_tlog += 1
+        self.s.tlog_off = 0
+        self.s.dirty_dirs.add(self.s.tlog_dir)
 
     def _roll_sco(self) -> None:
-        if self.sco_fd is not None:
+        if self.s.sco_fd is not None:
             self._seal_sco()
-            if self.scos_in_tlog >= self.cfg.tlog_scos:
+            if self.s.scos_in_tlog >= self.s.cfg.tlog_scos:
                 self._seal_tlog()
-        no = self.next_sco
-        path = self.sco_dir / str(no)
-        fd = self.fio.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-        self.sco_no, self.sco_path, self.sco_fd = no, path, fd
-        self.next_sco += 1
-        self.sco_idx = 0
-        self.local_scos.add(no)
-        self.dirty_dirs.add(self.sco_dir)
+        no = self.s.next_sco
+        path = self.s.sco_dir / str(no)
+        fd = self.s.fio.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        self.s.sco_no, self.s.sco_path, self.s.sco_fd = no, path, fd
+        self.s.next_sco += 1
+        self.s.sco_idx = 0
+        self.s.local_scos.add(no)
+        self.s.dirty_dirs.add(self.s.sco_dir)
 
     def _seal_sco(self) -> None:
         """Close the open SCO and queue its upload (it never changes again); its unsynced
         entry keeps an fd for the next flush."""
-        assert self.sco_fd is not None
-        os.close(self.sco_fd)
-        self.sco_fd = None
-        self.scos_in_tlog += 1
-        self.queue_sco_upload(self.sco_no, self.sco_idx * self.cluster_size)
+        assert self.s.sco_fd is not None
+        os.close(self.s.sco_fd)
+        self.s.sco_fd = None
+        self.s.scos_in_tlog += 1
+        self.queue_sco_upload(self.s.sco_no, self.s.sco_idx * self.s.cluster_size)
 
     def queue_sco_upload(self, n: int, nbytes: int) -> None:
-        path = self.sco_dir / str(n)
+        path = self.s.sco_dir / str(n)
 
         def upload() -> None:
-            if self.deleted or not path.exists():
-                self.wb.forget((self, n), pending=nbytes)
+            if self.s.deleted or not path.exists():
+                self.s.wb.forget((self.s.owner, n), pending=nbytes)
                 return
-            self.store.put_file(self.ns, sco_name(n), path)
-            self.wb.uploaded((self, n), nbytes, lambda: self.evict_sco(n))
-        self.wb.submit(f"{self.name} SCO {n}", upload, owner=self)
+            self.s.store.put_file(self.s.ns, sco_name(n), path)
+            self.s.wb.uploaded((self.s.owner, n), nbytes, lambda: self.evict_sco(n))
+        self.s.wb.submit(f"{self.s.name} SCO {n}", upload, owner=self.s.owner)
 
 
     def _seal_tlog(self) -> None:
         """Close the open TLog, queue its upload, and commit the map at this boundary."""
-        if self.tlog_fd is None:
+        if self.s.tlog_fd is None:
             return
-        os.close(self.tlog_fd)
-        self.tlog_fd = None
-        self.scos_in_tlog = 0
-        self.queue_tlog_upload(self.tlog_no)
-        self.tlog_no, self.tlog_off = self.next_tlog, 0   # replay resumes at the next TLog
-        self.tlogs_since_checkpoint += 1
+        os.close(self.s.tlog_fd)
+        self.s.tlog_fd = None
+        self.s.scos_in_tlog = 0
+        self.queue_tlog_upload(self.s.tlog_no)
+        self.s.tlog_no, self.s.tlog_off = self.s.next_tlog, 0   # replay resumes at the next TLog
+        self.s.tlogs_since_checkpoint += 1
         try:
-            if self.tlogs_since_checkpoint >= self.cfg.backend_checkpoint_tlogs:
+            if self.s.tlogs_since_checkpoint >= self.s.cfg.backend_checkpoint_tlogs:
                 self.commit()
-                self.tlogs_since_checkpoint = 0
+                self.s.tlogs_since_checkpoint = 0
                 self.queue_checkpoint()
-            elif time.monotonic() - self.last_commit > 1.0:
+            elif time.monotonic() - self.s.last_commit > 1.0:
                 self.commit()
         except OvsfsError as e:
             # The seal itself is done; the commit is retried at the next boundary or tick.
-            log.warning("%s: map commit at TLog rollover failed: %s", self.name, e.message)
+            log.warning("%s: map commit at TLog rollover failed: %s", self.s.name, e.message)
 
     def queue_tlog_upload(self, n: int) -> None:
-        path = self.tlog_dir / str(n)
+        path = self.s.tlog_dir / str(n)
 
         def upload() -> None:
-            if self.deleted or not path.exists():
+            if self.s.deleted or not path.exists():
                 return
-            self.store.put_file(self.ns, tlog_name(n), path)
-            with self.lock:
-                self.uploaded_tlogs.add(n)
+            self.s.store.put_file(self.s.ns, tlog_name(n), path)
+            with self.s.lock:
+                self.s.uploaded_tlogs.add(n)
                 # Replay never needs a TLog below the committed position once it is uploaded.
-                if n < self.committed_tlog:
+                if n < self.s.committed_tlog:
                     path.unlink(missing_ok=True)
-        self.wb.submit(f"{self.name} TLog {n}", upload, owner=self)
+        self.s.wb.submit(f"{self.s.name} TLog {n}", upload, owner=self.s.owner)
 
     def queue_checkpoint(self) -> None:
-        from ovsfs.engine.recovery import queue_checkpoint
-        queue_checkpoint(self)
+        queue_checkpoint(self.s)
 
 
 
@@ -238,20 +249,20 @@ class LogWriter(_Base):
         self._ensure_map()
         self._sync_locked()
         try:
-            self.map.commit(self.meta_record())
+            self.s.map.commit(self.s.meta_record())
         except OvsfsError as e:
             log.warning("%s: map commit failed (%s); rebuilding the map from the last commit",
-                        self.name, e.message)
+                        self.s.name, e.message)
             try:
                 self._recover_map()
             except OvsfsError:
                 pass   # map.lost stays set: the next operation tries again
             raise
-        self.committed_tlog = self.tlog_no
-        self.last_commit = time.monotonic()
-        for p in self.tlog_dir.iterdir():
+        self.s.committed_tlog = self.s.tlog_no
+        self.s.last_commit = time.monotonic()
+        for p in self.s.tlog_dir.iterdir():
             # Local TLogs below the commit point are only needed until they are uploaded.
-            if p.name.isdigit() and int(p.name) < self.committed_tlog and int(p.name) in self.uploaded_tlogs:
+            if p.name.isdigit() and int(p.name) < self.s.committed_tlog and int(p.name) in self.s.uploaded_tlogs:
                 p.unlink(missing_ok=True)
         self._report_local(scan=True)
 
@@ -259,31 +270,31 @@ class LogWriter(_Base):
         """Tell the write-buffer budget how much disk this volume's TLogs and map take."""
         if scan:
             total = 0
-            for p in self.tlog_dir.iterdir():
+            for p in self.s.tlog_dir.iterdir():
                 try:
                     total += p.stat().st_size
                 except FileNotFoundError:
                     pass
-            self._tlog_base, self._tlog_growth = total, 0
+            self.s._tlog_base, self.s._tlog_growth = total, 0
         mapped = 0
         for suffix in ("", "-wal"):
             try:
-                mapped += os.stat(f"{self.map.db_path}{suffix}").st_size
+                mapped += os.stat(f"{self.s.map.db_path}{suffix}").st_size
             except FileNotFoundError:
                 pass
-        self._tlog_reported = self._tlog_growth
-        self.wb.set_local(self, self._tlog_base + self._tlog_growth + mapped)
+        self.s._tlog_reported = self.s._tlog_growth
+        self.s.wb.set_local(self.s.owner, self.s._tlog_base + self.s._tlog_growth + mapped)
 
     def evict_sco(self, n: int) -> None:
-        with self.lock:
-            if n == self.sco_no and self.sco_fd is not None:
+        with self.s.lock:
+            if n == self.s.sco_no and self.s.sco_fd is not None:
                 return
-            fd = self.read_fds.pop(n, None)
+            fd = self.s.read_fds.pop(n, None)
             if fd is not None:
                 os.close(fd)
-            self.local_scos.discard(n)
-            path = self.sco_dir / str(n)
-            fd = self.unsynced.pop(path, None)   # the backend copy is durable (put_file fsyncs)
+            self.s.local_scos.discard(n)
+            path = self.s.sco_dir / str(n)
+            fd = self.s.unsynced.pop(path, None)   # the backend copy is durable (put_file fsyncs)
             if fd is not None:
                 os.close(fd)
             path.unlink(missing_ok=True)
@@ -303,11 +314,11 @@ class LogWriter(_Base):
     def _map_failed(self, e: Exception) -> None:
         if isinstance(e, FsyncError):
             raise e
-        self.map.lost = True
-        log.warning("%s: map update failed (%s); rebuilding the map", self.name, e)
+        self.s.map.lost = True
+        log.warning("%s: map update failed (%s); rebuilding the map", self.s.name, e)
 
     def _ensure_map(self) -> None:
-        if self.map is not None and self.map.lost:
+        if self.s.map is not None and self.s.map.lost:
             self._recover_map()
 
     def _recover_map(self) -> None:
@@ -315,87 +326,85 @@ class LogWriter(_Base):
         it: what a restart does. Needed when SQLite rolled back the open transaction
         (pages evicted into it are gone). Raises NoSpace / LocalIOError when SQLite still
         fails; the map then stays `lost` and this runs again at the next operation."""
-        from ovsfs.engine.recovery import apply   # recovery imports volume: import late
-
-        old = self.map
-        keep_sco, keep_tlog = self.next_sco, self.next_tlog
+        old = self.s.map
+        keep_sco, keep_tlog = self.s.next_sco, self.s.next_tlog
         try:
             # Opened before the old connection closes: closing the last connection would
             # checkpoint and drop the WAL, which needs the disk space that is missing.
-            m = ClusterMap(old.db_path, self._nclusters(), self.cfg.map_cache_pages)
+            m = ClusterMap(old.db_path, self.s.nclusters(), self.s.cfg.map_cache_pages)
         except sqlite3.Error as e:
             old.lost = True
-            raise LocalIOError(f"{self.name}: map.db cannot be reopened: {e}") from e
+            raise LocalIOError(f"{self.s.name}: map.db cannot be reopened: {e}") from e
         try:
             old.close()
         except sqlite3.Error:
             pass
-        self.map = m
+        self.s.map = m
         try:
             meta = m.load_meta()
             if meta is None:
-                raise LocalIOError(f"{self.name}: map.db holds no commit to rebuild from")
+                raise LocalIOError(f"{self.s.name}: map.db holds no commit to rebuild from")
             m.epoch = meta["epoch"]
-            self.snapshots = meta["snapshots"]
-            self.size = meta["size"]
-            m.resize(self._nclusters())
+            self.s.snapshots = meta["snapshots"]
+            self.s.size = meta["size"]
+            m.resize(self.s.nclusters())
             start, off = meta["tlog"], meta["tlog_off"]
             count = 0
-            names = sorted(int(p.name) for p in self.tlog_dir.iterdir() if p.name.isdigit())
+            names = sorted(int(p.name) for p in self.s.tlog_dir.iterdir() if p.name.isdigit())
             for n in names:
                 if n < start:
                     continue
-                data = (self.tlog_dir / str(n)).read_bytes()
+                data = (self.s.tlog_dir / str(n)).read_bytes()
                 # Every record here was written whole by this process after its data.
-                count += apply(self, tlog.parse(memoryview(data)[off if n == start else 0:]), verify=False)
+                count += self.s.replay(tlog.parse(memoryview(data)[off if n == start else 0:]))
         except (sqlite3.Error, OSError) as e:
             m.lost = True
-            raise LocalIOError(f"{self.name}: rebuilding the map failed: {e}") from e
+            raise LocalIOError(f"{self.s.name}: rebuilding the map failed: {e}") from e
         except OvsfsError:
             m.lost = True
             raise
         finally:
-            self.next_sco, self.next_tlog = max(self.next_sco, keep_sco), max(self.next_tlog, keep_tlog)
+            self.s.next_sco, self.s.next_tlog = max(self.s.next_sco, keep_sco), max(self.s.next_tlog, keep_tlog)
         if m.lost:
-            raise NoSpace(f"{self.name}: the map store is full; rebuilt map not yet stored")
-        log.info("%s: map rebuilt in place from its last commit (%d TLog records)", self.name, count)
+            raise NoSpace(f"{self.s.name}: the map store is full; rebuilt map not yet stored")
+        log.info("%s: map rebuilt in place from its last commit (%d TLog records)", self.s.name, count)
 
     # ---- durability ------------------------------------------------------------------------
 
     def _fail(self, reason: str) -> VolumeFailed:
         """Put the volume in the failed state (kept until it is reopened); returns the
         error to raise."""
-        if self.failed is None:
-            self.failed = reason
+        if self.s.failed is None:
+            self.s.failed = reason
             log.error("%s: volume failed, no more writes or flushes until it is reopened: %s",
-                      self.name, reason)
-        return VolumeFailed(f"volume {self.name} failed: {self.failed}")
+                      self.s.name, reason)
+        return VolumeFailed(f"volume {self.s.name} failed: {self.s.failed}")
 
     def _check_failed(self) -> None:
-        if self.failed is not None:
-            raise VolumeFailed(f"volume {self.name} failed: {self.failed}")
+        if self.s.failed is not None:
+            raise VolumeFailed(f"volume {self.s.name} failed: {self.s.failed}")
 
     def _fsync_all(self, files: list[tuple[Path, int]], dirs: list[Path]) -> None:
         """fsync SCOs, then TLogs, then directories; a failure fails the volume."""
-        files = sorted(files, key=lambda item: item[0].parent != self.sco_dir)
+        files = sorted(files, key=lambda item: item[0].parent != self.s.sco_dir)
         try:
             for path, fd in files:
-                self.fio.fsync(fd, str(path))
+                self.s.fio.fsync(fd, str(path))
             for d in dirs:
-                self.fio.fsync_dir(d)
+                self.s.fio.fsync_dir(d)
         except FsyncError as e:
-            with self.lock:
+            with self.s.lock:
                 raise self._fail(e.message) from e
 
     def _sync_locked(self) -> None:
         """Everything written so far durable, with the lock held (a map commit needs it)."""
         self._check_failed()
-        files = list(self.syncing.items()) + list(self.unsynced.items())
-        self._fsync_all(files, sorted(self.dirty_dirs | self.syncing_dirs))
-        for fd in self.unsynced.values():
+        files = list(self.s.syncing.items()) + list(self.s.unsynced.items())
+        self._fsync_all(files, sorted(self.s.dirty_dirs | self.s.syncing_dirs))
+        for fd in self.s.unsynced.values():
             os.close(fd)
-        self.unsynced.clear()
-        self.dirty_dirs.clear()
+        self.s.unsynced.clear()
+        self.s.dirty_dirs.clear()
 
     def flush(self) -> None:
         """Return once every write acknowledged before the call is on local disk.
@@ -404,67 +413,67 @@ class LogWriter(_Base):
         covers all of them with a single round of fsyncs (outside the volume lock).
         Raises VolumeFailed after a failed fsync, now or earlier.
         """
-        with self.lock:
+        with self.s.lock:
             self._check_failed()
-            target = self.write_seq
-        with self.flush_cv:
-            while self.synced_seq < target:
-                if not self.flushing:
-                    self.flushing = True
+            target = self.s.write_seq
+        with self.s.flush_cv:
+            while self.s.synced_seq < target:
+                if not self.s.flushing:
+                    self.s.flushing = True
                     break
-                self.flush_cv.wait()
+                self.s.flush_cv.wait()
             else:
                 self._check_failed()
                 return
         seq, ok = target, False
         files: dict[Path, int] = {}
         try:
-            with self.lock:
+            with self.s.lock:
                 self._check_failed()
-                seq = self.write_seq
-                files, self.unsynced = self.unsynced, {}
-                self.syncing = files
-                self.syncing_dirs, self.dirty_dirs = self.dirty_dirs, set()
-            self._fsync_all(list(files.items()), sorted(self.syncing_dirs))
-            self.dtl.flush()
+                seq = self.s.write_seq
+                files, self.s.unsynced = self.s.unsynced, {}
+                self.s.syncing = files
+                self.s.syncing_dirs, self.s.dirty_dirs = self.s.dirty_dirs, set()
+            self._fsync_all(list(files.items()), sorted(self.s.syncing_dirs))
+            self.s.dtl.flush()
             ok = True
         finally:
-            with self.lock:
+            with self.s.lock:
                 for path, fd in files.items():
-                    if ok or self.failed is not None or path in self.unsynced:
+                    if ok or self.s.failed is not None or path in self.s.unsynced:
                         os.close(fd)
                     else:
-                        self.unsynced[path] = fd   # not synced (DTL failed): next time
+                        self.s.unsynced[path] = fd   # not synced (DTL failed): next time
                 if not ok:
-                    self.dirty_dirs |= self.syncing_dirs
-                self.syncing = {}
-                self.syncing_dirs = set()
-            with self.flush_cv:
-                self.flushing = False
+                    self.s.dirty_dirs |= self.s.syncing_dirs
+                self.s.syncing = {}
+                self.s.syncing_dirs = set()
+            with self.s.flush_cv:
+                self.s.flushing = False
                 if ok:
-                    self.synced_seq = max(self.synced_seq, seq)
-                self.flush_cv.notify_all()
+                    self.s.synced_seq = max(self.s.synced_seq, seq)
+                self.s.flush_cv.notify_all()
         self._check_failed()
 
     def seal(self) -> None:
         """Close the open SCO and TLog early so that everything so far can be uploaded.
         Does nothing on a failed volume (what it holds may not be on disk)."""
-        with self.lock:
-            if self.failed is not None:
+        with self.s.lock:
+            if self.s.failed is not None:
                 return
-            if self.sco_fd is not None:
+            if self.s.sco_fd is not None:
                 self._seal_sco()
-            if self.tlog_fd is not None:
+            if self.s.tlog_fd is not None:
                 self._seal_tlog()
 
     def sync(self, timeout: float | None = None) -> None:
         """Return once everything written so far is on the backend."""
         self._check_failed()
         self.seal()
-        if not self.wb.drain(timeout, owner=self):
-            raise BackendError(f"{self.name}: backend did not take the uploads in time ({self.wb.last_error})")
+        if not self.s.wb.drain(timeout, owner=self.s.owner):
+            raise BackendError(f"{self.s.name}: backend did not take the uploads in time ({self.s.wb.last_error})")
 
     def maybe_commit(self, interval: float) -> None:
-        with self.lock:
-            if not self.closed and self.failed is None and time.monotonic() - self.last_commit >= interval:
+        with self.s.lock:
+            if not self.s.closed and self.s.failed is None and time.monotonic() - self.s.last_commit >= interval:
                 self.commit()

@@ -31,25 +31,14 @@ import crc32c
 import numpy as np
 
 from ovsfs.engine import tlog
-from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap, check_file, dump
+from ovsfs.engine.checkpoint import numbers as _numbers
+from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap, check_file
 from ovsfs.engine.volume import IDX_MASK, Volume, tlog_name
 from ovsfs.errors import NotFound
 
 log = logging.getLogger("ovsfs.engine.recovery")
 
-KEEP_CHECKPOINTS = 2
 _META_INTS = ("epoch", "size", "tlog", "tlog_off")
-
-
-def _numbers(names: Iterable[str], prefix: str) -> list[int]:
-    out = []
-    for n in names:
-        if n.startswith(prefix):
-            try:
-                out.append(int(n[len(prefix):], 16))
-            except ValueError:
-                pass
-    return sorted(out)
 
 
 def _local_numbers(directory: Any) -> list[int]:
@@ -57,6 +46,8 @@ def _local_numbers(directory: Any) -> list[int]:
 
 
 def open_volume(vol: Volume, create: bool, preset: str | None = None) -> None:
+    # Replay belongs here; the log writer needs it to rebuild its map in place later.
+    vol.state.replay = lambda segments: apply(vol, segments, verify=False)
     vol.sco_dir.mkdir(parents=True, exist_ok=True)
     vol.tlog_dir.mkdir(parents=True, exist_ok=True)
     if create:
@@ -342,43 +333,3 @@ def _requeue(vol: Volume, backend: set[str], local_tlogs: list[int]) -> None:
     for n in local_tlogs:
         if n not in vol.uploaded_tlogs:
             vol.queue_tlog_upload(n)
-
-
-def queue_checkpoint(vol: Volume) -> None:
-    """Upload the map as of the last commit (just made at a TLog boundary).
-
-    The snapshot is read once, on the first try, and its bytes are kept for retries (the
-    reader, a SQLite read transaction, is closed at once so that it cannot hold the WAL
-    while the backend is away). A newer checkpoint of the volume queued while this one
-    still waits supersedes it: the newer one covers everything this one does."""
-    reader = vol.map.reader()
-    n = vol.tlog_no
-    held: dict[str, Any] = {"reader": reader, "data": None}
-
-    def release() -> None:
-        r = held.pop("reader", None)
-        if r is not None:
-            r.close()
-
-    def upload() -> None:
-        if vol.deleted:
-            release()
-            return
-        if held["data"] is None:
-            if "reader" not in held:
-                return   # released and never read: a newer checkpoint covers this one
-            try:
-                held["data"] = dump(held["reader"])
-            finally:
-                release()
-        vol.store.put(vol.ns, f"checkpoint/{n:016x}", held["data"])
-        names = vol.store.list(vol.ns)
-        cps = _numbers(names, "checkpoint/")
-        if len(cps) > KEEP_CHECKPOINTS:
-            oldest_kept = cps[-KEEP_CHECKPOINTS]
-            for c in cps[:-KEEP_CHECKPOINTS]:
-                vol.store.delete(vol.ns, f"checkpoint/{c:016x}")
-            for t in _numbers(names, "tlog/"):
-                if t < oldest_kept:
-                    vol.store.delete(vol.ns, tlog_name(t))
-    vol.wb.submit(f"{vol.name} checkpoint {n}", upload, owner=vol, kind="checkpoint", on_drop=release)

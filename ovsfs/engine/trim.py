@@ -13,22 +13,20 @@ Snapshots are untouched: records go to the current epoch (copy-on-write per page
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from ovsfs.engine import tlog
+from ovsfs.engine.log import LogWriter
 from ovsfs.engine.map import PAGE_SHIFT, ZERO_LOC
+from ovsfs.engine.state import VolumeState
 from ovsfs.errors import Busy
 
-if TYPE_CHECKING:
-    from ovsfs.engine.volume import Volume
 
 CHUNK_PAGES = 16        # written map pages handled per hold of the lock (<= 64 Ki records)
 SCAN_PAGES = 1 << 16    # page-index entries scanned per hold when nothing is written there
 
 
-def trim_clusters(vol: "Volume", first: int, end: int) -> int:
+def trim_clusters(vol: VolumeState, log: LogWriter, first: int, end: int) -> int:
     """Make clusters [first, end) read as zeros; returns the number of TLog records written.
 
     Raises Busy when the volume is closed meanwhile (what was done so far stays done).
@@ -38,8 +36,8 @@ def trim_clusters(vol: "Volume", first: int, end: int) -> int:
     page = first >> PAGE_SHIFT
     while True:
         with vol.lock:
-            vol._check_open()
-            stop = min(end, vol._nclusters())
+            log.check_open()
+            stop = min(end, vol.nclusters())
             if first >= stop:
                 return written
             last_page = ((stop - 1) >> PAGE_SHIFT) + 1
@@ -50,10 +48,10 @@ def trim_clusters(vol: "Volume", first: int, end: int) -> int:
             todo = pages[:CHUNK_PAGES].tolist()
             page = todo[-1] + 1 if len(pages) > CHUNK_PAGES else window
             if todo:
-                written += _trim_pages(vol, todo, first, stop)
+                written += _trim_pages(vol, log, todo, first, stop)
 
 
-def _candidate_pages(vol: "Volume", lo: int, hi: int) -> np.ndarray:
+def _candidate_pages(vol: VolumeState, lo: int, hi: int) -> np.ndarray:
     """Pages in [lo, hi) where the volume or (for a clone) an ancestor has any version."""
     pages = vol.map.written_pages(lo, hi)
     anc = vol.parent
@@ -63,7 +61,7 @@ def _candidate_pages(vol: "Volume", lo: int, hi: int) -> np.ndarray:
     return pages
 
 
-def _trim_pages(vol: "Volume", pages: list[int], first: int, stop: int) -> int:
+def _trim_pages(vol: VolumeState, log: LogWriter, pages: list[int], first: int, stop: int) -> int:
     """One hold of the lock: the records for the clusters of `pages` inside [first, stop)."""
     parts = []
     for p in pages:
@@ -90,14 +88,14 @@ def _trim_pages(vol: "Volume", pages: list[int], first: int, stop: int) -> int:
         return 0
     addrs = np.concatenate(parts)
     locs = np.full(len(addrs), ZERO_LOC if vol.parent is not None else 0, dtype=np.uint64)
-    vol._tlog_append(tlog.writes(addrs, locs, np.zeros(len(addrs), dtype=np.uint32)))
+    log._tlog_append(tlog.writes(addrs, locs, np.zeros(len(addrs), dtype=np.uint32)))
     vol.map.update(addrs, locs)
     vol.dtl.append(vol.name, addrs, locs, b"")
     vol.write_seq += 1
     return len(addrs)
 
 
-def _parent_has_data(vol: "Volume", addrs: np.ndarray) -> np.ndarray:
+def _parent_has_data(vol: VolumeState, addrs: np.ndarray) -> np.ndarray:
     """For a clone: which of `addrs` (unmapped in the clone) would read data from the chain.
 
     The chain is read at the snapshot epochs the clones were made from, which never

@@ -27,7 +27,7 @@ from ovsfs.mgmt.backend_api import BackendApi
 from ovsfs.mgmt.http import HttpError, Request, Response, Send
 from ovsfs.mgmt.transfer import ExportJob, ImportJob
 from ovsfs.mgmt.units import parse_size
-from ovsfs.node_backend import NodeBackend
+from ovsfs.backend.node import NodeBackend
 
 log = logging.getLogger("ovsfs.mgmt")
 

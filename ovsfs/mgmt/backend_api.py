@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
-from ovsfs.backend.policy import Preset, explain, parse_policy
+from ovsfs.backend.explain import explain
+from ovsfs.backend.policy import Preset, parse_policy
 from ovsfs.errors import InvalidArgument, OvsfsError
 from ovsfs.mgmt.http import HttpError, Request, Response, Send
 from ovsfs.mgmt.units import parse_size
-from ovsfs.node_backend import LOCAL_ONLY, NodeBackend
+from ovsfs.backend.node import LOCAL_ONLY, NodeBackend
 
 if TYPE_CHECKING:
     from ovsfs.backend.proxy import ProxyStore

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from ovsfs.backend.explain import explain
 from ovsfs.backend.manifest import Manifest
-from ovsfs.backend.policy import Policy, Preset, PresetStore, chunk_layout, explain, parse_policy
+from ovsfs.backend.policy import Policy, Preset, PresetStore, chunk_layout, parse_policy
 from ovsfs.errors import AlreadyExists, InvalidArgument
 
 MiB = 1 << 20

@@ -16,7 +16,7 @@ import pytest
 from ovsfs.config import load
 from ovsfs.daemon import load_config
 from ovsfs.errors import ConfigError
-from ovsfs.node_backend import LOCAL_ONLY, default_policies
+from ovsfs.backend.node import LOCAL_ONLY, default_policies
 from tests.conftest import OVSFS, Daemon
 from tests.daemon.images import make_image, one_error_line, same
 
