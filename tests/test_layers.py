@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, int, str]] = [
     ("ovsfs.backend", 20, "backend"),
     ("ovsfs.config", 10, "shared helpers"),
     ("ovsfs.errors", 10, "shared helpers"),
+    ("ovsfs.fsutil", 10, "shared helpers"),
 ]
 
 
