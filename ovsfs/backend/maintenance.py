@@ -159,6 +159,9 @@ class Maintenance:
         new = copy.deepcopy(man)
         owner = (ns, name)
         written = 0
+        # Sources of moved fragments: deleted only once the manifest naming the new places
+        # is installed (readers holding the current one still read them meanwhile).
+        moved_from: list[tuple[Any, str]] = []
         for i, ch in enumerate(man.chunks):
             bad = self._bad_fragments(man, i, lost, verify)
             moving = [j for (ci, j) in (move or {}) if ci == i and j not in bad]
@@ -209,10 +212,7 @@ class Maintenance:
                 used_ids.add(target)
                 written += 1
                 if old and old != target and j in moving and oc is not None:
-                    try:
-                        oc.delete(man.fragment_key(i, j))
-                    except OvsfsError:
-                        pass
+                    moved_from.append((oc, man.fragment_key(i, j)))
         replicas_ok = self._replicas_ok(man, ns, name, lost)
         if written == 0 and replicas_ok:
             return 0
@@ -222,7 +222,12 @@ class Maintenance:
             new.seq = man.seq + 1
             old_replicas = set(man.replica_ids())
             degraded = p.writer.write_manifest(ns, name, new)
-            p.index.replace_if(ns, name, man, new)
+            installed = p.index.replace_if(ns, name, man, new)
+        for oc, key in moved_from if installed else []:
+            try:
+                oc.delete(key)
+            except OvsfsError:
+                pass
         for a in old_replicas - set(new.replica_ids()):
             c = p.asds.get(a)
             try:
