@@ -7,7 +7,7 @@ cd "$top"
 
 debs=(python3 python3-venv python3-dev gcc pkg-config libfuse3-dev fuse3
       qemu-utils qemu-system-x86 nbdkit libnbd-bin python3-libnbd fio
-      tgt libiscsi-bin etcd-server etcd-client busybox-static cpio curl)
+      tgt libiscsi-bin etcd-server etcd-client busybox-static cpio curl rsync)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -138,6 +138,23 @@ def test_dd_with_and_without_notrunc(fz: InprocFuse, tmp_path: Path) -> None:
     assert dst.read_bytes() == want[:40 * KiB] + patch.read_bytes()
 
 
+def test_rsync_inplace_into_and_over(fz: InprocFuse, tmp_path: Path) -> None:
+    """rsync --inplace writes a new image, then rewrites only the blocks that changed."""
+    src = image(tmp_path / "img.raw", ODD, seed=6)
+    dst = fz.pool / "r.raw"
+    run(["rsync", "--times", "--inplace", str(src), str(dst)])
+    run(["cmp", str(src), str(dst)])
+    assert fz.engine.volume("r").size == ODD
+    assert dst.stat().st_mtime_ns // 10**9 == src.stat().st_mtime_ns // 10**9   # rsync set it
+    changed = bytearray(src.read_bytes())
+    changed[64 * KiB:64 * KiB + 4096] = os.urandom(4096)
+    src.write_bytes(changed)
+    os.utime(src, ns=(dst.stat().st_atime_ns, dst.stat().st_mtime_ns + 10**10))   # edited later
+    run(["rsync", "--times", "--inplace", "--no-whole-file", str(src), str(dst)])
+    assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns   # rsync's quick check reads it back
+    run(["cmp", str(src), str(dst)])
+
+
 def test_qemu_img_convert_and_snapshots_keep_theirs(fz: InprocFuse, tmp_path: Path) -> None:
     src = image(tmp_path / "img.raw", ODD, seed=4)
     dst = fz.pool / "q.raw"
