@@ -255,7 +255,7 @@ def check_round(before: bytes, after: bytes, writes: list[int], flushed: int, ta
 # ---- rounds ----------------------------------------------------------------------------------------
 
 class Rounds:
-    def __init__(self, base: Path, size: int, fsync_every: int, seed: int, prime_backend_dirs: bool = False) -> None:
+    def __init__(self, base: Path, size: int, fsync_every: int, seed: int) -> None:
         self.base, self.size, self.fsync_every = base, size, fsync_every
         self.rnd = random.Random(seed)
         self.fs = PowerCutFS(base / "pfs")
@@ -265,7 +265,6 @@ class Rounds:
         self.mode: str | None = None
         # Work around the local backend's non-durable sco/ tlog/ checkpoint/ directories (see
         # tests/engine/test_powercut.py) by creating them durably before the rounds.
-        self.prime = prime_backend_dirs
 
     def _node_for(self, kind: str) -> Node:
         """A node (fresh volume) on the power-cut fs for "powercut" rounds, on a plain dir otherwise."""
@@ -283,10 +282,6 @@ class Rounds:
         self.node.start()
         self.node.cli("volume", "create", "v", "--size", str(self.size))
         if want == "pfs":
-            if self.prime:
-                for ns in (state / "backend").iterdir():
-                    for sub in ("sco", "tlog", "checkpoint"):
-                        (ns / sub).mkdir(exist_ok=True)
             # Creating the volume is not what these rounds test (tests/engine/test_powercut.py has it).
             self.fs.sync()
         self.mode, self.image = want, bytes(self.size)
@@ -372,9 +367,9 @@ class Rounds:
 
 
 def run_rounds(base: Path, rounds: int, kind: str, size: int, fsync_every: int = 16, seed: int = 1,
-               prime_backend_dirs: bool = False, out: Any = sys.stdout) -> Totals:
+               out: Any = sys.stdout) -> Totals:
     totals = Totals()
-    r = Rounds(base, size, fsync_every, seed, prime_backend_dirs)
+    r = Rounds(base, size, fsync_every, seed)
     try:
         for n in range(rounds):
             k = kind if kind != "both" else ("sigkill" if n < (rounds + 1) // 2 else "powercut")
@@ -400,15 +395,12 @@ def main() -> None:
     ap.add_argument("--size", type=_size, default=16 << 20, help="volume size (fio writes all of it at random)")
     ap.add_argument("--fsync", type=int, default=16, help="an NBD FLUSH after this many writes")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--prime-backend-dirs", action="store_true",
-                    help="create the backend's sco/ tlog/ checkpoint/ directories durably first (works around "
-                         "a known loss, to look past it)")
     ap.add_argument("--dir", help="work directory (default: a temporary one, removed at the end)")
     args = ap.parse_args()
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="fault-rounds-"))
     base.mkdir(parents=True, exist_ok=True)
     try:
-        totals = run_rounds(base, args.rounds, args.kind, args.size, args.fsync, args.seed, args.prime_backend_dirs)
+        totals = run_rounds(base, args.rounds, args.kind, args.size, args.fsync, args.seed)
     finally:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
