@@ -110,6 +110,13 @@ class Engine:
         self._ticker.start()
         log.info("engine open: %d vPools, %d volumes%s", len(self.list_vpools()), len(self.volumes),
                  f", {len(self.failed)} failed ({', '.join(sorted(self.failed))})" if self.failed else "")
+        e = self.cfg.engine
+        log.info("engine limits: write buffer %d MiB (engine.write_buffer_size), disk reserve %d MiB"
+                 " (engine.disk_reserve) then NoSpace after %.0f s (engine.disk_wait); map cache %d MiB"
+                 " per volume (engine.map_cache_pages); %d upload workers, retry backoff up to %.0f s;"
+                 " stop within %.0f s (engine.stop_timeout)",
+                 e.write_buffer_size >> 20, e.disk_reserve >> 20, e.disk_wait, e.map_cache_pages * 32 // 1024,
+                 e.upload_workers, e.upload_retry_max_seconds, e.stop_timeout)
 
     @staticmethod
     def _abandon(vol: Volume) -> None:
