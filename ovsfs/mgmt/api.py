@@ -24,7 +24,7 @@ from ovsfs.engine.api import Holder
 from ovsfs.engine.engine import Engine
 from ovsfs.errors import InvalidArgument, OvsfsError
 from ovsfs.mgmt.backend_api import BackendApi
-from ovsfs.mgmt.http import HttpError, Request, Response, Send
+from ovsfs.mgmt.http import HttpError, Request, Response, Send, ThreadPool
 from ovsfs.mgmt.transfer import ExportJob, ImportJob
 from ovsfs.mgmt.units import parse_size
 from ovsfs.backend.node import NodeBackend
@@ -36,23 +36,13 @@ PROGRESS_INTERVAL = 0.2   # seconds between progress lines of a streamed job
 Route = Callable[..., Awaitable[Response]]
 
 
-API_THREADS = 8                 # worker threads of the management API's engine calls
-_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("mgmt_api_limiter")
-
-
-def _limiter() -> trio.CapacityLimiter:
-    """The API's own threads: writers of the doors waiting for room, or a flood of door
-    calls, cannot take the threads `ovsfs status` and friends need (and vice versa)."""
-    try:
-        return _LIMITER.get()
-    except LookupError:
-        lim = trio.CapacityLimiter(API_THREADS)
-        _LIMITER.set(lim)
-        return lim
+# The management API's engine calls run on threads of their own: writers of the doors
+# waiting for room, or a flood of door calls, cannot take those `ovsfs status` needs.
+API_THREADS = ThreadPool("mgmt_api_threads", 8)
 
 
 async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=_limiter())
+    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=API_THREADS.limiter())
 
 
 def _field(body: dict[str, Any], key: str, kind: type, required: bool = True) -> Any:

@@ -18,7 +18,7 @@ import trio
 from ovsfs.backend.explain import explain
 from ovsfs.backend.policy import Preset, parse_policy
 from ovsfs.errors import InvalidArgument, OvsfsError
-from ovsfs.mgmt.http import HttpError, Request, Response, Send
+from ovsfs.mgmt.http import HttpError, Request, Response, Send, ThreadPool
 from ovsfs.mgmt.units import parse_size
 from ovsfs.backend.node import LOCAL_ONLY, NodeBackend
 
@@ -33,23 +33,13 @@ Route = Callable[..., Awaitable[Response]]
 JobFn = Callable[[Callable[[dict[str, Any]], None]], dict[str, Any]]
 
 
-BACKEND_THREADS = 4             # worker threads of the backend API's calls
-_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("mgmt_backend_limiter")
-
-
-def _limiter() -> trio.CapacityLimiter:
-    """Backend calls (which may wait for ASDs that are away) get their own threads, so
-    they cannot take those of the management API's engine calls or of the doors."""
-    try:
-        return _LIMITER.get()
-    except LookupError:
-        lim = trio.CapacityLimiter(BACKEND_THREADS)
-        _LIMITER.set(lim)
-        return lim
+# Backend calls (which may wait for ASDs that are away) get their own threads, so they
+# cannot take those of the management API's engine calls or of the doors.
+BACKEND_THREADS = ThreadPool("mgmt_backend_threads", 4)
 
 
 async def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    return await trio.to_thread.run_sync(fn, *args, limiter=_limiter())
+    return await BACKEND_THREADS.run(fn, *args)
 
 
 def _line(obj: Any) -> bytes:

@@ -248,3 +248,24 @@ async def serve_unix(path: Path, handler: Handler, *, task_status: Any = trio.TA
     finally:
         sock.close()
         path.unlink(missing_ok=True)
+
+
+class ThreadPool:
+    """A named set of worker threads for one kind of blocking call: each kind gets its own
+    trio.CapacityLimiter (created once per trio run), so one kind that waits (a door's
+    writers waiting for room, ASDs that are away) cannot take the threads of another."""
+
+    def __init__(self, name: str, threads: int) -> None:
+        self.threads = threads
+        self._var: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(name)
+
+    def limiter(self) -> trio.CapacityLimiter:
+        try:
+            return self._var.get()
+        except LookupError:
+            lim = trio.CapacityLimiter(self.threads)
+            self._var.set(lim)
+            return lim
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter())
