@@ -143,6 +143,17 @@ class VolumeCatalog(Protocol):
     def list_volumes(self, vpool: str | None = None) -> list[dict[str, Any]]:
         """Info records of the open volumes (see info), sorted by name."""
 
+    def stat(self, name: str) -> dict[str, Any]:
+        """A light record of an open volume, for a door's getattr/readdir: {"name",
+        "vpool", "namespace" (backend namespace: stable across renames), "size" (bytes,
+        live), "created" (seconds since the epoch, float; 0.0 if unknown)}. Takes no volume
+        lock and never waits for I/O (unlike info). NotFound; VolumeFailed (could not be
+        opened)."""
+
+    def list_stats(self, vpool: str | None = None) -> list[dict[str, Any]]:
+        """stat records of the open volumes (of one vPool, or all), sorted by name.
+        Lock-free like stat; a vPool that does not exist lists nothing."""
+
     def failed_volumes(self) -> list[dict[str, Any]]:
         """Volumes that could not be opened: {"name", "vpool", "size", "state": "failed", "reason"}."""
 
@@ -183,6 +194,27 @@ class VolumeCatalog(Protocol):
         """The volume's data and size become the snapshot's; later snapshots go. Busy
         (naming them) while any handle or job holds the volume or one of those later
         snapshots, or a clone reads one of them."""
+
+    # ---- vPools and the node ------------------------------------------------------------
+
+    def list_vpools(self) -> list[dict[str, Any]]:
+        """[{"name", "sco_clusters", "cluster_size" (bytes), "preset" (str or None),
+        "created" (seconds since the epoch), "volumes" (count of open volumes)}], sorted
+        by name."""
+
+    def vpool(self, name: str) -> dict[str, Any]:
+        """The record of one vPool (as in list_vpools, without "volumes"). NotFound."""
+
+    def create_vpool(self, name: str, sco_clusters: int | None = None,
+                     preset: str | None = None) -> dict[str, Any]:
+        """A new vPool (sco_clusters: clusters per SCO, 1..65535, default from the config;
+        preset: the backend preset name or None). Returns its record. AlreadyExists;
+        InvalidArgument (name, sco_clusters)."""
+
+    def usage(self) -> dict[str, Any]:
+        """The node's space, for a door's statfs: {"capacity", "free" (bytes of the
+        backend), "block_size" (bytes: the cluster size), "files" (open volumes)}.
+        May ask the backend (run it in a thread); BackendError if it cannot answer."""
 
     # Names reserved by a door before they are volumes (a FUSE file being created):
     # one name, one object -- create/import/clone/rename see them as taken.

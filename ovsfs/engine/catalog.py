@@ -79,6 +79,21 @@ class EngineCatalog:
             vols = sorted(self._engine.volumes.values(), key=lambda v: v.name)
         return [self._info(v) for v in vols if vpool is None or v.vpool == vpool]
 
+    @staticmethod
+    def _stat(vol: "Volume") -> dict[str, Any]:
+        # No vol.lock: each field is read once (a racing resize shows either size).
+        return {"name": vol.name, "vpool": vol.vpool, "namespace": vol.ns, "size": vol.size,
+                "created": float(vol.meta.get("created", 0.0))}
+
+    def stat(self, name: str) -> dict[str, Any]:
+        return self._stat(self._engine.volume(name))
+
+    def list_stats(self, vpool: str | None = None) -> list[dict[str, Any]]:
+        # A copy of the dict (no engine lock: the engine's lock is held across I/O by
+        # create/delete, and getattr must not wait for them).
+        vols = sorted(list(self._engine.volumes.values()), key=lambda v: v.name)
+        return [self._stat(v) for v in vols if vpool is None or v.vpool == vpool]
+
     def failed_volumes(self) -> list[dict[str, Any]]:
         return self._engine.failed_volumes()
 
@@ -131,6 +146,24 @@ class EngineCatalog:
             later = [s["epoch"] for s in vol.list_snapshots() if s["epoch"] > epoch]
             vol.holds.check_rollback(name, snap, later)
             vol.rollback(snap)
+
+    # ---- vPools and the node ----------------------------------------------------------
+
+    def list_vpools(self) -> list[dict[str, Any]]:
+        return sorted(self._engine.list_vpools(), key=lambda p: p["name"])
+
+    def vpool(self, name: str) -> dict[str, Any]:
+        return self._engine.vpool(name)
+
+    def create_vpool(self, name: str, sco_clusters: int | None = None,
+                     preset: str | None = None) -> dict[str, Any]:
+        return self._engine.create_vpool(name, sco_clusters, preset)
+
+    def usage(self) -> dict[str, Any]:
+        u = self._engine.store.usage()
+        return {"capacity": u["capacity"], "free": u["free"],
+                "block_size": self._engine.cfg.engine.cluster_size,
+                "files": len(self._engine.volumes)}
 
     # ---- name reservations (FUSE files that are not volumes yet) --------------------------
 

@@ -7,7 +7,9 @@ lifecycle rules through the same HoldTable (holders.py). Not for data that matte
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -17,6 +19,8 @@ from ovsfs.engine.names import MAX_VOLUME_SIZE, check_name
 from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, ReadOnly
 
 CLUSTER = 4096
+CAPACITY = 1 << 40      # bytes the in-memory "backend" claims to have (for usage())
+_NS = itertools.count(1)
 
 
 class _MemVolume:
@@ -28,6 +32,8 @@ class _MemVolume:
         self.holds = HoldTable()
         self.lock = threading.RLock()
         self.parent: str | None = None
+        self.ns = f"mem{next(_NS)}"      # like a backend namespace: kept across renames
+        self.created = time.time()
 
     def snap(self, name: str) -> dict[str, Any]:
         for s in self.snapshots:
@@ -143,7 +149,10 @@ class MemoryCatalog:
     """A VolumeCatalog in memory, with vPool "default" (see api.VolumeCatalog)."""
 
     def __init__(self, vpools: Sequence[str] = ("default",)) -> None:
-        self.vpools = set(vpools)
+        now = time.time()
+        self.vpools: dict[str, dict[str, Any]] = {
+            p: {"name": p, "sco_clusters": 1024, "cluster_size": CLUSTER, "preset": None, "created": now}
+            for p in vpools}
         self.volumes: dict[str, _MemVolume] = {}
         self.reserved: dict[str, tuple[str, Holder]] = {}
         self.lock = threading.RLock()
@@ -189,13 +198,25 @@ class MemoryCatalog:
         return vol.holds.holders() if snap is None else vol.holds.holders([vol.snap(snap)["epoch"]])
 
     def _info(self, v: _MemVolume) -> dict[str, Any]:
-        return {"name": v.name, "vpool": v.vpool, "size": len(v.data), "cluster_size": CLUSTER,
+        return {"name": v.name, "vpool": v.vpool, "namespace": v.ns, "size": len(v.data), "cluster_size": CLUSTER,
                 "snapshots": len(v.snapshots), "parent": v.parent, "failed": None,
                 "holders": [str(h) for h in v.holds.holders()]}
 
     def list_volumes(self, vpool: str | None = None) -> list[dict[str, Any]]:
         with self.lock:
             return [self._info(v) for _, v in sorted(self.volumes.items()) if vpool in (None, v.vpool)]
+
+    @staticmethod
+    def _stat(v: _MemVolume) -> dict[str, Any]:
+        return {"name": v.name, "vpool": v.vpool, "namespace": v.ns, "size": len(v.data),
+                "created": v.created}
+
+    def stat(self, name: str) -> dict[str, Any]:
+        return self._stat(self._vol(name))
+
+    def list_stats(self, vpool: str | None = None) -> list[dict[str, Any]]:
+        vols = sorted(list(self.volumes.values()), key=lambda v: v.name)
+        return [self._stat(v) for v in vols if vpool in (None, v.vpool)]
 
     def failed_volumes(self) -> list[dict[str, Any]]:
         return []
@@ -259,7 +280,8 @@ class MemoryCatalog:
         with vol.lock:
             if any(s["name"] == snap for s in vol.snapshots):
                 raise AlreadyExists(f"snapshot {name}@{snap} already exists")
-            rec = {"name": snap, "epoch": vol.epoch, "size": len(vol.data), "data": bytearray(vol.data)}
+            rec = {"name": snap, "epoch": vol.epoch, "size": len(vol.data), "created": time.time(),
+                   "data": bytearray(vol.data)}
             vol.epoch += 1
             vol.snapshots.append(rec)
             return {k: v for k, v in rec.items() if k != "data"}
@@ -267,7 +289,7 @@ class MemoryCatalog:
     def list_snapshots(self, name: str) -> list[dict[str, Any]]:
         vol = self._vol(name)
         with vol.lock:
-            return [{"name": s["name"], "epoch": s["epoch"], "size": s["size"],
+            return [{"name": s["name"], "epoch": s["epoch"], "size": s["size"], "created": s["created"],
                      "holders": [str(h) for h in vol.holds.holders([s["epoch"]])]} for s in vol.snapshots]
 
     def _clones_of(self, name: str, snap: str) -> bool:
@@ -293,6 +315,35 @@ class MemoryCatalog:
                     raise Busy(f"snapshot {name}@{x['name']} after {snap} has clones")
             vol.snapshots = [x for x in vol.snapshots if x["epoch"] <= s["epoch"]]
             vol.data[:] = s["data"]
+
+    def list_vpools(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [{**rec, "volumes": sum(1 for v in self.volumes.values() if v.vpool == p)}
+                    for p, rec in sorted(self.vpools.items())]
+
+    def vpool(self, name: str) -> dict[str, Any]:
+        self._pool(name)
+        return dict(self.vpools[name])
+
+    def create_vpool(self, name: str, sco_clusters: int | None = None,
+                     preset: str | None = None) -> dict[str, Any]:
+        check_name("vPool", name)
+        sc = sco_clusters or 1024
+        if not 1 <= sc <= 65535:
+            raise InvalidArgument(f"sco_clusters must be 1..65535, not {sc}")
+        with self.lock:
+            if name in self.vpools:
+                raise AlreadyExists(f"vPool {name} already exists")
+            rec = {"name": name, "sco_clusters": sc, "cluster_size": CLUSTER, "preset": preset,
+                   "created": time.time()}
+            self.vpools[name] = rec
+            return dict(rec)
+
+    def usage(self) -> dict[str, Any]:
+        with self.lock:
+            used = sum(len(v.data) + sum(len(s["data"]) for s in v.snapshots) for v in self.volumes.values())
+            return {"capacity": CAPACITY, "free": max(0, CAPACITY - used), "block_size": CLUSTER,
+                    "files": len(self.volumes)}
 
     def reserve_name(self, name: str, holder: Holder, vpool: str = "default") -> None:
         check_name("volume", name)

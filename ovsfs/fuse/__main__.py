@@ -32,7 +32,7 @@ async def amain(args: argparse.Namespace) -> None:
     await trio.to_thread.run_sync(engine.open)
     try:
         try:
-            engine.create_vpool("default")
+            engine.catalog.create_vpool("default")
         except AlreadyExists:
             pass
         async with trio.open_nursery() as nursery:

@@ -55,7 +55,7 @@ import pyfuse3
 import trio
 
 from ovsfs.doors.adapter import READ, DoorIO, Op
-from ovsfs.engine.api import Holder
+from ovsfs.engine.api import Holder, VolumeCatalog
 from ovsfs.engine.names import check_size
 from ovsfs.errors import Busy, InvalidArgument, OvsfsError
 from ovsfs.fuse.batch import WriteBatcher
@@ -85,12 +85,13 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
 
     def __init__(self, engine: Any, holder: Holder | None = None) -> None:
         super().__init__()
-        self.engine = engine
-        self.catalog = engine.catalog
+        # Only the contract from here on (tests/test_contract_only.py): the engine object
+        # is what the daemon hands every door at start-up.
+        self.catalog: VolumeCatalog = engine.catalog
         # One holder for the whole mount: a truncate through one descriptor is not kept
         # from shrinking by another descriptor of the same file (as with any file).
         self.holder = holder or Holder("fuse", "mount")
-        self.tree = Tree(engine, self.holder)
+        self.tree = Tree(self.catalog, self.holder)
         self._io: DoorIO | None = None
         self.handles: dict[int, Handle] = {}
         self.hlock = threading.Lock()
@@ -174,8 +175,8 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             if kind == "vol":
                 vol = self.tree.by_ns(key[1])
                 a.st_mode = stat.S_IFREG | 0o644
-                a.st_size = vol.size
-                t = int(vol.meta.get("created", 0) * 1e9)
+                a.st_size = vol["size"]
+                t = int(vol["created"] * 1e9)
             elif kind == "snap":
                 snap = self.tree.snapshot(self.tree.by_ns(key[1]), key[2])
                 a.st_mode = stat.S_IFREG | 0o444
@@ -262,13 +263,13 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             self.handles.pop(fh, None)
 
     async def statfs(self, ctx):
-        usage = await self._call("statfs", self.engine.store.usage)
+        usage = await self._call("statfs", self.catalog.usage)
         s = pyfuse3.StatvfsData()
-        bs = self.engine.cfg.engine.cluster_size
+        bs = usage["block_size"]
         s.f_bsize = s.f_frsize = bs
         s.f_blocks = usage["capacity"] // bs
         s.f_bfree = s.f_bavail = usage["free"] // bs
-        s.f_files = len(self.engine.volumes) + 1
+        s.f_files = usage["files"] + 1
         s.f_ffree = s.f_favail = 1 << 20
         s.f_namemax = 200 + len(SUFFIX)
         return s
@@ -278,7 +279,7 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             self._pool_of(parent_inode)
             raise fail(errno.EPERM)
         name = os.fsdecode(name)
-        await self._call(f"mkdir {name}", self.engine.create_vpool, name)
+        await self._call(f"mkdir {name}", self.catalog.create_vpool, name)
         return await self.lookup(parent_inode, os.fsencode(name))
 
     async def rmdir(self, parent_inode, name, ctx):
@@ -406,15 +407,15 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             if key[0] == "gone":
                 return self._truncate(inode, key, size, why)
             vol = self.tree.by_ns(key[1])
-            if size == vol.size:
+            if size == vol["size"]:
                 return
             # Like truncate(2): shrinking drops what is past the new end (snapshots keep
             # theirs); Busy while another door holds the volume.
-            h = self._open_handle(vol.name)
+            h = self._open_handle(vol["name"])
             try:
                 h.resize(size)
             except Busy as e:
-                log.warning("%s of %s to %d bytes refused (EBUSY): %s", why, vol.name, size, e.message)
+                log.warning("%s of %s to %d bytes refused (EBUSY): %s", why, vol["name"], size, e.message)
                 raise
             finally:
                 h.close()
@@ -440,7 +441,7 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
             return f"{key[1]}/{key[2]}{SUFFIX}"
         if key[0] == "vol":
             try:
-                return self.tree.by_ns(key[1]).name + SUFFIX
+                return self.tree.by_ns(key[1])["name"] + SUFFIX
             except pyfuse3.FUSEError:
                 pass
         return str(key)
@@ -448,7 +449,7 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
     def _grow(self, h: Handle, end: int) -> None:
         """Before a write ending at `end` past the end of the file: grow it to `end`."""
         key = self.tree.inodes.key(h.ino)
-        if key[0] == "vol" and self.tree.by_ns(key[1]).size >= end:
+        if key[0] == "vol" and self.tree.by_ns(key[1])["size"] >= end:
             return   # grown meanwhile by another write
         if key[0] == "gone":
             log.warning("write to a file removed before it became a volume: refused (ENOENT), nothing is stored")
@@ -466,12 +467,12 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
                 # libfuse asks for atomic O_TRUNC: the volume is emptied (truncate to 0).
                 self._truncate(inode, key, 0, why="O_TRUNC")
             if key[0] == "vol":
-                h.vol = self._open_handle(self.tree.by_ns(key[1]).name)
+                h.vol = self._open_handle(self.tree.by_ns(key[1])["name"])
             elif key[0] == "snap":
                 if writable:
                     raise fail(errno.EROFS)
                 vol = self.tree.by_ns(key[1])
-                h.vol, h.snapshot = self._open_handle(f"{vol.name}@{key[2]}", read_only=True), key[2]
+                h.vol, h.snapshot = self._open_handle(f"{vol['name']}@{key[2]}", read_only=True), key[2]
             elif key[0] in ("pending", "gone"):
                 self.tree.check(key)
             else:

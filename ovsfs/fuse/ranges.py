@@ -36,10 +36,10 @@ class RangeOps:
         key = self.tree.inodes.key(ino)
         if key[0] == "vol":
             vol = self.tree.by_ns(key[1])
-            return vol.name, None, vol.size
+            return vol["name"], None, vol["size"]
         if key[0] == "snap":
             vol = self.tree.by_ns(key[1])
-            return f"{vol.name}@{key[2]}", key[2], self.tree.snapshot(vol, key[2])["size"]
+            return f"{vol['name']}@{key[2]}", key[2], self.tree.snapshot(vol, key[2])["size"]
         if key[0] in ("pending", "gone"):
             return None, None, 0
         raise fail(errno.EISDIR)

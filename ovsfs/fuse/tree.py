@@ -26,9 +26,9 @@ from typing import Any
 
 import pyfuse3
 
-from ovsfs.engine.api import Holder
+from ovsfs.engine.api import Holder, VolumeCatalog
 from ovsfs.engine.names import NAME_RE
-from ovsfs.errors import AlreadyExists, NotFound
+from ovsfs.errors import AlreadyExists, NotFound, OvsfsError
 
 ROOT = pyfuse3.ROOT_INODE
 SUFFIX = ".raw"
@@ -98,10 +98,12 @@ class Inodes:
 
 
 class Tree:
-    """Name resolution over the engine; every method is synchronous (run it in a thread)."""
+    """Name resolution over the engine's catalog (the contract, ovsfs.engine.api: its
+    lock-free `stat` records, never volume objects); every method is synchronous (run it
+    in a thread)."""
 
-    def __init__(self, engine: Any, holder: Holder) -> None:
-        self.engine = engine
+    def __init__(self, catalog: VolumeCatalog, holder: Holder) -> None:
+        self.catalog = catalog
         self.holder = holder        # who reserves placeholder names in the engine
         self.inodes = Inodes()
         self.lock = threading.RLock()
@@ -115,7 +117,7 @@ class Tree:
             if (pool, base) in self.pending:
                 raise fail(errno.EEXIST)
             try:
-                self.engine.catalog.reserve_name(base, self.holder, pool)
+                self.catalog.reserve_name(base, self.holder, pool)
             except AlreadyExists:
                 raise fail(errno.EEXIST) from None
             self.pending[(pool, base)] = time.time()
@@ -125,7 +127,7 @@ class Tree:
         with self.lock:
             if self.pending.pop((pool, base), None) is None:
                 return
-            self.engine.catalog.release_name(base, self.holder)
+            self.catalog.release_name(base, self.holder)
 
     def release_all(self) -> None:
         """Drop every placeholder of this mount (at unmount)."""
@@ -151,33 +153,46 @@ class Tree:
     # ---- objects behind keys ----------------------------------------------------------
 
     def pools(self) -> list[str]:
-        return sorted(p["name"] for p in self.engine.list_vpools())
+        return sorted(p["name"] for p in self.catalog.list_vpools())
 
     def has_pool(self, name: str) -> bool:
         try:
-            self.engine.vpool(name)
+            self.catalog.vpool(name)
         except NotFound:
             return False
         return True
 
-    def volumes(self, pool: str) -> list[Any]:
-        return sorted((v for v in list(self.engine.volumes.values()) if v.vpool == pool), key=lambda v: v.name)
+    # Volumes are catalog.stat records: {"name", "vpool", "namespace", "size", "created"}.
 
-    def by_ns(self, ns: str) -> Any:
-        for v in list(self.engine.volumes.values()):
-            if v.ns == ns:
+    def volumes(self, pool: str) -> list[dict[str, Any]]:
+        return self.catalog.list_stats(pool)
+
+    def by_ns(self, ns: str) -> dict[str, Any]:
+        for v in self.catalog.list_stats():
+            if v["namespace"] == ns:
                 return v
         raise fail(errno.ENOENT)
 
-    def snapshot(self, vol: Any, name: str) -> dict[str, Any]:
-        for s in vol.list_snapshots():
+    def snapshot(self, vol: dict[str, Any], name: str) -> dict[str, Any]:
+        try:
+            snaps = self.catalog.list_snapshots(vol["name"])
+        except OvsfsError:
+            raise fail(errno.ENOENT) from None   # deleted or renamed meanwhile
+        for s in snaps:
             if s["name"] == name:
                 return s
         raise fail(errno.ENOENT)
 
-    def volume_in(self, pool: str, base: str) -> Any | None:
-        vol = self.engine.volumes.get(base)
-        return vol if vol is not None and vol.vpool == pool else None
+    def stat(self, base: str) -> dict[str, Any] | None:
+        """The open volume named base, or None (none, or one that could not be opened)."""
+        try:
+            return self.catalog.stat(base)
+        except OvsfsError:
+            return None
+
+    def volume_in(self, pool: str, base: str) -> dict[str, Any] | None:
+        vol = self.stat(base)
+        return vol if vol is not None and vol["vpool"] == pool else None
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -196,7 +211,7 @@ class Tree:
             base = name[:-len(SUFFIX)]
             vol = self.volume_in(pool, base)
             if vol is not None:
-                return ("vol", vol.ns)
+                return ("vol", vol["namespace"])
             with self.lock:
                 if (pool, base) in self.pending:
                     return ("pending", pool, base)
@@ -205,7 +220,7 @@ class Tree:
             vol = self.volume_in(parent[1], name)
             if vol is None:
                 raise fail(errno.ENOENT)
-            return ("snapdir", vol.ns)
+            return ("snapdir", vol["namespace"])
         if kind == "snapdir":
             if not name.endswith(SUFFIX):
                 raise fail(errno.ENOENT)
@@ -221,15 +236,19 @@ class Tree:
         if kind == "pool":
             pool = key[1]
             out = [(SNAPDIR, ("snaps", pool))]
-            out += [(v.name + SUFFIX, ("vol", v.ns)) for v in self.volumes(pool)]
+            out += [(v["name"] + SUFFIX, ("vol", v["namespace"])) for v in self.volumes(pool)]
             with self.lock:
                 out += [(n + SUFFIX, ("pending", p, n)) for (p, n) in sorted(self.pending) if p == pool]
             return out
         if kind == "snaps":
-            return [(v.name, ("snapdir", v.ns)) for v in self.volumes(key[1])]
+            return [(v["name"], ("snapdir", v["namespace"])) for v in self.volumes(key[1])]
         if kind == "snapdir":
             vol = self.by_ns(key[1])
-            return [(s["name"] + SUFFIX, ("snap", key[1], s["name"])) for s in vol.list_snapshots()]
+            try:
+                snaps = self.catalog.list_snapshots(vol["name"])
+            except OvsfsError:
+                raise fail(errno.ENOENT) from None
+            return [(s["name"] + SUFFIX, ("snap", key[1], s["name"])) for s in snaps]
         raise fail(errno.ENOTDIR)
 
     def check(self, key: tuple) -> None:
@@ -251,4 +270,4 @@ class Tree:
     def name_taken(self, pool: str, base: str) -> bool:
         """Volume names are global across vPools; placeholders count too."""
         with self.lock:
-            return base in self.engine.volumes or any(n == base for (_p, n) in self.pending)
+            return self.stat(base) is not None or any(n == base for (_p, n) in self.pending)

@@ -306,3 +306,89 @@ def test_legacy_acquire_is_seen_by_the_rules(tmp_path: Path) -> None:
         eng.catalog.delete_snapshot("v", "s")
     finally:
         eng.close()
+
+
+# ---- the light records doors use for getattr/readdir/statfs/mkdir -------------------------
+
+
+def test_stat_is_light_and_follows_renames(cat: VolumeCatalog) -> None:
+    cat.create_volume("v", SIZE)
+    cat.create_volume("a", 2 * SIZE)
+    st = cat.stat("v")
+    assert set(st) == {"name", "vpool", "namespace", "size", "created"}
+    assert (st["name"], st["vpool"], st["size"]) == ("v", "default", SIZE)
+    assert isinstance(st["created"], float) and st["created"] > 0
+    assert [s["name"] for s in cat.list_stats()] == ["a", "v"]
+    assert cat.list_stats("default")[1] == st
+    assert cat.list_stats("nosuchpool") == []
+    h = cat.open("v", FUSE)
+    cat.rename_volume("a", "b")     # namespace is kept across a rename, size is live
+    h.resize(2 * SIZE)
+    assert cat.stat("v")["size"] == 2 * SIZE
+    assert cat.stat("b")["namespace"] != st["namespace"]
+    assert cat.stat("v")["namespace"] == st["namespace"]
+    h.close()
+    with pytest.raises(NotFound):
+        cat.stat("a")
+
+
+def test_vpools_are_listed_and_created(cat: VolumeCatalog) -> None:
+    cat.create_volume("v", SIZE)
+    rec = cat.create_vpool("p2", sco_clusters=64)
+    assert (rec["name"], rec["sco_clusters"], rec["cluster_size"]) == ("p2", 64, CS)
+    pools = cat.list_vpools()
+    assert [(p["name"], p["volumes"]) for p in pools] == [("default", 1), ("p2", 0)]
+    assert cat.vpool("p2")["sco_clusters"] == 64
+    with pytest.raises(AlreadyExists):
+        cat.create_vpool("p2")
+    with pytest.raises(InvalidArgument):
+        cat.create_vpool("bad/name")
+    with pytest.raises(InvalidArgument):
+        cat.create_vpool("p3", sco_clusters=70000)
+    with pytest.raises(NotFound):
+        cat.vpool("nope")
+    cat.create_volume("w", SIZE, "p2")
+    assert [s["name"] for s in cat.list_stats("p2")] == ["w"]
+
+
+def test_usage_for_statfs(cat: VolumeCatalog) -> None:
+    u = cat.usage()
+    assert set(u) == {"capacity", "free", "block_size", "files"}
+    assert u["block_size"] == CS and u["files"] == 0
+    assert 0 <= u["free"] <= u["capacity"] and u["capacity"] > 0
+    cat.create_volume("v", SIZE)
+    cat.create_volume("w", SIZE)
+    assert cat.usage()["files"] == 2
+
+
+def test_stat_answers_while_the_volume_lock_is_held(tmp_path: Path) -> None:
+    """getattr at zero FUSE timeouts must not queue behind a write or a snapshot holding
+    the volume's lock (info would): stat and list_stats take no volume lock."""
+    import threading
+    eng = Engine(small_config(tmp_path))
+    eng.open()
+    try:
+        eng.create_vpool("default")
+        eng.catalog.create_volume("v", SIZE)
+        lock = eng.volume("v").lock
+        taken, done = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with lock:
+                taken.set()
+                done.wait(10)
+        t = threading.Thread(target=holder)
+        t.start()
+        taken.wait(5)
+        out: list = []
+        s = threading.Thread(target=lambda: out.append((eng.catalog.stat("v"), eng.catalog.list_stats())))
+        s.start()
+        s.join(5)       # generous: it returns in microseconds; blocked, it never would
+        blocked = s.is_alive()
+        done.set()
+        t.join()
+        s.join()
+        assert not blocked, "stat waited for the volume lock"
+        assert out[0][0]["size"] == SIZE and [x["name"] for x in out[0][1]] == ["v"]
+    finally:
+        eng.close()
