@@ -28,8 +28,9 @@ VolumeFailed, DataError, BackendError, WouldBlock (only with nowait=True), Busy.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ContextManager, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, ContextManager, Iterator, Protocol, Sequence, Union, runtime_checkable
 
 # What a write takes: any bytes-like object (a slice of a receive buffer is fine).
 Buffer = Union[bytes, bytearray, memoryview]
@@ -230,3 +231,14 @@ class VolumeCatalog(Protocol):
 
 
 __all__ = ["Buffer", "Capabilities", "Holder", "VolumeCatalog", "VolumeHandle", "parse_name"]
+
+
+@contextmanager
+def held(catalog: "VolumeCatalog", name: str, holder: Holder) -> Iterator[None]:
+    """`VolumeCatalog.hold` as every catalog implements it: a read-only handle kept open
+    for the duration of the block (so the lifecycle rules see the job), closed after."""
+    h = catalog.open(name, holder, read_only=True)
+    try:
+        yield
+    finally:
+        h.close()

@@ -8,10 +8,9 @@ the check and the change.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, ContextManager
 
-from ovsfs.engine.api import Holder, parse_name
+from ovsfs.engine.api import Holder, held, parse_name
 from ovsfs.engine.handles import EngineHandle
 from ovsfs.engine.names import check_name
 from ovsfs.errors import Busy, NotFound
@@ -54,13 +53,8 @@ class EngineCatalog:
                 vol.holds.add(holder, epoch)
         return EngineHandle(vol, holder, snap, epoch, size, read_only)
 
-    @contextmanager
-    def hold(self, name: str, holder: Holder) -> Iterator[None]:
-        h = self.open(name, holder, read_only=True)
-        try:
-            yield
-        finally:
-            h.close()
+    def hold(self, name: str, holder: Holder) -> ContextManager[None]:
+        return held(self, name, holder)
 
     def holders(self, name: str) -> list[Holder]:
         volname, snap = parse_name(name)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, ContextManager, Sequence
 
-from ovsfs.engine.api import Buffer, Capabilities, Holder, parse_name
+from ovsfs.engine.api import Buffer, Capabilities, Holder, held, parse_name
 from ovsfs.engine.holders import HoldTable
 from ovsfs.engine.names import MAX_VOLUME_SIZE, check_name
 from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, ReadOnly
@@ -184,13 +183,8 @@ class MemoryCatalog:
                 vol.holds.add(holder, s["epoch"] if s else None)
         return MemoryHandle(vol, holder, s, read_only)
 
-    @contextmanager
-    def hold(self, name: str, holder: Holder) -> Iterator[None]:
-        h = self.open(name, holder, read_only=True)
-        try:
-            yield
-        finally:
-            h.close()
+    def hold(self, name: str, holder: Holder) -> ContextManager[None]:
+        return held(self, name, holder)
 
     def holders(self, name: str) -> list[Holder]:
         volname, snap = parse_name(name)

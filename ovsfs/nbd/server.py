@@ -25,7 +25,6 @@ import time
 import socket
 import ssl
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
