@@ -59,6 +59,7 @@ class BackendSection:
     # finds the same ASDs at the same addresses.
     local_asds: int = 0
     local_asd_ports: list[int] = field(default_factory=list)
+    asd_restart_interval: float = 10.0  # seconds between tries to start a local ASD that did not start
     preset: str = "default"           # the preset the proxy writes with
     down_timeout: float = 900.0       # seconds an ASD may be down before its data is rebuilt
     fragment_cache_size: int = 256 << 20  # bytes of fragments cached on local disk
@@ -166,6 +167,8 @@ class Config:
             raise ConfigError('backend.asds and backend.local_asds need backend.kind = "asd"')
         if b.kind == "asd" and not (b.asds or b.local_asds):
             raise ConfigError('backend.kind = "asd" needs backend.asds or backend.local_asds')
+        if b.asd_restart_interval <= 0:
+            raise ConfigError("backend.asd_restart_interval must be positive")
         if b.down_timeout < 0:
             raise ConfigError("backend.down_timeout must not be negative")
         if b.fragment_cache_size < 0:

@@ -348,6 +348,12 @@ class Maintenance:
                 except OvsfsError:
                     row["up"] = False
             asds.append(row)
+        # Configured ASDs that never answered since the start: their id is not known yet,
+        # but they are part of the backend and down.
+        for c in list(p.asds.pending):
+            asds.append({"asd_id": "", "addr": c.addr, "node": "", "up": False,
+                         "down_since": c.down_since, "draining": False, "fragments_placed": 0,
+                         "never_answered": True})
         # Fragments on a replaced disk (an id no registered ASD has) are missing too.
         down = ({a["asd_id"] for a in asds if not a["up"]} | set(p.asds.draining)
                 | {a for a, n in list(p.asds.load.items()) if n > 0 and p.asds.get(a) is None})

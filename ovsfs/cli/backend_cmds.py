@@ -94,6 +94,15 @@ def cmd_preset_explain(args: argparse.Namespace) -> int:
 
 # ---- backend ------------------------------------------------------------------------------
 
+def _asd_state(a: dict[str, Any]) -> str:
+    if a["draining"]:
+        return "draining"
+    if a["up"]:
+        return "up"
+    why = (a.get("local") or {}).get("error") or ("never answered" if a.get("never_answered") else "")
+    return f"DOWN ({why})" if why else "DOWN"
+
+
 def cmd_backend_status(args: argparse.Namespace) -> int:
     st = client_for(args, 60).call("GET", "/backend")
 
@@ -112,7 +121,7 @@ def cmd_backend_status(args: argparse.Namespace) -> int:
         print()
         print_table(st["asds"], [
             ("ID", lambda a: a["asd_id"][:12]), ("ADDRESS", "addr"), ("NODE", "node"),
-            ("STATE", lambda a: "draining" if a["draining"] else "up" if a["up"] else "DOWN"),
+            ("STATE", _asd_state),
             ("FRAGMENTS", "fragments_placed"),
             ("USED", lambda a: _human(a["used"]) if a.get("used") else ("0" if a["up"] else "-"))])
 
