@@ -23,7 +23,7 @@ import trio
 from ovsfs.config import Config, default_toml, load
 from ovsfs.errors import ConfigError, OvsfsError
 from ovsfs.backend.node import NodeBackend, free_ports, preset_note
-from ovsfs.preflight import DoorUnavailable, check_doors
+from ovsfs.preflight import DoorUnavailable, check_doors, check_write_buffer
 
 log = logging.getLogger("ovsfs.daemon")
 
@@ -173,12 +173,12 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                       exc_info=not isinstance(e, (OvsfsError, OSError)))
             return 1
         notify("STATUS=opening the engine")
-        engine = Engine(cfg, store)
         try:
+            engine = Engine(cfg, store)
             await trio.to_thread.run_sync(engine.open)
         except Exception as e:
             log.error("cannot open the engine: %s", getattr(e, "message", None) or e,
-                      exc_info=not isinstance(e, OvsfsError))
+                      exc_info=not isinstance(e, (OvsfsError, OSError)))
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(backend.close)
             return 1
@@ -325,6 +325,7 @@ def main(config: Path | None, state: Path, embedded: bool, asds: int | None = No
     try:
         # Before the ASDs and the engine: a door that cannot listen stops the start at once.
         check_doors(cfg, source)
+        check_write_buffer(cfg, source)
     except OvsfsError as e:
         print(f"ovsfs: error: {e.message}", file=sys.stderr)
         lock.release()
