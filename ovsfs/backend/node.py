@@ -110,7 +110,8 @@ class NodeBackend:
 
     @property
     def pids_file(self) -> Path:
-        return self.cfg.path("asd") / "pids.json"
+        # Not under STATE/asd: that directory holds the ASD disks only.
+        return self.cfg.path(self.cfg.node.run_dir) / "asd-pids.json"
 
     # -- local ASD processes -------------------------------------------------------
 

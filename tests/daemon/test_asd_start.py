@@ -84,5 +84,5 @@ def test_asd_that_cannot_start_is_reported_and_started_later(daemon_factory: Cal
     row = next(a for a in st["asds"] if a["addr"] == f"127.0.0.1:{port}")
     assert row["local"]["state"] == "running" and row["local"]["error"] == "", row
     # the PIDs are recorded for the next start
-    pids = json.loads((d.state / "asd" / "pids.json").read_text())
+    pids = json.loads((d.run_dir / "asd-pids.json").read_text())
     assert sorted(pids) == ["0", "1", "2", "3"]
