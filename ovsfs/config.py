@@ -49,6 +49,9 @@ class EngineSection:
     # Bound on Engine.close (and so on a SIGTERM): local flush and map commits, then queued
     # uploads for what is left of it; what is not uploaded by then is queued at the next start.
     stop_timeout: float = 30.0
+    # A volume that failed to open for a reason that passes (disk full, I/O error, backend
+    # away) is tried again this often (seconds), in the background.
+    reopen_seconds: float = 30.0
 
 
 @dataclass
@@ -144,6 +147,8 @@ class Config:
             raise ConfigError(f"engine.upload_workers must be 1..64, not {e.upload_workers}")
         if e.upload_retry_max_seconds <= 0 or e.stop_timeout <= 0:
             raise ConfigError("engine.upload_retry_max_seconds and engine.stop_timeout must be positive")
+        if e.reopen_seconds <= 0:
+            raise ConfigError("engine.reopen_seconds must be positive")
         if e.checkpoint_seconds <= 0:
             raise ConfigError("engine.checkpoint_seconds must be positive")
         if e.backend_checkpoint_tlogs < 1:

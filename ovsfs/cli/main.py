@@ -52,7 +52,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"vPools:      {eng['vpools']}")
         print(f"volumes:     {eng['volumes']}")
         for f in eng.get("failed_volumes", []):
-            print(f"failed:      {f['name']} (not opened: {f['reason']})")
+            print(f"failed:      {f['name']} (not opened: {f['reason']})"
+                  + (f"; {f['hint']}" if f.get("hint") else ""))
         print("doors:       " + ", ".join(f"{k} {v}" for k, v in st["doors"].items()))
         print(f"map:         {eng['map_resident_bytes']} bytes resident, {eng['map_stored_bytes']} stored")
         wb = eng.get("write_buffer") or {}
@@ -104,7 +105,8 @@ def cmd_vpool_list(args: argparse.Namespace) -> int:
 
 VOLUME_COLUMNS = [("NAME", "name"), ("VPOOL", "vpool"), ("SIZE", lambda v: format_size(v["size"])),
                   ("SNAPSHOTS", "snapshots"), ("PARENT", lambda v: v["parent"] or "-"),
-                  ("STATE", lambda v: f"failed: {v['reason']}" if v.get("state") == "failed" else "ok")]
+                  ("STATE", lambda v: f"failed: {v['reason']}" + (f"; {v['hint']}" if v.get("hint") else "")
+                   if v.get("state") == "failed" else "ok")]
 
 
 def cmd_volume_create(args: argparse.Namespace) -> int:
