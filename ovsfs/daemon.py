@@ -147,10 +147,11 @@ async def _bounded(what: str, fn: Callable[[], None], seconds: float, shutdown: 
 
 # A SIGTERM finishes within engine.stop_timeout + CLOSE_SLACK seconds (then the ASDs are
 # stopped): the engine spends up to stop_timeout (local flush and commits first, then
-# uploads), the backend close what is left, at least MIN_BACKEND_CLOSE (the proxy waits for
-# I/O in flight to ASDs that may not answer).
+# uploads); the backend close saves its index at once and waits BACKEND_IO_WAIT at most for
+# I/O in flight to ASDs that may not answer; MIN_BACKEND_CLOSE bounds the whole backend close.
 CLOSE_SLACK = 3.0
 MIN_BACKEND_CLOSE = 2.0
+BACKEND_IO_WAIT = 0.5
 
 
 async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = None,
@@ -241,8 +242,13 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                     rc = 1
                 try:
                     left = max(MIN_BACKEND_CLOSE, deadline - trio.current_time())
-                    if not await _bounded("closing the backend", backend.close, left, shutdown):
+                    closed: list[bool] = []
+                    if not await _bounded("closing the backend",
+                                          lambda: closed.append(backend.close(BACKEND_IO_WAIT)), left, shutdown):
                         log.warning("backend closed without waiting for ASDs that do not answer")
+                    elif closed and not closed[0]:
+                        # I/O threads left behind would hold interpreter exit.
+                        shutdown.abandoned = True
                 except Exception:
                     log.exception("closing the backend failed")
                     rc = 1

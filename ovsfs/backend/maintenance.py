@@ -51,11 +51,15 @@ class Maintenance:
         self.thread = threading.Thread(target=self._run, name="backend-maintenance", daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop the loop; wait for it `timeout` seconds at most (None: for good). Returns
+        False when it is still running (stuck on an ASD that does not answer)."""
         self.stopping.set()
         self.wake.set()
         if self.thread:
-            self.thread.join()
+            self.thread.join(timeout)
+            return not self.thread.is_alive()
+        return True
 
     def kick(self) -> None:
         self.wake.set()

@@ -233,10 +233,14 @@ class NodeBackend:
         self.proxy = proxy
         return proxy
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
+        """Close the store; with the proxy, I/O in flight is waited for `timeout` seconds
+        at most. False when threads were left running (see ProxyStore.close)."""
+        done = True
         if self.proxy is not None:
-            self.proxy.close()
+            done = self.proxy.close(timeout)
             self.proxy = None
+        return done
 
     def _ensure_default_preset(self) -> None:
         """On first start, a default preset that fits the configured ASDs."""
