@@ -17,10 +17,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, free_ports
 from tests.daemon.test_backend_away import asd_pids
 
 CONFIG = {"backend": {"asd_restart_interval": 0.5}}
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def _alive(pid: int) -> bool:
@@ -44,6 +51,11 @@ def test_stopped_leftover_asd_does_not_stop_the_restart(daemon_factory: Callable
     stuck = asd_pids(d)[1]
     os.kill(stuck, signal.SIGSTOP)
     try:
+        # Stopped for real before the daemon dies: a SIGTERM pending with the SIGSTOP would
+        # be taken first (the lower signal number).
+        deadline = time.monotonic() + 10
+        while _state(stuck) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
         d.kill()
         assert _alive(stuck), Path(f"/proc/{stuck}/stat").read_text()  # the stopped ASD outlived its daemon, holding its port
         d.start()
@@ -86,3 +98,17 @@ def test_asd_that_cannot_start_is_reported_and_started_later(daemon_factory: Cal
     # the PIDs are recorded for the next start
     pids = json.loads((d.run_dir / "asd-pids.json").read_text())
     assert sorted(pids) == ["0", "1", "2", "3"]
+
+
+def test_backend_status_lists_configured_asds_that_never_answered(daemon_factory: Callable[..., Daemon]) -> None:
+    """An ASD in backend.asds that does not answer at start is listed (down, never
+    answered), and the manifest index says it is incomplete (finding 6)."""
+    (dead,) = free_ports(1)
+    d = daemon_factory({"backend": {"asds": [f"127.0.0.1:{dead}"]}}, asds=3)
+    st = d.cli_json("backend", "status")
+    row = next((a for a in st["asds"] if a["addr"] == f"127.0.0.1:{dead}"), None)
+    assert row is not None and not row["up"] and row["never_answered"], st["asds"]
+    assert st["asds_down"] == 1 and st["index_complete"] is False
+    human = d.cli("backend", "status").stdout
+    assert f"127.0.0.1:{dead}" in human and "DOWN (never answered)" in human, human
+    assert "index:          INCOMPLETE" in human, human
