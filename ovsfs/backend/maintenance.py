@@ -161,6 +161,9 @@ class Maintenance:
         new = copy.deepcopy(man)
         owner = (ns, name)
         written = 0
+        # Sources of moved fragments: deleted only once the manifest naming the new places
+        # is installed (readers holding the current one still read them meanwhile).
+        moved_from: list[tuple[Any, str]] = []
         for i, ch in enumerate(man.chunks):
             bad = self._bad_fragments(man, i, lost, verify)
             moving = [j for (ci, j) in (move or {}) if ci == i and j not in bad]
@@ -211,10 +214,7 @@ class Maintenance:
                 used_ids.add(target)
                 written += 1
                 if old and old != target and j in moving and oc is not None:
-                    try:
-                        oc.delete(man.fragment_key(i, j))
-                    except OvsfsError:
-                        pass
+                    moved_from.append((oc, man.fragment_key(i, j)))
         replicas_ok = self._replicas_ok(man, ns, name, lost)
         if written == 0 and replicas_ok:
             return 0
@@ -224,7 +224,12 @@ class Maintenance:
             new.seq = man.seq + 1
             old_replicas = set(man.replica_ids())
             degraded = p.writer.write_manifest(ns, name, new)
-            p.index.replace_if(ns, name, man, new)
+            installed = p.index.replace_if(ns, name, man, new)
+        for oc, key in moved_from if installed else []:
+            try:
+                oc.delete(key)
+            except OvsfsError:
+                pass
         for a in old_replicas - set(new.replica_ids()):
             c = p.asds.get(a)
             try:
@@ -282,27 +287,58 @@ class Maintenance:
         return {"fragments_rebuilt": total, "objects": len(p.index.items()), "failed": failed,
                 "full_redundancy": not failed}
 
-    def drain(self, asd_id: str, progress: Progress | None = None) -> dict[str, Any]:
-        """Move everything off one ASD, then forget it."""
+    def drain(self, asd_id: str, progress: Progress | None = None, max_passes: int = 10,
+              settle: float = 120.0) -> dict[str, Any]:
+        """Move everything off one ASD, then forget it.
+
+        Once the ASD is marked draining no new placement picks it, but a put that chose
+        its targets before may still be writing there and install its manifest after a
+        pass looked at that object (and a put may replace an object a pass was moving).
+        So the drain waits for the puts that were under way when it began (up to
+        `settle` seconds) and repeats passes over whatever still names the ASD until a
+        pass finds nothing; it forgets the ASD only then."""
         p = self.proxy
         c = p.asds.find(asd_id)
         p.asds.draining.add(c.asd_id)
+        earlier = set(p.inflight)  # version ids of puts that may have placed on it already
+        deadline = time.monotonic() + settle
         moved = 0
-        failed = []
-        with self.lock:
-            items = [(ns, n, m) for ns, n, m in p.index.items()
-                     if c.asd_id in m.used_asds() or c.asd_id in m.replica_ids()]
-            for done, (ns, name, _m) in enumerate(items, 1):
-                try:
-                    moved += self.fix(ns, name, verify=False)
-                except OvsfsError as e:
-                    failed.append(f"{ns}/{name}: {e}")
-                if progress:
-                    progress({"done": done, "total": len(items), "fragments": moved})
-        if failed:
-            raise BackendError(f"drain of {c.addr} incomplete: {len(failed)} objects failed: {failed[:3]}")
+        touched: set[tuple[str, str]] = set()
+        failed: list[str] = []
+        for n in range(max_passes):
+            settled = not (earlier & p.inflight)
+            with self.lock:
+                items = self._holding(c.asd_id)
+                failed = []
+                for done, (ns, name, _m) in enumerate(items, 1):
+                    try:
+                        moved += self.fix(ns, name, verify=False)
+                    except OvsfsError as e:
+                        failed.append(f"{ns}/{name}: {e}")
+                    if progress:
+                        progress({"pass": n + 1, "done": done, "total": len(items), "fragments": moved})
+                if n and items:
+                    log.info("drain of %s: pass %d: %d objects put or changed meanwhile", c.addr, n + 1, len(items))
+                touched |= {(ns, name) for ns, name, _m in items}
+                left = self._holding(c.asd_id)
+            if not left and settled:
+                break
+            if not left:  # an earlier put may still land on it: wait for those to finish
+                while earlier & p.inflight and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                earlier &= p.inflight
+        else:
+            left = self._holding(c.asd_id)
+        if left or earlier & p.inflight:
+            why = failed[:3] or [f"{ns}/{name}" for ns, name, _m in left[:3]] or ["puts still under way"]
+            raise BackendError(f"drain of {c.addr} incomplete: {len(left)} objects still on it: {why}")
         p.asds.forget(c.asd_id)
-        return {"asd": c.asd_id, "fragments_moved": moved, "objects": len(items)}
+        return {"asd": c.asd_id, "fragments_moved": moved, "objects": len(touched)}
+
+    def _holding(self, asd_id: str) -> list[tuple[str, str, Manifest]]:
+        """Objects with a fragment or a manifest copy on the ASD."""
+        return [(ns, n, m) for ns, n, m in self.proxy.index.items()
+                if asd_id in m.used_asds() or asd_id in m.replica_ids()]
 
     def rebalance(self, progress: Progress | None = None, max_moves: int = 100000) -> dict[str, Any]:
         """Move fragments from the fullest ASDs to the emptiest (e.g. newly added) ones."""

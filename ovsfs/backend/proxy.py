@@ -358,7 +358,7 @@ class ProxyStore:
             return bytes(c.get_range(key, EC_HEADER + lo, n, crc=man.chunks[i].crcs[j]))
         except OvsfsError as e:
             log.info("fragment %s on %s unreadable (%s): decoding around it", key, c.addr, e)
-            self.mark_dirty(*owner)
+            self._report(man, i, j, owner)
             return None
 
     def _frag_full(self, man: Manifest, i: int, j: int, owner: tuple[str, str]) -> bytes | None:
@@ -375,10 +375,21 @@ class ProxyStore:
         except OvsfsError as e:
             log.info("fragment %s on %s unreadable (%s)", key, c.addr, e)
             if not isinstance(e, NotFound) or c.up:
-                self.mark_dirty(*owner)
+                self._report(man, i, j, owner)
             return None
         self.fcache.put(key, data)
         return data
+
+    def _report(self, man: Manifest, i: int, j: int, owner: tuple[str, str]) -> None:
+        """Fragment j of chunk i of `man` could not be read: have maintenance check the
+        object, unless `man` is no longer where the index keeps that fragment. A reader
+        or repair holding a manifest that a put replaced (its fragments purged) or that
+        a drain/rebalance moved (the old copy deleted) finds the old fragment gone: that
+        is no damage, and a dirty mark for it would count a healthy object as degraded."""
+        cur = self.index.get(*owner)
+        if cur is None or cur.vid != man.vid or cur.fragment_asd(i, j) != man.fragment_asd(i, j):
+            return
+        self.mark_dirty(*owner)
 
     def fetch_fragments(self, man: Manifest, i: int, owner: tuple[str, str], want: int,
                         skip: Iterable[int] = ()) -> dict[int, bytes]:

@@ -171,7 +171,7 @@ class ObjectWriter:
         want = man.policy.m + 1
         prefer = [man.asds[i] for i in (man.chunks[0].asds if man.chunks else []) if i != NONE]
         try:
-            targets = p.asds.choose(min(want, len(p.asds.live(writable=False))), want,
+            targets = p.asds.choose(min(want, len(p.asds.live())), want,
                                     prefer=prefer)
         except NoSpace:
             targets = []
@@ -179,7 +179,8 @@ class ObjectWriter:
         ok = self._copies(man, key, targets)
         tried = set(targets)
         while len(ok) < want:
-            spare = [c.asd_id for c in p.asds.live(writable=False) if c.asd_id not in tried]
+            # Not on a draining ASD: a drain that already passed this object would miss it.
+            spare = [c.asd_id for c in p.asds.live() if c.asd_id not in tried]
             if not spare:
                 break
             extra = spare[:want - len(ok)]
@@ -187,7 +188,7 @@ class ObjectWriter:
             ok += self._copies(man, key, extra)
         # One copy is one ASD loss from losing the object: acknowledge only with two
         # (or every live ASD, on a backend that has fewer).
-        need = min(2, want, len(p.asds.live(writable=False)))
+        need = min(2, want, len(p.asds.live()))
         if len(ok) < max(need, 1):
             raise BackendError(f"manifest of {ns}/{name} stored on {len(ok)} ASD(s); {max(need, 1)} needed")
         if set(ok) != set(targets):

@@ -284,6 +284,53 @@ def test_add_and_remove_asds_under_load(cluster: AsdCluster, tmp_path: Path) -> 
         proxy.close()
 
 
+def test_drain_moves_a_put_that_placed_on_the_asd_before_it_began(
+        cluster: AsdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A put that chose its ASDs just before a drain began installs its manifest after the
+    drain's pass over the objects: the drain must still move it before forgetting the ASD."""
+    from ovsfs.backend.writer import ObjectWriter
+
+    cluster.start_many(1)  # 7 ASDs: room to move a fragment
+    proxy = make_proxy(cluster, tmp_path / "st", policy=Policy(4, 2, 6, 1))
+    try:
+        objs = _objects(proxy, random.Random(12), 4)
+        placed, release = threading.Event(), threading.Event()
+        held: list = []
+        write_object = ObjectWriter.write_object
+
+        def slow_write_object(self, data, preset):  # type: ignore[no-untyped-def]
+            man, writes = write_object(self, data, preset)
+            if not held:  # every fragment is stored; the manifest is not installed yet
+                held.append(man)
+                placed.set()
+                release.wait(30)
+            return man, writes
+
+        monkeypatch.setattr(ObjectWriter, "write_object", slow_write_object)
+        objs["late"] = random.Random(13).randbytes(300 * KiB)
+        put = threading.Thread(target=proxy.put, args=("vol", "late", objs["late"]))
+        put.start()
+        assert placed.wait(30)
+        victim = proxy.asds.get(sorted(held[0].used_asds())[0])
+        assert victim is not None
+        result: list = []
+        drain = threading.Thread(target=lambda: result.append(proxy.maintenance.drain(victim.asd_id)))
+        drain.start()
+        drain.join(1.0)  # the old drain forgot the ASD here, with "late" still to land on it
+        release.set()
+        put.join()
+        drain.join()
+        assert result and result[0]["asd"] == victim.asd_id
+        assert not [n for _, n, m in proxy.index.items()
+                    if victim.asd_id in m.used_asds() | set(m.replica_ids())]
+        assert proxy.status()["degraded_objects"] == 0
+        cluster.kill(next(i for i, a in cluster.addrs.items() if a == victim.addr))
+        proxy.drop_caches()
+        _check(proxy, objs, random.Random(14))
+    finally:
+        proxy.close()
+
+
 def test_cold_start_rebuilds_manifests_from_asds(cluster: AsdCluster, tmp_path: Path) -> None:
     rnd = random.Random(11)
     proxy = make_proxy(cluster, tmp_path / "st")
