@@ -8,6 +8,9 @@ refused with a ConfigError that names the key.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +49,9 @@ class EngineSection:
     # Bound on Engine.close (and so on a SIGTERM): local flush and map commits, then queued
     # uploads for what is left of it; what is not uploaded by then is queued at the next start.
     stop_timeout: float = 30.0
+    # A volume that failed to open for a reason that passes (disk full, I/O error, backend
+    # away) is tried again this often (seconds), in the background.
+    reopen_seconds: float = 30.0
 
 
 @dataclass
@@ -59,6 +65,7 @@ class BackendSection:
     # finds the same ASDs at the same addresses.
     local_asds: int = 0
     local_asd_ports: list[int] = field(default_factory=list)
+    asd_restart_interval: float = 10.0  # seconds between tries to start a local ASD that did not start
     preset: str = "default"           # the preset the proxy writes with
     down_timeout: float = 900.0       # seconds an ASD may be down before its data is rebuilt
     fragment_cache_size: int = 256 << 20  # bytes of fragments cached on local disk
@@ -140,9 +147,39 @@ class Config:
             raise ConfigError(f"engine.upload_workers must be 1..64, not {e.upload_workers}")
         if e.upload_retry_max_seconds <= 0 or e.stop_timeout <= 0:
             raise ConfigError("engine.upload_retry_max_seconds and engine.stop_timeout must be positive")
+        if e.reopen_seconds <= 0:
+            raise ConfigError("engine.reopen_seconds must be positive")
+        if e.checkpoint_seconds <= 0:
+            raise ConfigError("engine.checkpoint_seconds must be positive")
+        if e.backend_checkpoint_tlogs < 1:
+            raise ConfigError("engine.backend_checkpoint_tlogs must be at least 1")
+        if not e.write_buffer:
+            raise ConfigError("engine.write_buffer must name a directory")
         self._validate_backend()
-        if self.nbd.tls not in ("off", "optional", "required"):
+        self._validate_nbd()
+
+    def _validate_nbd(self) -> None:
+        n = self.nbd
+        if n.tls not in ("off", "optional", "required"):
             raise ConfigError("nbd.tls must be off, optional or required")
+        if not 0 <= n.tcp_port <= 65535:
+            raise ConfigError(f"nbd.tcp_port must be 0..65535 (0: no TCP listener), not {n.tcp_port}")
+        if n.tcp_host and not _host_ok(n.tcp_host):
+            raise ConfigError(f"nbd.tcp_host {n.tcp_host!r} is not an IP address or host name")
+        for a in n.allow:
+            try:
+                ipaddress.ip_network(a if isinstance(a, str) else None, strict=False)  # type: ignore[arg-type]
+            except (ValueError, TypeError):
+                raise ConfigError(f"nbd.allow entry {a!r} is not an address or CIDR network "
+                                  "(e.g. 10.0.0.0/8)") from None
+        if n.max_connections < 1:
+            raise ConfigError("nbd.max_connections must be at least 1")
+        if n.handshake_timeout <= 0 or n.send_timeout <= 0:
+            raise ConfigError("nbd.handshake_timeout and nbd.send_timeout must be positive")
+        if n.connection_buffer <= 0 or n.node_buffer < n.connection_buffer:
+            raise ConfigError("nbd.connection_buffer must be positive and nbd.node_buffer at least as large")
+        if n.threads < 1 or n.flush_threads < 1:
+            raise ConfigError("nbd.threads and nbd.flush_threads must be at least 1")
 
 
     def _validate_backend(self) -> None:
@@ -166,6 +203,8 @@ class Config:
             raise ConfigError('backend.asds and backend.local_asds need backend.kind = "asd"')
         if b.kind == "asd" and not (b.asds or b.local_asds):
             raise ConfigError('backend.kind = "asd" needs backend.asds or backend.local_asds')
+        if b.asd_restart_interval <= 0:
+            raise ConfigError("backend.asd_restart_interval must be positive")
         if b.down_timeout < 0:
             raise ConfigError("backend.down_timeout must not be negative")
         if b.fragment_cache_size < 0:
@@ -174,6 +213,18 @@ class Config:
             raise ConfigError("backend.gc_interval and backend.gc_grace must not be negative")
         if not b.preset:
             raise ConfigError("backend.preset must name a preset")
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def _host_ok(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(host))
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -197,6 +248,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             ok = False
         if not ok:
             raise ConfigError(f"config key {where}{key} must be {origin.__name__}, not {type(value).__name__}")
+        if origin is float and not math.isfinite(value):
+            # TOML has nan and inf; no setting means either (a nan timeout waits forever).
+            raise ConfigError(f"config key {where}{key} must be a finite number, not {value}")
         kwargs[key] = value
     return cls(**kwargs)
 

@@ -23,7 +23,7 @@ import trio
 from ovsfs.config import Config, default_toml, load
 from ovsfs.errors import ConfigError, OvsfsError
 from ovsfs.backend.node import NodeBackend, free_ports, preset_note
-from ovsfs.preflight import DoorUnavailable, check_doors
+from ovsfs.preflight import DoorUnavailable, check_doors, check_write_buffer
 
 log = logging.getLogger("ovsfs.daemon")
 
@@ -147,10 +147,11 @@ async def _bounded(what: str, fn: Callable[[], None], seconds: float, shutdown: 
 
 # A SIGTERM finishes within engine.stop_timeout + CLOSE_SLACK seconds (then the ASDs are
 # stopped): the engine spends up to stop_timeout (local flush and commits first, then
-# uploads), the backend close what is left, at least MIN_BACKEND_CLOSE (the proxy waits for
-# I/O in flight to ASDs that may not answer).
+# uploads); the backend close saves its index at once and waits BACKEND_IO_WAIT at most for
+# I/O in flight to ASDs that may not answer; MIN_BACKEND_CLOSE bounds the whole backend close.
 CLOSE_SLACK = 3.0
 MIN_BACKEND_CLOSE = 2.0
+BACKEND_IO_WAIT = 0.5
 
 
 async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = None,
@@ -173,12 +174,12 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                       exc_info=not isinstance(e, (OvsfsError, OSError)))
             return 1
         notify("STATUS=opening the engine")
-        engine = Engine(cfg, store)
         try:
+            engine = Engine(cfg, store)
             await trio.to_thread.run_sync(engine.open)
         except Exception as e:
             log.error("cannot open the engine: %s", getattr(e, "message", None) or e,
-                      exc_info=not isinstance(e, OvsfsError))
+                      exc_info=not isinstance(e, (OvsfsError, OSError)))
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(backend.close)
             return 1
@@ -241,8 +242,13 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                     rc = 1
                 try:
                     left = max(MIN_BACKEND_CLOSE, deadline - trio.current_time())
-                    if not await _bounded("closing the backend", backend.close, left, shutdown):
+                    closed: list[bool] = []
+                    if not await _bounded("closing the backend",
+                                          lambda: closed.append(backend.close(BACKEND_IO_WAIT)), left, shutdown):
                         log.warning("backend closed without waiting for ASDs that do not answer")
+                    elif closed and not closed[0]:
+                        # I/O threads left behind would hold interpreter exit.
+                        shutdown.abandoned = True
                 except Exception:
                     log.exception("closing the backend failed")
                     rc = 1
@@ -325,6 +331,7 @@ def main(config: Path | None, state: Path, embedded: bool, asds: int | None = No
     try:
         # Before the ASDs and the engine: a door that cannot listen stops the start at once.
         check_doors(cfg, source)
+        check_write_buffer(cfg, source)
     except OvsfsError as e:
         print(f"ovsfs: error: {e.message}", file=sys.stderr)
         lock.release()

@@ -46,6 +46,19 @@ def check_doors(cfg: Config, source: str) -> None:
         check_mountpoint("fuse", cfg.path(cfg.fuse.mountpoint), "fuse.mountpoint", source)
 
 
+def check_write_buffer(cfg: Config, source: str) -> None:
+    """Raise ConfigError (one line) when the write-buffer directory cannot be created: the
+    engine could not open any volume there."""
+    wb = cfg.path(cfg.engine.write_buffer)
+    try:
+        wb.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"the write buffer {wb} cannot be created: {e.strerror or e}; "
+                          f"change engine.write_buffer in {source}") from None
+    if not os.access(wb, os.W_OK | os.X_OK):
+        raise ConfigError(f"the write buffer {wb} is not writable; change engine.write_buffer in {source}")
+
+
 def check_unix_socket(door: str, path: Path, key: str, source: str) -> None:
     address = f"unix socket {path}"
     if len(os.fsencode(path)) > MAX_UNIX_PATH:

@@ -153,6 +153,11 @@ class Index:
         os.replace(tmp, self.path)
         self._clean.write_text("")
 
+    def mark_unclean(self) -> None:
+        """The saved index may miss what I/O still running writes: the next open rebuilds."""
+        if self.path is not None:
+            self._clean.unlink(missing_ok=True)
+
     # -- merging what the ASDs hold ------------------------------------------------
 
     @staticmethod

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ovsfs.backend.policy import PresetStore
@@ -30,6 +31,28 @@ def _child_setup() -> None:
         pass
 
 
+def spawn_asd(path: Path, host: str, port: int, node: str) -> tuple[subprocess.Popen[str], str]:
+    """Start one ASD with its disk at `path`; returns (process, "host:port").
+
+    Raises BackendError (the process already stopped) when it does not come up, e.g.
+    because its port is taken."""
+    # Own session: a ^C at the terminal must not stop the ASDs before the daemon
+    # has flushed its volumes to them; the daemon stops them itself.
+    p = subprocess.Popen([sys.executable, "-m", "ovsfs.backend.asd", "--path", str(path),
+                          "--listen", f"{host}:{port}", "--node", node],
+                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                         start_new_session=True, preexec_fn=_child_setup)
+    try:
+        m = re.search(r"listening on (\S+)", p.stdout.readline() if p.stdout else "")
+    except BaseException:
+        stop_asds([p])
+        raise
+    if not m:
+        stop_asds([p])
+        raise BackendError(f"ASD {path} did not start (port {port} in use?)")
+    return p, m.group(1)
+
+
 def spawn_asds(base: Path, n: int, node: str = "node1", host: str = "127.0.0.1",
                ports: list[int] | None = None) -> list[tuple[subprocess.Popen[str], str]]:
     """Start n ASD processes with disks at base/0..n-1; returns (process, "host:port") pairs.
@@ -41,23 +64,51 @@ def spawn_asds(base: Path, n: int, node: str = "node1", host: str = "127.0.0.1",
     out: list[tuple[subprocess.Popen[str], str]] = []
     try:
         for i in range(n):
-            d = Path(base) / str(i)
-            port = ports[i] if ports else 0
-            # Own session: a ^C at the terminal must not stop the ASDs before the daemon
-            # has flushed its volumes to them; the daemon stops them itself.
-            p = subprocess.Popen([sys.executable, "-m", "ovsfs.backend.asd", "--path", str(d),
-                                  "--listen", f"{host}:{port}", "--node", f"{node}-{i}"],
-                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                 start_new_session=True, preexec_fn=_child_setup)
-            out.append((p, ""))
-            m = re.search(r"listening on (\S+)", p.stdout.readline() if p.stdout else "")
-            if not m:
-                raise BackendError(f"ASD {d} did not start (port {port} in use?)")
-            out[-1] = (p, m.group(1))
+            out.append(spawn_asd(Path(base) / str(i), host, ports[i] if ports else 0, f"{node}-{i}"))
     except BaseException:
         stop_asds([p for p, _ in out])
         raise
     return out
+
+
+def is_our_asd(pid: int, path: Path) -> bool:
+    """True when process `pid` is an ASD serving the disk at `path` (from /proc/PID/cmdline):
+    a recorded PID may since have been reused by an unrelated process."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    want = str(path).encode()
+    return b"ovsfs.backend.asd" in argv and any(
+        a == b"--path" and i + 1 < len(argv) and argv[i + 1] == want for i, a in enumerate(argv))
+
+
+def reap_leftover(pid: int, path: Path, timeout: float = 5.0) -> bool:
+    """Stop a leftover ASD of ours from an earlier daemon life, by its recorded PID: a
+    stopped (SIGSTOP) one outlives its daemon (it does not act on the death signal) and
+    holds its port. Continued, then SIGTERM, SIGKILL after `timeout` s. Only if the
+    process really is the ASD of `path`; returns True when one was stopped."""
+    if not is_our_asd(pid, path):
+        return False
+    for sig in (signal.SIGCONT, signal.SIGTERM):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+    for sig in (signal.SIGKILL, None):
+        deadline = time.monotonic() + timeout
+        while is_our_asd(pid, path):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        else:
+            return True
+        if sig is not None:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return True
+    return True
 
 
 def stop_asds(procs: list[subprocess.Popen[str]], timeout: float = 10.0) -> None:

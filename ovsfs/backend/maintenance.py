@@ -51,11 +51,15 @@ class Maintenance:
         self.thread = threading.Thread(target=self._run, name="backend-maintenance", daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop the loop; wait for it `timeout` seconds at most (None: for good). Returns
+        False when it is still running (stuck on an ASD that does not answer)."""
         self.stopping.set()
         self.wake.set()
         if self.thread:
-            self.thread.join()
+            self.thread.join(timeout)
+            return not self.thread.is_alive()
+        return True
 
     def kick(self) -> None:
         self.wake.set()
@@ -384,6 +388,12 @@ class Maintenance:
                 except OvsfsError:
                     row["up"] = False
             asds.append(row)
+        # Configured ASDs that never answered since the start: their id is not known yet,
+        # but they are part of the backend and down.
+        for c in list(p.asds.pending):
+            asds.append({"asd_id": "", "addr": c.addr, "node": "", "up": False,
+                         "down_since": c.down_since, "draining": False, "fragments_placed": 0,
+                         "never_answered": True})
         # Fragments on a replaced disk (an id no registered ASD has) are missing too.
         down = ({a["asd_id"] for a in asds if not a["up"]} | set(p.asds.draining)
                 | {a for a, n in list(p.asds.load.items()) if n > 0 and p.asds.get(a) is None})

@@ -12,13 +12,14 @@ import logging
 import os
 import socket
 import subprocess
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ovsfs.backend.policy import Policy, Preset, PresetStore
 from ovsfs.backend.store import Store
 from ovsfs.config import Config
-from ovsfs.errors import ConfigError
+from ovsfs.errors import ConfigError, OvsfsError
 
 if TYPE_CHECKING:
     from ovsfs.backend.proxy import ProxyStore
@@ -63,14 +64,41 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+class LocalAsd:
+    """One ASD process the daemon runs itself: its disk, fixed port, process or why not."""
+
+    def __init__(self, index: int, path: Path, port: int) -> None:
+        self.index = index
+        self.path = path
+        self.port = port
+        self.addr = f"127.0.0.1:{port}"
+        self.proc: subprocess.Popen[str] | None = None
+        self.error = ""              # why the last start failed ("" while it runs)
+
+    def status(self) -> dict[str, object]:
+        running = self.proc is not None and self.proc.poll() is None
+        return {"index": self.index, "addr": self.addr, "path": str(self.path),
+                "pid": self.proc.pid if running and self.proc else None,
+                "state": "running" if running else "not started", "error": self.error}
+
+
 class NodeBackend:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.kind = cfg.backend.kind
         self.proxy_dir = cfg.path("proxy")
-        self.procs: list[subprocess.Popen[str]] = []
+        self.local: list[LocalAsd] = []
         self.local_addrs: list[str] = []
         self.proxy: ProxyStore | None = None      # with kind = "asd", once open
+        self._stopping = threading.Event()
+        self._restarter: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def procs(self) -> list[subprocess.Popen[str]]:
+        """The ASD processes this daemon started (and has not stopped yet)."""
+        with self._lock:
+            return [a.proc for a in self.local if a.proc is not None]
 
     @property
     def presets(self) -> PresetStore:
@@ -80,31 +108,105 @@ class NodeBackend:
     def removed_file(self) -> Path:
         return self.proxy_dir / "removed.json"
 
+    @property
+    def pids_file(self) -> Path:
+        # Not under STATE/asd: that directory holds the ASD disks only.
+        return self.cfg.path(self.cfg.node.run_dir) / "asd-pids.json"
+
     # -- local ASD processes -------------------------------------------------------
 
     def spawn(self) -> None:
-        """Start the daemon's own ASDs (blocking; before the event loop runs)."""
+        """Start the daemon's own ASDs (blocking; before the event loop runs).
+
+        An ASD that does not start (its port taken, its disk unreadable) does not stop the
+        node: it is reported (local_status) and retried every backend.asd_restart_interval
+        seconds; the proxy meanwhile knows it as a pending ASD and attaches it once it answers.
+        """
         b = self.cfg.backend
         if self.kind != "asd" or not b.local_asds:
             return
-        from ovsfs.backend.launch import spawn_asds
-
-        started = spawn_asds(self.cfg.path("asd"), b.local_asds, node=self.cfg.node.name,
-                             ports=b.local_asd_ports)
-        self.procs = [p for p, _ in started]
-        self.local_addrs = [a for _, a in started]
+        base = self.cfg.path("asd")
+        self.local = [LocalAsd(i, base / str(i), b.local_asd_ports[i]) for i in range(b.local_asds)]
+        self.local_addrs = [a.addr for a in self.local]
+        self._reap_leftovers()
+        for a in self.local:
+            self._start_one(a)
+        started = [a for a in self.local if a.proc is not None]
         log.info("started %d ASDs: %s", len(started),
-                 ", ".join(f"{a} (pid {p.pid})" for p, a in started))
+                 ", ".join(f"{a.addr} (pid {a.proc.pid})" for a in started if a.proc))
+        if len(started) < len(self.local):
+            log.warning("%d of %d local ASDs did not start; the node runs degraded and retries "
+                        "them every %.0f s", len(self.local) - len(started), len(self.local),
+                        b.asd_restart_interval)
+        # The thread that starts an ASD is its parent for PR_SET_PDEATHSIG (the death signal
+        # goes out when that *thread* ends): this one lives until stop().
+        self._restarter = threading.Thread(target=self._restart_loop, name="asd-restart", daemon=True)
+        self._restarter.start()
+
+    def _start_one(self, a: LocalAsd) -> None:
+        from ovsfs.backend.launch import spawn_asd
+
+        try:
+            proc, _ = spawn_asd(a.path, "127.0.0.1", a.port, f"{self.cfg.node.name}-{a.index}")
+        except (OvsfsError, OSError) as e:
+            a.error = getattr(e, "message", None) or str(e)
+            log.warning("local ASD %d (%s) did not start: %s", a.index, a.addr, a.error)
+            return
+        with self._lock:
+            a.proc, a.error = proc, ""
+        self._save_pids()
+
+    def _restart_loop(self) -> None:
+        while not self._stopping.wait(self.cfg.backend.asd_restart_interval):
+            for a in self.local:
+                if a.proc is None and not self._stopping.is_set():
+                    self._start_one(a)
+                    if a.proc is not None:
+                        log.info("local ASD %d (%s) started late (pid %d)", a.index, a.addr, a.proc.pid)
+
+    def _reap_leftovers(self) -> None:
+        """ASDs of an earlier life of this daemon that outlived it (a stopped process does
+        not act on its death signal) hold their ports: stop them by recorded PID."""
+        from ovsfs.backend.launch import reap_leftover
+
+        try:
+            pids = json.loads(self.pids_file.read_text())
+        except (OSError, ValueError):
+            return
+        for a in self.local:
+            pid = pids.get(str(a.index)) if isinstance(pids, dict) else None
+            if isinstance(pid, int) and pid != os.getpid() and reap_leftover(pid, a.path):
+                log.warning("stopped leftover ASD %d (pid %d) of an earlier daemon", a.index, pid)
+
+    def _save_pids(self) -> None:
+        with self._lock:
+            pids = {str(a.index): a.proc.pid for a in self.local if a.proc is not None}
+        path = self.pids_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(pids))
+        os.replace(tmp, path)
+
+    def local_status(self) -> list[dict[str, object]]:
+        """Each local ASD process: address, disk, pid, running or not and why."""
+        with self._lock:
+            return [a.status() for a in self.local]
 
     def stop(self) -> None:
         """Stop every ASD this daemon started, by PID."""
-        if not self.procs:
+        self._stopping.set()
+        if self._restarter is not None:
+            self._restarter.join(30)
+        procs = self.procs
+        if not procs:
             return
         from ovsfs.backend.launch import stop_asds
 
-        stop_asds(self.procs)
-        log.info("stopped %d ASDs (pids %s)", len(self.procs), ", ".join(str(p.pid) for p in self.procs))
-        self.procs = []
+        stop_asds(procs)
+        log.info("stopped %d ASDs (pids %s)", len(procs), ", ".join(str(p.pid) for p in procs))
+        with self._lock:
+            for a in self.local:
+                a.proc = None
 
     # -- the store -----------------------------------------------------------------
 
@@ -131,10 +233,14 @@ class NodeBackend:
         self.proxy = proxy
         return proxy
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
+        """Close the store; with the proxy, I/O in flight is waited for `timeout` seconds
+        at most. False when threads were left running (see ProxyStore.close)."""
+        done = True
         if self.proxy is not None:
-            self.proxy.close()
+            done = self.proxy.close(timeout)
             self.proxy = None
+        return done
 
     def _ensure_default_preset(self) -> None:
         """On first start, a default preset that fits the configured ASDs."""

@@ -87,11 +87,36 @@ class ProxyStore:
         if maintenance:
             self.maintenance.start()
 
-    def close(self) -> None:
-        self.maintenance.stop()
-        self.pool.shutdown(wait=True)
-        self.index.close()
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop maintenance and I/O; save the manifest index. With `timeout` (seconds), I/O
+        in flight to ASDs that do not answer (stopped, away) is waited for that long at
+        most: the index is saved first, queued I/O is cancelled, and threads still running
+        after the bound are left behind. Returns True when everything finished; False when
+        threads were left (the saved index is then marked not clean, so the next start
+        merges what those threads may still write)."""
+        if timeout is None:
+            self.maintenance.stop()
+            self.pool.shutdown(wait=True)
+            self.index.close()
+            self.asds.close()
+            return True
+        deadline = time.monotonic() + timeout
+        self.maintenance.stopping.set()
+        self.maintenance.wake.set()
+        self.index.close()              # first: whatever happens below, the index is saved
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        done = self.maintenance.stop(max(0.0, deadline - time.monotonic()))
+        # The executor's worker threads (no public way to join them with a bound).
+        for t in list(getattr(self.pool, "_threads", ())):
+            t.join(max(0.0, deadline - time.monotonic()))
+            done = done and not t.is_alive()
+        if done:
+            self.index.close()          # again: with what the finished I/O installed
+        else:
+            self.index.mark_unclean()
+            log.warning("backend closed with I/O still in flight to ASDs that do not answer")
         self.asds.close()
+        return done
 
     def obj_lock(self, ns: str, name: str) -> threading.Lock:
         """Serialises manifest replacement of one object (put vs repair)."""

@@ -94,6 +94,15 @@ def cmd_preset_explain(args: argparse.Namespace) -> int:
 
 # ---- backend ------------------------------------------------------------------------------
 
+def _asd_state(a: dict[str, Any]) -> str:
+    if a["draining"]:
+        return "draining"
+    if a["up"]:
+        return "up"
+    why = (a.get("local") or {}).get("error") or ("never answered" if a.get("never_answered") else "")
+    return f"DOWN ({why})" if why else "DOWN"
+
+
 def cmd_backend_status(args: argparse.Namespace) -> int:
     st = client_for(args, 60).call("GET", "/backend")
 
@@ -105,14 +114,18 @@ def cmd_backend_status(args: argparse.Namespace) -> int:
         print(f"objects:        {st['objects']} in {st['namespaces']} namespaces, "
               f"{st['degraded_objects']} degraded")
         print(f"rebuilt:        {st['fragments_rebuilt']} fragments since the daemon started")
+        if "index_complete" in st:
+            print("index:          " + ("complete" if st["index_complete"] else
+                                        "INCOMPLETE: ASDs that did not answer yet are merged when they do")
+                  + (f"; {st['tombstones']} tombstones" if st.get("tombstones") else ""))
         print(f"preset:         {p['name']} {_policies(p)}, fragments up to {format_size(p['max_fragment_size'])}, "
               f"compression {p['compression']}, encryption {p['encryption']}")
         print(f"fragment cache: {_human(fc['bytes'])} of "
               f"{format_size(fc['capacity'])} ({fc['fragments']} fragments)")
         print()
         print_table(st["asds"], [
-            ("ID", lambda a: a["asd_id"][:12]), ("ADDRESS", "addr"), ("NODE", "node"),
-            ("STATE", lambda a: "draining" if a["draining"] else "up" if a["up"] else "DOWN"),
+            ("ID", lambda a: a["asd_id"][:12] or "?"), ("ADDRESS", "addr"), ("NODE", "node"),
+            ("STATE", _asd_state),
             ("FRAGMENTS", "fragments_placed"),
             ("USED", lambda a: _human(a["used"]) if a.get("used") else ("0" if a["up"] else "-"))])
 

@@ -52,10 +52,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"vPools:      {eng['vpools']}")
         print(f"volumes:     {eng['volumes']}")
         for f in eng.get("failed_volumes", []):
-            print(f"failed:      {f['name']} (not opened: {f['reason']})")
+            print(f"failed:      {f['name']} (not opened: {f['reason']})"
+                  + (f"; {f['hint']}" if f.get("hint") else ""))
         print("doors:       " + ", ".join(f"{k} {v}" for k, v in st["doors"].items()))
         print(f"map:         {eng['map_resident_bytes']} bytes resident, {eng['map_stored_bytes']} stored")
         wb = eng.get("write_buffer") or {}
+        if "limit" in wb:
+            print("write buffer: " + _write_buffer_line(wb))
         if "queued" in wb:
             print(f"uploads:     {wb['queued']} queued, {wb['upload_errors']} failed tries")
             for name, lane in sorted(wb.get("lanes", {}).items()):
@@ -67,6 +70,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     _out(args, st, human)
     return 0
+
+
+def _write_buffer_line(wb: dict[str, Any]) -> str:
+    """How full the write buffer is and who waits for it: a full buffer with writers
+    waiting is what a backend that went away looks like from here."""
+    used = int(wb["pending_bytes"]) + int(wb.get("local_meta_bytes", 0))
+    line = f"{format_size(used)} of {format_size(int(wb['limit']))} used"
+    if wb.get("cached_bytes"):
+        line += f" (+{format_size(int(wb['cached_bytes']))} uploaded, kept as cache)"
+    waiting = int(wb.get("waiting_writers", 0))
+    if waiting:
+        why = "backend away?" if wb.get("upload_errors") else "uploads behind?"
+        line += f", {waiting} writer{'s' if waiting != 1 else ''} waiting for room ({why})"
+    return line
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
@@ -104,7 +121,8 @@ def cmd_vpool_list(args: argparse.Namespace) -> int:
 
 VOLUME_COLUMNS = [("NAME", "name"), ("VPOOL", "vpool"), ("SIZE", lambda v: format_size(v["size"])),
                   ("SNAPSHOTS", "snapshots"), ("PARENT", lambda v: v["parent"] or "-"),
-                  ("STATE", lambda v: f"failed: {v['reason']}" if v.get("state") == "failed" else "ok")]
+                  ("STATE", lambda v: f"failed: {v['reason']}" + (f"; {v['hint']}" if v.get("hint") else "")
+                   if v.get("state") == "failed" else "ok")]
 
 
 def cmd_volume_create(args: argparse.Namespace) -> int:

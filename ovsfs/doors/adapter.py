@@ -328,14 +328,20 @@ class DoorIO:
         room: Callable[[int], bool] | None = getattr(handle, "write_room", None)
         if room is None or room(nbytes):
             return True
-        pause, waited = ROOM_POLL[0], 0.0
-        while not room(nbytes):
-            if waited >= ROOM_PROBE and self.probe.available_tokens:
-                return False
-            await trio.sleep(pause)
-            waited += pause
-            pause = min(pause * 2, ROOM_POLL[1])
-        return True
+        # Counted by the engine while it waits here, so that status can show writers held up.
+        note: Callable[[int], None] = getattr(handle, "waiting_for_room", lambda delta: None)
+        note(1)
+        try:
+            pause, waited = ROOM_POLL[0], 0.0
+            while not room(nbytes):
+                if waited >= ROOM_PROBE and self.probe.available_tokens:
+                    return False
+                await trio.sleep(pause)
+                waited += pause
+                pause = min(pause * 2, ROOM_POLL[1])
+            return True
+        finally:
+            note(-1)
 
 
 def _room_needed(ops: list[Op], bs: int) -> int:

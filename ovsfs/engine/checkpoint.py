@@ -25,6 +25,17 @@ def numbers(names: Iterable[str], prefix: str) -> list[int]:
     return sorted(out)
 
 
+def tlogs_after_checkpoint(backend: Iterable[str], local_tlogs: Iterable[int]) -> int:
+    """TLogs a rebuild would replay on top of the newest backend checkpoint: those on the
+    backend or still in the write buffer numbered at or above it (checkpoint n is the map
+    as of the start of TLog n). The counter that triggers the next checkpoint starts here
+    at open, so restarts do not set it back to 0."""
+    names = list(backend)
+    cps = numbers(names, "checkpoint/")
+    newest = cps[-1] if cps else 0
+    return sum(1 for t in set(numbers(names, "tlog/")) | set(local_tlogs) if t >= newest)
+
+
 def queue_checkpoint(vol: VolumeState) -> None:
     """Upload the map as of the last commit (just made at a TLog boundary).
 

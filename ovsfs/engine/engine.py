@@ -23,6 +23,7 @@ from ovsfs.config import Config
 from ovsfs.engine.api import Holder
 from ovsfs.engine.catalog import EngineCatalog
 from ovsfs.engine.recovery import open_volume
+from ovsfs.engine.reopen import mark_failed, retry_failed
 from ovsfs.engine.scrub import scrub_volume
 from ovsfs.engine.names import check_size
 from ovsfs.engine.volume import Volume, check_name
@@ -94,7 +95,7 @@ class Engine:
                     raise
             except Exception as e:  # noqa: BLE001 - any reason at all: this volume fails, not the node
                 failed[rec["ns"]] = _reason(e)
-                self.failed[rec["name"]] = {**rec, "state": "failed", "reason": _reason(e)}
+                mark_failed(self.failed, rec, e, _reason(e), str(self.wb_root), self.cfg.engine.reopen_seconds)
                 log.error("volume %s not opened: %s", rec["name"], _reason(e), exc_info=not isinstance(e, OvsfsError))
                 raise
             opened[rec["ns"]] = vol
@@ -141,7 +142,7 @@ class Engine:
         # No engine lock: a copy of the dict is enough, and status must answer while a create holds it.
         return [{"name": r["name"], "vpool": r["vpool"], "namespace": r["ns"], "size": r["size"],
                  "parent": (f"{r['parent']['name']}@{r['parent']['snapshot']}" if r.get("parent") else None),
-                 "state": "failed", "reason": r["reason"]}
+                 "state": "failed", "reason": r["reason"], "hint": r.get("hint", "")}
                 for r in sorted(list(self.failed.values()), key=lambda r: r["name"])]
 
     def _adopt(self, records: list[dict[str, Any]]) -> None:
@@ -183,6 +184,22 @@ class Engine:
                     vol.maybe_commit(interval)
                 except Exception:  # a failing volume must not stop commits of the others
                     log.exception("periodic map commit of %s failed", vol.name)
+            try:
+                retry_failed(self, self._reopen)
+            except Exception:  # noqa: BLE001 - the ticker must go on committing
+                log.exception("retrying failed volumes failed")
+
+    def _reopen(self, rec: dict[str, Any]) -> Volume:
+        """Open one volume that failed before (engine lock held): its parent must be open."""
+        rec = self.registry.get(f"/volumes/{rec['name']}") or rec
+        parent = self._by_ns(rec["parent"]["ns"]) if rec.get("parent") else None
+        vol = self._volume(rec, parent)
+        try:
+            open_volume(vol, create=False)
+        except BaseException:
+            self._abandon(vol)
+            raise
+        return vol
 
     def close(self) -> None:
         """Clean stop within `engine.stop_timeout` seconds, also with the backend away.

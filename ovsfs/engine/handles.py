@@ -77,6 +77,9 @@ class EngineHandle:
     def write_room(self, nbytes: int) -> bool:
         return self._vol.write_room(nbytes)
 
+    def waiting_for_room(self, delta: int) -> None:
+        self._vol.waiting_for_room(delta)
+
     def flush(self) -> None:
         vol = self._live()
         if not self.caps.read_only:

@@ -31,7 +31,7 @@ import crc32c
 import numpy as np
 
 from ovsfs.engine import tlog
-from ovsfs.engine.checkpoint import numbers as _numbers
+from ovsfs.engine.checkpoint import numbers as _numbers, tlogs_after_checkpoint
 from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap, check_file
 from ovsfs.engine.volume import IDX_MASK, Volume, tlog_name
 from ovsfs.errors import NotFound
@@ -92,6 +92,7 @@ def _load(vol: Volume, backend: set[str], create: bool) -> None:
     vol.next_sco = max([vol.next_sco, *(n + 1 for n in vol.local_scos), *(n + 1 for n in _numbers(backend, "sco/"))])
     vol.next_tlog = max([vol.next_tlog, *(n + 1 for n in local_tlogs), *(n + 1 for n in _numbers(backend, "tlog/"))])
     _requeue(vol, backend, local_tlogs)
+    vol.tlogs_since_checkpoint = tlogs_after_checkpoint(backend, local_tlogs)
     vol.tlog_no, vol.tlog_off = vol.next_tlog, 0
     vol.commit()
 

@@ -225,6 +225,11 @@ class Volume:
         this), not in a worker thread the management API and other volumes need."""
         return self.state.wb.has_room(nbytes)
 
+    def waiting_for_room(self, delta: int) -> None:
+        """A door's writer starts (+1) or stops (-1) waiting for room outside the engine
+        (polling write_room): counted with the writers waiting in the engine, for status."""
+        self.state.wb.note_waiting(delta)
+
     def _check_open(self) -> None:
         """Before any change: raises Busy (closed), VolumeFailed (failed fsync),
         NoSpace / LocalIOError (the map cannot be rebuilt yet after a full disk)."""

@@ -44,6 +44,7 @@ class WriteBuffer:
         self._reserve = 0                    # disk_reserve, capped for small file systems
         self._free_at = -1.0
         self.stopping = False
+        self.waiting = 0                     # writers waiting for room (engine and doors)
         # Per-volume upload lanes; they wait on the same condition as the budget.
         self.uploads = UploadQueues(self.cv)
         # Called (with no lock held) when writers wait and nothing is queued for upload:
@@ -90,6 +91,19 @@ class WriteBuffer:
         Waits while unsent SCOs fill the budget (uploads free it), and while the disk is
         below its reserve (seals, evicts cached SCOs meanwhile). Raises NoSpace when the
         disk stays short for `disk_wait` seconds."""
+        with self.cv:
+            if self._fits(nbytes) and self._disk_ok(nbytes):
+                self.pending += nbytes
+                self._free -= nbytes
+                return
+            self.waiting += 1     # shown in status: writers held up (backend away? disk full?)
+        try:
+            self._reserve_wait(nbytes)
+        finally:
+            with self.cv:
+                self.waiting -= 1
+
+    def _reserve_wait(self, nbytes: int) -> None:
         deadline: float | None = None
         while True:
             with self.cv:
@@ -112,6 +126,11 @@ class WriteBuffer:
             with self.cv:
                 if not disk_ok or (not self.queue and not self.busy):
                     self.cv.wait(0.05)
+
+    def note_waiting(self, delta: int) -> None:
+        """A writer waiting for room outside reserve() (a door polling has_room)."""
+        with self.cv:
+            self.waiting += delta
 
     def try_reserve(self, nbytes: int) -> bool:
         """reserve() that never waits: False when the bytes do not fit now."""
@@ -247,6 +266,7 @@ class WriteBuffer:
         with self.cv:   # re-entrant: the upload lanes share it
             st: dict[str, object] = {"limit": self.limit, "pending_bytes": self.pending,
                                      "cached_bytes": self.cached, "local_meta_bytes": self.local_total,
-                                     "disk_free_bytes": self._free if self.disk_path is not None else -1}
+                                     "disk_free_bytes": self._free if self.disk_path is not None else -1,
+                                     "waiting_writers": self.waiting}
             st.update(self.uploads.status())
             return st

@@ -199,8 +199,14 @@ class BackendApi:
     # ---- status, repair ------------------------------------------------------------------
 
     async def status(self, req: Request) -> Response:
-        proxy = self._proxy()
+        backend, proxy = self._backend(), self._proxy()
         st = await _call(proxy.status)
+        # The ASD processes this daemon runs itself, with why one is not running.
+        local = {a["addr"]: a for a in backend.local_status()}
+        for row in st["asds"]:
+            lp = local.get(row["addr"])
+            if lp is not None:
+                row["local"] = lp
         return Response(200, st)
 
     async def repair(self, req: Request) -> Response:

@@ -118,6 +118,11 @@ def test_writers_wait_while_the_backend_is_away_and_resume_when_it_returns(daemo
             lane = wb_status(d)["lanes"]["v"]
             assert lane["queued"] > 0 and lane["last_error"] and lane["last_error_at"] > 0
             assert writer.poll() is None
+            # The human status says so too (fault review finding 6), not only --json.
+            wait_for("the writer to be counted", lambda: wb_status(d).get("waiting_writers", 0) > 0, 30)
+            out = d.cli("status", timeout=30).stdout
+            assert re.search(r"write buffer: \S+ of 8M used, \d+ writers? waiting for room "
+                             r"\(backend away\?\)", out), out
         # The ASDs are back: the writer finishes, everything reads back, the backlog goes out.
         out, _ = writer.communicate(timeout=120)
         assert writer.returncode == 0 and "failed" not in out, out
