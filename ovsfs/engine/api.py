@@ -233,6 +233,27 @@ class VolumeCatalog(Protocol):
 __all__ = ["Buffer", "Capabilities", "Holder", "VolumeCatalog", "VolumeHandle", "parse_name"]
 
 
+
+@runtime_checkable
+class NodeMaintenance(Protocol):
+    """The node-wide calls the management API needs beside the catalog (the engine
+    implements them): figures, garbage collection, the local read cache, backend sync."""
+
+    catalog: VolumeCatalog
+
+    def stats(self) -> dict[str, Any]:
+        """Figures of the node: volumes, write buffer, uploads, map memory (JSON-able)."""
+
+    def scrub(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Reclaim garbage of one volume (or all): per volume what was freed. NotFound."""
+
+    def drop_cache(self) -> int:
+        """Evict uploaded SCOs kept locally as a read cache; returns the bytes freed."""
+
+    def sync_volume(self, name: str, timeout: float | None = None) -> None:
+        """Return once everything written to `name` is on the backend. NotFound,
+        BackendError when the backend does not take it within `timeout` seconds."""
+
 @contextmanager
 def held(catalog: "VolumeCatalog", name: str, holder: Holder) -> Iterator[None]:
     """`VolumeCatalog.hold` as every catalog implements it: a read-only handle kept open

@@ -2,9 +2,9 @@
 
 Every engine call goes to a worker thread: the engine is synchronous and may wait on
 disk, and the event loop also serves the doors. Volumes and snapshots are handled only
-through the door contract (`engine.catalog`, ovsfs/engine/api.py): the lifecycle rules
-live there, and import/export/clone jobs register as holders. Node-wide things outside
-the contract (vPools, stats, scrub, caches, sync) are Engine methods.
+through the contract in ovsfs/engine/api.py: volumes, snapshots and vPools through the
+catalog (the lifecycle rules live there, and import/export/clone jobs register as
+holders), node-wide figures, scrub, caches and sync through NodeMaintenance.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from ovsfs.config import Config
-from ovsfs.engine.api import Holder
-from ovsfs.engine.engine import Engine
+from ovsfs.engine.api import Holder, NodeMaintenance
 from ovsfs.errors import InvalidArgument, OvsfsError
 from ovsfs.mgmt.backend_api import BackendApi
 from ovsfs.mgmt.http import HttpError, Request, Response, Send, ThreadPool
@@ -70,7 +69,7 @@ def _line(obj: Any) -> bytes:
 
 
 class Api:
-    def __init__(self, engine: Engine, cfg: Config, doors: dict[str, str],
+    def __init__(self, engine: NodeMaintenance, cfg: Config, doors: dict[str, str],
                  backend: NodeBackend | None = None) -> None:
         self.engine = engine
         self.catalog = engine.catalog
@@ -143,10 +142,10 @@ class Api:
     # ---- vPools ------------------------------------------------------------------------
 
     async def list_vpools(self, req: Request) -> Response:
-        return Response(200, await _call(self.engine.list_vpools))
+        return Response(200, await _call(self.catalog.list_vpools))
 
     async def get_vpool(self, req: Request, name: str) -> Response:
-        for pool in await _call(self.engine.list_vpools):
+        for pool in await _call(self.catalog.list_vpools):
             if pool["name"] == name:
                 return Response(200, pool)
         raise HttpError(404, f"vPool {name} does not exist")
@@ -160,7 +159,7 @@ class Api:
             if self.backend is None or self.backend.kind != "asd":
                 raise HttpError(409, "the local backend has no presets")
             await _call(self.backend.presets.get, preset)  # 404 when it does not exist
-        rec = await _call(self.engine.create_vpool, name, sco, preset)
+        rec = await _call(self.catalog.create_vpool, name, sco, preset)
         log.info("created vPool %s", name)
         return Response(201, rec)
 

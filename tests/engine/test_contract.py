@@ -392,3 +392,25 @@ def test_stat_answers_while_the_volume_lock_is_held(tmp_path: Path) -> None:
         assert out[0][0]["size"] == SIZE and [x["name"] for x in out[0][1]] == ["v"]
     finally:
         eng.close()
+
+
+def test_the_engine_offers_what_the_management_api_needs(tmp_path: Path) -> None:
+    """The management API holds the engine only as NodeMaintenance (+ its catalog)."""
+    from ovsfs.engine.api import NodeMaintenance
+    eng = Engine(small_config(tmp_path))
+    eng.open()
+    try:
+        eng.create_vpool("default")
+        h = eng.catalog.open(eng.catalog.create_volume("v", 4 * CS)["name"], FUSE)
+        h.writev([(0, fill(1))])
+        h.writev([(0, fill(2))])            # the first write's clusters become garbage
+        h.close()
+        assert isinstance(eng, NodeMaintenance)
+        assert eng.stats()["volumes"] == 1 and eng.stats()["failed_volumes"] == []
+        eng.sync_volume("v", timeout=30)
+        (res,) = eng.scrub("v")
+        assert res["volume"] == "v" and res["live_clusters"] == 2
+        assert eng.drop_cache() >= 0
+        assert eng.catalog.open("v", FUSE).readv([(0, 2 * CS)]) == [fill(2)]
+    finally:
+        eng.close()
