@@ -87,12 +87,7 @@ class Engine:
                     except Exception as e:  # noqa: BLE001 - recorded for the parent already
                         raise VolumeFailed(f"its parent volume {prec['name']} could not be opened "
                                            f"({_reason(e)})") from e
-                vol = self._volume(rec, parent)
-                try:
-                    open_volume(vol, create=False)
-                except BaseException:
-                    self._abandon(vol)
-                    raise
+                vol = self._open_record(rec, parent)
             except Exception as e:  # noqa: BLE001 - any reason at all: this volume fails, not the node
                 failed[rec["ns"]] = _reason(e)
                 mark_failed(self.failed, rec, e, _reason(e), str(self.wb_root), self.cfg.engine.reopen_seconds)
@@ -193,6 +188,10 @@ class Engine:
         """Open one volume that failed before (engine lock held): its parent must be open."""
         rec = self.registry.get(f"/volumes/{rec['name']}") or rec
         parent = self._by_ns(rec["parent"]["ns"]) if rec.get("parent") else None
+        return self._open_record(rec, parent)
+
+    def _open_record(self, rec: dict[str, Any], parent: Volume | None) -> Volume:
+        """Open an existing volume (recovery included); what a failed open holds is released."""
         vol = self._volume(rec, parent)
         try:
             open_volume(vol, create=False)
