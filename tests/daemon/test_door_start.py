@@ -63,9 +63,17 @@ def _run(state: Path, tmp_path: Path,
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as n:
         n.bind(str(notify))
         t0 = time.monotonic()
-        r = subprocess.run([OVSFS, "run", "--state", str(state)], capture_output=True, text=True,
-                           timeout=30, stdin=subprocess.DEVNULL,
-                           env={**os.environ, "NOTIFY_SOCKET": str(notify)})
+        try:
+            r = subprocess.run([OVSFS, "run", "--state", str(state)], capture_output=True, text=True,
+                               timeout=30, stdin=subprocess.DEVNULL,
+                               env={**os.environ, "NOTIFY_SOCKET": str(notify)})
+        finally:
+            # A start that was wrongly let through and then killed by the timeout must not
+            # leave its mount behind (a refused start never mounts).
+            mnt = str((state / "mnt").absolute())
+            with open("/proc/self/mounts") as f:
+                if any(line.split()[1] == mnt for line in f):
+                    subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
         took = time.monotonic() - t0
         n.setblocking(False)
         msgs = []
