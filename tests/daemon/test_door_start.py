@@ -72,7 +72,7 @@ def _run(state: Path, tmp_path: Path,
             # leave its mount behind (a refused start never mounts).
             mnt = str((state / "mnt").absolute())
             with open("/proc/self/mounts") as f:
-                if any(line.split()[1] == mnt for line in f):
+                if any(line.split()[1] == mnt and line.split()[2].startswith("fuse") for line in f):
                     subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
         took = time.monotonic() - t0
         n.setblocking(False)
