@@ -34,3 +34,20 @@ def one_error_line(stderr: str) -> str:
     assert len(lines) == 1, f"expected one error line, got: {stderr!r}"
     assert lines[0].startswith("ovsfs: error: "), lines[0]
     return lines[0]
+
+
+def start_import(ovsfs: str, state: Path, volume: str, path: Path, mib: int = 256) -> subprocess.Popen[str]:
+    """`ovsfs volume import` of a new file of `mib` MiB of random bytes, returned once the
+    job is running (its first progress line is read). The caller waits for or kills it."""
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+    cli = subprocess.Popen([ovsfs, "--state", str(state), "volume", "import", volume, str(path)],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert cli.stderr is not None
+    line = cli.stderr.readline()
+    if "% (" not in line:
+        cli.kill()
+        cli.wait()
+        raise AssertionError(f"the import did not start: {line}")
+    return cli

@@ -7,14 +7,13 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import OVSFS, Daemon
-from tests.daemon.images import make_image, one_error_line, same
+from tests.daemon.images import make_image, one_error_line, same, start_import
 
 MiB = 1 << 20
 
@@ -247,15 +246,8 @@ def test_progress_bar_on_a_terminal(daemon: Daemon, tmp_path: Path) -> None:
 
 def test_sigterm_during_import(daemon: Daemon, tmp_path: Path) -> None:
     src = tmp_path / "big.img"
-    with open(src, "wb") as f:
-        for _ in range(256):
-            f.write(os.urandom(MiB))
-    cli = subprocess.Popen([OVSFS, "--state", str(daemon.state), "volume", "import", "big", str(src)],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = start_import(OVSFS, daemon.state, "big", src)
     try:
-        assert cli.stderr is not None
-        line = cli.stderr.readline()
-        assert "% (" in line, line
         t0 = time.monotonic()
         daemon.stop()  # asserts exit 0
         assert time.monotonic() - t0 < 30

@@ -15,18 +15,10 @@ from typing import Callable
 
 from tests.conftest import Daemon
 from tests.daemon.images import make_image, same
-from tests.daemon.test_backend_away import asd_pids
+from tests.daemon.test_backend_away import asd_pids, backend_away
 
 MiB = 1 << 20
 STOP_TIMEOUT = 2.0
-
-
-def _signal(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def test_sigterm_with_asds_stopped_does_not_wait_out_the_backend_budget(
@@ -36,15 +28,12 @@ def test_sigterm_with_asds_stopped_does_not_wait_out_the_backend_budget(
     d.cli("volume", "import", "v", str(src))
     d.cli("volume", "sync", "v")
     pids = asd_pids(d)
-    _signal(pids, signal.SIGSTOP)
-    try:
+    with backend_away(pids):
         time.sleep(2.5)          # maintenance is now waiting on an ASD that does not answer
         start = time.monotonic()
         os.kill(d.pid, signal.SIGTERM)
         rc = d.proc.wait(60)     # type: ignore[union-attr]
         took = time.monotonic() - start
-    finally:
-        _signal(pids, signal.SIGCONT)
     assert rc == 0, d.log()
     # Generous (2 s over stop_timeout, this box is shared); before the fix the backend
     # close alone waited max(2 s, what was left of stop_timeout + 3 s).
