@@ -68,6 +68,12 @@ TIMEOUT = 0.0             # entry and attribute timeouts: other doors change thi
 BLKSIZE = 1 << 20         # st_blksize: tools size their buffers from it
 RELEASE_WAIT = 0.5        # seconds rm / mv wait for releases still in flight
 THREADS = {"meta": 8, "data": 16, "flush": 4}   # worker threads per class of FUSE request
+# Operations that change the directory, and the errnos that mean "refused": each such
+# refusal is logged once, with why where the engine said (a lookup's ENOENT is not; size
+# changes log their own line in _truncate).
+_CHANGES = frozenset({"create", "mknod", "mkdir", "unlink", "rmdir", "rename"})
+_REFUSALS = frozenset({errno.EBUSY, errno.EEXIST, errno.EPERM, errno.EROFS, errno.EXDEV, errno.EINVAL,
+                       errno.ENOSPC, errno.ENOENT, errno.EISDIR, errno.ENOTDIR})
 
 
 @dataclass
@@ -141,11 +147,16 @@ class VpoolFS(RangeOps, pyfuse3.Operations):
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter(kind),
                                                  abandon_on_cancel=kind == "data")
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as e:
+            if what.split(" ", 1)[0] in _CHANGES and e.errno in _REFUSALS:
+                log.warning("%s refused (%s)", what, errno.errorcode.get(e.errno, e.errno))
             raise
         except OvsfsError as e:
             if e.errno == errno.EIO:
                 log.error("%s: %s", what, e)
+            elif what.split(" ", 1)[0] in _CHANGES:
+                # Whatever the vPool directory refuses gets one line saying why (issue 10).
+                log.warning("%s refused (%s): %s", what, errno.errorcode.get(e.errno, e.errno), e.message)
             else:
                 log.debug("%s: %s", what, e)
             raise fail(e.errno) from None

@@ -208,3 +208,25 @@ def test_unmount_ends_reservations_and_holds(tmp_path: Path) -> None:
         if f.engine is not None:
             f.engine.close()
     assert not mounts_under(tmp_path)
+
+
+def test_every_refusal_of_a_directory_change_is_one_log_line(fz: InprocFuse, caplog: pytest.LogCaptureFixture) -> None:
+    """rm of a volume in use, a name that is not NAME.raw, mv onto an existing volume: each
+    gets its errno and exactly one warning saying what was refused."""
+    a, b = fz.pool / "a.raw", fz.pool / "b.raw"
+    for p in (a, b):
+        with open(p, "wb") as f:
+            f.truncate(64 * KiB)
+    fd = os.open(a, os.O_RDWR)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ovsfs.fuse"):
+            assert oserr(os.unlink, a) == errno.EBUSY
+            assert oserr(os.open, fz.pool / ".a.raw.tmp", os.O_CREAT | os.O_WRONLY) == errno.EPERM
+            assert oserr(os.rename, b, a) == errno.EEXIST
+    finally:
+        os.close(fd)
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 3, refused
+    assert refused[0].startswith("unlink") and "EBUSY" in refused[0]
+    assert refused[1].startswith("create") and "EPERM" in refused[1]
+    assert refused[2].startswith("rename") and "EEXIST" in refused[2]
