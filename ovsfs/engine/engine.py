@@ -421,6 +421,10 @@ class Engine:
             if name in self.volumes or name in self.failed:
                 raise AlreadyExists(f"volume {name} already exists")
             self._check_unreserved(name, holder)
+            mine = self.reserved.get(name)
+            if mine is not None and mine[0] != vpool:
+                # Names are global: the same holder cannot take it in a second vPool either.
+                raise AlreadyExists(f"volume {name} is being created in vPool {mine[0]}")
             self.reserved[name] = (vpool, holder)
 
     def release_name(self, name: str, holder: Holder) -> None:

@@ -344,6 +344,9 @@ class MemoryCatalog:
         with self.lock:
             self._pool(vpool)
             self._free_name(name, holder)
+            mine = self.reserved.get(name)
+            if mine is not None and mine[0] != vpool:
+                raise AlreadyExists(f"volume {name} is being created in vPool {mine[0]}")
             self.reserved[name] = (vpool, holder)
 
     def release_name(self, name: str, holder: Holder) -> None:

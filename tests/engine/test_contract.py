@@ -414,3 +414,13 @@ def test_the_engine_offers_what_the_management_api_needs(tmp_path: Path) -> None
         assert eng.catalog.open("v", FUSE).readv([(0, 2 * CS)]) == [fill(2)]
     finally:
         eng.close()
+
+
+def test_a_name_is_reserved_in_one_vpool_only(cat: VolumeCatalog) -> None:
+    """Names are global: the holder that reserved one in a vPool cannot take it in another."""
+    cat.create_vpool("p2")
+    cat.reserve_name("r", FUSE, "p2")
+    cat.reserve_name("r", FUSE, "p2")                 # again, same vPool: a no-op
+    with pytest.raises(AlreadyExists, match="being created in vPool p2"):
+        cat.reserve_name("r", FUSE, "default")
+    assert [(r["name"], r["vpool"]) for r in cat.reservations()] == [("r", "p2")]
