@@ -22,6 +22,7 @@ from ovsfs.cluster.store import ConfigStore
 from ovsfs.config import Config
 from ovsfs.engine.api import Holder
 from ovsfs.engine.catalog import EngineCatalog
+from ovsfs.engine.holders import check_unreserved, reserve
 from ovsfs.engine.recovery import open_volume
 from ovsfs.engine.reopen import mark_failed, retry_failed
 from ovsfs.engine.scrub import scrub_volume
@@ -408,9 +409,7 @@ class Engine:
     # ---- name reservations -------------------------------------------------------------------
 
     def _check_unreserved(self, name: str, holder: Holder | None) -> None:
-        r = self.reserved.get(name)
-        if r is not None and r[1] != holder:
-            raise AlreadyExists(f"volume {name} already exists (a new file in vPool {r[0]}, held by {r[1]})")
+        check_unreserved(self.reserved, name, holder)
 
     def reserve_name(self, name: str, holder: Holder, vpool: str = "default") -> None:
         """Take `name` for a volume-to-be (one name, one object). AlreadyExists if a volume
@@ -420,12 +419,7 @@ class Engine:
             self.vpool(vpool)
             if name in self.volumes or name in self.failed:
                 raise AlreadyExists(f"volume {name} already exists")
-            self._check_unreserved(name, holder)
-            mine = self.reserved.get(name)
-            if mine is not None and mine[0] != vpool:
-                # Names are global: the same holder cannot take it in a second vPool either.
-                raise AlreadyExists(f"volume {name} is being created in vPool {mine[0]}")
-            self.reserved[name] = (vpool, holder)
+            reserve(self.reserved, name, holder, vpool)
 
     def release_name(self, name: str, holder: Holder) -> None:
         with self.lock:

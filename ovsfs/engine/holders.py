@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Iterable
 
 from ovsfs.engine.api import Holder
-from ovsfs.errors import Busy
+from ovsfs.errors import AlreadyExists, Busy
 
 Key = tuple[int | None, Holder]     # (snapshot epoch or None for the volume itself, who)
 
@@ -95,3 +95,23 @@ class HoldTable:
     def check_shrink(self, name: str, ignore: Holder | None = None) -> None:
         """Shrinking a volume while another holder uses it: its disk would end under it."""
         self.check_free(f"volume {name}", "shrink", [None], ignore=ignore)
+
+
+# Name reservations (volumes-to-be, e.g. a file being created in a FUSE vPool directory):
+# name -> (vPool, holder). Every catalog keeps such a dict and decides with these two.
+
+def check_unreserved(reserved: dict[str, tuple[str, Holder]], name: str, holder: Holder | None) -> None:
+    """AlreadyExists if another holder has reserved `name`."""
+    r = reserved.get(name)
+    if r is not None and r[1] != holder:
+        raise AlreadyExists(f"volume {name} already exists (a new file in vPool {r[0]}, held by {r[1]})")
+
+
+def reserve(reserved: dict[str, tuple[str, Holder]], name: str, holder: Holder, vpool: str) -> None:
+    """Reserve `name` in `vpool` for `holder` (again: a no-op). AlreadyExists if another
+    holder has it, or this one in another vPool: names are global."""
+    check_unreserved(reserved, name, holder)
+    mine = reserved.get(name)
+    if mine is not None and mine[0] != vpool:
+        raise AlreadyExists(f"volume {name} is being created in vPool {mine[0]}")
+    reserved[name] = (vpool, holder)

@@ -13,7 +13,7 @@ import time
 from typing import Any, ContextManager, Sequence
 
 from ovsfs.engine.api import Buffer, Capabilities, Holder, held, parse_name
-from ovsfs.engine.holders import HoldTable
+from ovsfs.engine.holders import HoldTable, check_unreserved, reserve
 from ovsfs.engine.names import MAX_VOLUME_SIZE, check_name
 from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OutOfRange, ReadOnly
 
@@ -165,9 +165,7 @@ class MemoryCatalog:
     def _free_name(self, name: str, holder: Holder | None) -> None:
         if name in self.volumes:
             raise AlreadyExists(f"volume {name} already exists")
-        r = self.reserved.get(name)
-        if r is not None and r[1] != holder:
-            raise AlreadyExists(f"volume {name} already exists (a new file in vPool {r[0]}, held by {r[1]})")
+        check_unreserved(self.reserved, name, holder)
 
     def _pool(self, vpool: str) -> None:
         if vpool not in self.vpools:
@@ -343,11 +341,9 @@ class MemoryCatalog:
         check_name("volume", name)
         with self.lock:
             self._pool(vpool)
-            self._free_name(name, holder)
-            mine = self.reserved.get(name)
-            if mine is not None and mine[0] != vpool:
-                raise AlreadyExists(f"volume {name} is being created in vPool {mine[0]}")
-            self.reserved[name] = (vpool, holder)
+            if name in self.volumes:
+                raise AlreadyExists(f"volume {name} already exists")
+            reserve(self.reserved, name, holder, vpool)
 
     def release_name(self, name: str, holder: Holder) -> None:
         with self.lock:
