@@ -9,6 +9,8 @@ from typing import Iterator
 
 import pytest
 
+from ovsfs.fsutil import fsync_path
+
 from tests.harness.control import PowerCutFS
 
 
@@ -16,14 +18,6 @@ from tests.harness.control import PowerCutFS
 def pfs(tmp_path: Path) -> Iterator[PowerCutFS]:
     with PowerCutFS(tmp_path) as fs:
         yield fs
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def durable_file(path: Path, data: bytes) -> None:
