@@ -111,6 +111,35 @@ class FuseSection:
 
 
 @dataclass
+class ClusterSection:
+    # etcd client URLs; empty = one node with the embedded store (the default).
+    etcd: list[str] = field(default_factory=list)
+    prefix: str = "/ovsfs"            # every key of this cluster lives under it in etcd
+    failure_domain: str = ""          # DTL peers are chosen in another one when there is one
+    # Addresses other nodes use to reach this one (mgmt API over TCP, DTL, NBD).
+    mgmt_host: str = "127.0.0.1"
+    mgmt_port: int = 0                # 0: no TCP management listener (one node needs none)
+    lease_ttl: int = 10               # seconds: a node not heard of for this long is down
+
+
+@dataclass
+class DtlSection:
+    host: str = "127.0.0.1"
+    port: int = 0                     # 0: no DTL server (one node, or a node that is no DTL peer)
+    mode: str = "async"               # default of new vPools: none | async | sync
+    path: str = "dtl"                 # where this node keeps the tails it holds for others
+    tls: str = "off"                  # off | required (cert, key and CA as for NBD)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    queue_bytes: int = 8 << 20        # async: bytes queued before writers wait
+    queue_age: float = 0.002          # async: seconds an append may wait before it is shipped
+    timeout: float = 5.0              # seconds a peer may take to answer before it counts as gone
+    retry_seconds: float = 5.0        # between tries to find a new peer while degraded
+    max_bytes: int = 4 << 30          # bytes of tails this node holds for others, all volumes
+
+
+@dataclass
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     engine: EngineSection = field(default_factory=EngineSection)
@@ -118,6 +147,8 @@ class Config:
     mgmt: MgmtSection = field(default_factory=MgmtSection)
     nbd: NbdSection = field(default_factory=NbdSection)
     fuse: FuseSection = field(default_factory=FuseSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    dtl: DtlSection = field(default_factory=DtlSection)
     state_dir: Path = Path("var")
 
     def path(self, value: str) -> Path:
@@ -157,6 +188,40 @@ class Config:
             raise ConfigError("engine.write_buffer must name a directory")
         self._validate_backend()
         self._validate_nbd()
+        self._validate_cluster()
+
+    def _validate_cluster(self) -> None:
+        c, d = self.cluster, self.dtl
+        for url in c.etcd:
+            if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+:\d+/?$", url):
+                raise ConfigError(f"cluster.etcd entry {url!r} must be a URL like http://127.0.0.1:2379")
+        if not c.prefix.startswith("/") or c.prefix.endswith("/"):
+            raise ConfigError(f"cluster.prefix {c.prefix!r} must start with / and not end with /")
+        if c.lease_ttl < 2:
+            raise ConfigError("cluster.lease_ttl must be at least 2 seconds")
+        for key, port in (("cluster.mgmt_port", c.mgmt_port), ("dtl.port", d.port)):
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{key} must be 0..65535 (0: none), not {port}")
+        for key, host in (("cluster.mgmt_host", c.mgmt_host), ("dtl.host", d.host)):
+            if not _host_ok(host):
+                raise ConfigError(f"{key} {host!r} is not an IP address or host name")
+        if d.mode not in ("none", "async", "sync"):
+            raise ConfigError(f"dtl.mode must be none, async or sync, not {d.mode!r}")
+        if d.tls not in ("off", "required"):
+            raise ConfigError("dtl.tls must be off or required")
+        if d.tls == "required" and not (d.tls_cert and d.tls_key and d.tls_ca):
+            raise ConfigError("dtl.tls = required needs dtl.tls_cert, dtl.tls_key and dtl.tls_ca")
+        if d.queue_bytes < 1 << 16 or d.max_bytes < d.queue_bytes:
+            raise ConfigError("dtl.queue_bytes must be at least 64 KiB and dtl.max_bytes at least as large")
+        if d.queue_age <= 0 or d.timeout <= 0 or d.retry_seconds <= 0:
+            raise ConfigError("dtl.queue_age, dtl.timeout and dtl.retry_seconds must be positive")
+        if (c.etcd or d.port) and self.engine.sco_clusters > 0xFFFF:
+            raise ConfigError("engine.sco_clusters must stay below 65536 with a cluster")
+
+    @property
+    def clustered(self) -> bool:
+        """Several nodes: etcd holds the configuration and ownership (else the embedded store)."""
+        return bool(self.cluster.etcd)
 
     def _validate_nbd(self) -> None:
         n = self.nbd

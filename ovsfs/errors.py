@@ -78,6 +78,38 @@ class VolumeFailed(OvsfsError):
     http_status = 503
 
 
+class Fenced(OvsfsError):
+    """A write carried an owner generation older than the newest one a backend namespace or a
+    DTL server has seen: another node owns the volume now. The old owner halts that volume at
+    once (clients get EIO, never stale data); it is never retried and never taken for an
+    unreachable peer or backend. DESIGN.md "Fencing"."""
+
+    errno = errno.EIO
+    http_status = 409
+
+
+class NotOwner(OvsfsError):
+    """The volume is owned by another node (or by none): this node does not serve it."""
+
+    errno = errno.EIO
+    http_status = 421
+
+
+class DtlError(OvsfsError):
+    """A DTL peer could not be reached or refused a request for a reason other than fencing.
+    Never reaches a client: the volume degrades and picks a new peer."""
+
+    errno = errno.EIO
+    http_status = 502
+
+
+class ClusterError(OvsfsError):
+    """The cluster store (etcd) could not be reached or answered with an error."""
+
+    errno = errno.EIO
+    http_status = 503
+
+
 class DataError(OvsfsError):
     """Data could not be read back (missing object, checksum mismatch)."""
 
