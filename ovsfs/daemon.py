@@ -21,7 +21,7 @@ from typing import Any, Callable
 import trio
 
 from ovsfs.config import Config, default_toml, load
-from ovsfs.errors import ConfigError, OvsfsError
+from ovsfs.errors import AlreadyExists, ConfigError, OvsfsError
 from ovsfs.backend.node import NodeBackend, free_ports, preset_note
 from ovsfs.preflight import DoorUnavailable, check_doors, check_write_buffer
 
@@ -174,8 +174,16 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                       exc_info=not isinstance(e, (OvsfsError, OSError)))
             return 1
         notify("STATUS=opening the engine")
+        member = None
         try:
-            engine = Engine(cfg, store)
+            if cfg.clustered:
+                # Several nodes: etcd is the registry and says which volumes are served here.
+                from ovsfs.member import Member
+
+                member = Member(cfg, store)
+                engine = Engine(cfg, store, registry=member.kv, role=member.role)
+            else:
+                engine = Engine(cfg, store)
             await trio.to_thread.run_sync(engine.open)
         except Exception as e:
             log.error("cannot open the engine: %s", getattr(e, "message", None) or e,
@@ -186,8 +194,11 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
         rc = 0
         try:
             if not await trio.to_thread.run_sync(engine.list_vpools):
-                await trio.to_thread.run_sync(engine.create_vpool, "default")
-                log.info("first start: created vPool default")
+                try:
+                    await trio.to_thread.run_sync(engine.create_vpool, "default")
+                    log.info("first start: created vPool default")
+                except AlreadyExists:
+                    pass   # another node of the cluster made it at the same time
             doors: dict[str, str] = {}
             sock = cfg.path(cfg.mgmt.socket)
             async with trio.open_nursery() as nursery:
@@ -203,12 +214,17 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                     doors[name] = "starting"
                     await nursery.start(_door, name, serve, engine, cfg, doors, source)
                 # The API comes last: once /status answers, every door is listening.
+                api = Api(engine, cfg, doors, backend, cluster=member)
                 try:
-                    await nursery.start(serve_unix, sock, Api(engine, cfg, doors, backend))
+                    await nursery.start(serve_unix, sock, api)
                 except OvsfsError as e:
                     raise DoorUnavailable("management API", f"unix socket {sock}", e.message,
                                           "mgmt.socket", source) from e
                 log.info("management API on %s", sock)
+                if member is not None:
+                    from ovsfs.member import serve as serve_member
+
+                    await nursery.start(serve_member, member, engine, api)
                 interval = notify.watchdog_interval()
                 if interval:
                     nursery.start_soon(_watchdog, notify, interval)
@@ -240,6 +256,8 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                 except Exception:
                     log.exception("closing the engine failed")
                     rc = 1
+                if member is not None:
+                    await trio.to_thread.run_sync(member.close)
                 try:
                     left = max(MIN_BACKEND_CLOSE, deadline - trio.current_time())
                     closed: list[bool] = []

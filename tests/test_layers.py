@@ -27,6 +27,8 @@ LAYERS: list[tuple[str, int, str]] = [
     ("ovsfs.cli", 70, "cli"),
     ("ovsfs.daemon", 60, "daemon"),
     ("ovsfs.preflight", 60, "daemon"),
+    # This node as a member of a cluster: beside the daemon, above the doors' API.
+    ("ovsfs.member", 60, "daemon"),
     # Door servers, and the management API the daemon serves beside them.
     ("ovsfs.nbd", 50, "doors"),
     ("ovsfs.fuse", 50, "doors"),

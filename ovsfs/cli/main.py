@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ovsfs.cli import backend_cmds
+from ovsfs.cli import backend_cmds, cluster_cmds
 from ovsfs.cli.client import CliError, q, state_dir
 from ovsfs.cli.common import client_for as _client
 from ovsfs.cli.common import out as _out
@@ -119,10 +119,20 @@ def cmd_vpool_list(args: argparse.Namespace) -> int:
 
 # ---- volumes --------------------------------------------------------------------------------
 
+def _volume_state(v: dict[str, Any]) -> str:
+    if v.get("state") == "failed":
+        return f"failed: {v['reason']}" + (f"; {v['hint']}" if v.get("hint") else "")
+    if v.get("state") == "remote":
+        return f"on {v.get('owner') or '?'}"
+    if v.get("fenced"):
+        return "fenced"
+    dtl = (v.get("dtl") or {}).get("state")
+    return f"ok (DTL {dtl})" if dtl and dtl not in ("ok", "standalone") else "ok"
+
+
 VOLUME_COLUMNS = [("NAME", "name"), ("VPOOL", "vpool"), ("SIZE", lambda v: format_size(v["size"])),
                   ("SNAPSHOTS", "snapshots"), ("PARENT", lambda v: v["parent"] or "-"),
-                  ("STATE", lambda v: f"failed: {v['reason']}" + (f"; {v['hint']}" if v.get("hint") else "")
-                   if v.get("state") == "failed" else "ok")]
+                  ("STATE", _volume_state)]
 
 
 def cmd_volume_create(args: argparse.Namespace) -> int:
@@ -139,7 +149,12 @@ def cmd_volume_list(args: argparse.Namespace) -> int:
 
 
 def cmd_volume_info(args: argparse.Namespace) -> int:
-    _out(args, _client(args).call("GET", f"/volumes/{q(args.name)}"), print_info)
+    info = _client(args).call("GET", f"/volumes/{q(args.name)}")
+
+    def human(i: dict[str, Any]) -> None:
+        print_info({k: v for k, v in i.items() if k != "dtl"})
+        cluster_cmds.dtl_lines(i)
+    _out(args, info, human)
     return 0
 
 
@@ -306,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd(sn, "list", cmd_snapshot_list, "list a volume's snapshots")
     s.add_argument("volume")
     backend_cmds.register(sub, vo, cmd)
+    cluster_cmds.register(sub, vp, vo, cmd)
     return p
 
 

@@ -14,23 +14,25 @@ import shutil
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from ovsfs.backend.local import LocalStore
 from ovsfs.backend.store import Store
 from ovsfs.cluster.store import ConfigStore
 from ovsfs.config import Config
 from ovsfs.engine.api import Holder
+from ovsfs.engine import handover
 from ovsfs.engine.catalog import EngineCatalog
 from ovsfs.engine.holders import check_unreserved, reserve
 from ovsfs.engine.recovery import open_volume
 from ovsfs.engine.reopen import mark_failed, retry_failed
 from ovsfs.engine.scrub import scrub_volume
 from ovsfs.engine.names import check_size
+from ovsfs.engine.owners import NodeRole, SingleNode, check_local_state, set_aside
 from ovsfs.engine.volume import Volume, check_name
 from ovsfs.engine.writebuffer import WriteBuffer
 from ovsfs.fsutil import mkdir_durable
-from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, OvsfsError, VolumeFailed
+from ovsfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, NotOwner, OvsfsError, VolumeFailed
 
 log = logging.getLogger("ovsfs.engine")
 
@@ -42,10 +44,16 @@ def _reason(e: BaseException) -> str:
 
 
 class Engine:
-    def __init__(self, cfg: Config, store: Store | None = None) -> None:
+    def __init__(self, cfg: Config, store: Store | None = None, registry: Any = None,
+                 role: NodeRole | None = None) -> None:
+        """`registry`: the cluster store holding vPools and volumes (default: the embedded
+        one under the state directory; etcd with several nodes). `role`: which volumes this
+        node owns and where their DTL goes (default: SingleNode, everything, no DTL)."""
         self.cfg = cfg
         self.store: Store = store if store is not None else LocalStore(cfg.path(cfg.backend.path))
-        self.registry = ConfigStore(cfg.state_dir / "cluster" / "config.db")
+        self._own_registry = registry is None   # closed with the engine; a given one by its giver
+        self.registry = registry if registry is not None else ConfigStore(cfg.state_dir / "cluster" / "config.db")
+        self.role: NodeRole = role if role is not None else SingleNode()
         self.wb_root = cfg.path(cfg.engine.write_buffer)
         mkdir_durable(self.wb_root)
         self.wb = WriteBuffer(cfg.engine.write_buffer_size)
@@ -67,7 +75,15 @@ class Engine:
 
     def open(self) -> None:
         records = list(self.registry.list("/volumes/").values())
-        self._adopt(records)
+        if isinstance(self.role, SingleNode):
+            self._adopt(records)   # with several nodes the cluster store is the registry
+        gens = {r["name"]: self.role.owned(r["ns"]) for r in records}
+        for r in records:
+            if gens[r["name"]] is None:
+                # Another node owns it: local state from an earlier ownership is stale.
+                set_aside(self.wb_root, r["ns"], f"volume {r['name']} is owned by "
+                          f"{self.role.owner_of(r['ns']) or 'another node'}")
+        records = [r for r in records if gens[r["name"]] is not None]
         by_ns = {r["ns"]: r for r in records}
         opened: dict[str, Volume] = {}
         failed: dict[str, str] = {}   # namespace -> why it could not be opened
@@ -81,6 +97,9 @@ class Engine:
                 parent = None
                 if rec.get("parent"):
                     prec = by_ns.get(rec["parent"]["ns"])
+                    if prec is not None and gens.get(prec["name"]) is None:
+                        raise NotOwner(f"clone {rec['name']}: its parent {prec['name']} is served by "
+                                       "another node (a clone is served where its parent is)")
                     if prec is None:
                         raise NotFound(f"clone {rec['name']}: parent namespace {rec['parent']['ns']} is gone")
                     try:
@@ -88,7 +107,7 @@ class Engine:
                     except Exception as e:  # noqa: BLE001 - recorded for the parent already
                         raise VolumeFailed(f"its parent volume {prec['name']} could not be opened "
                                            f"({_reason(e)})") from e
-                vol = self._open_record(rec, parent)
+                vol = self._open_record(rec, parent, gens[rec["name"]] or 0)
             except Exception as e:  # noqa: BLE001 - any reason at all: this volume fails, not the node
                 failed[rec["ns"]] = _reason(e)
                 mark_failed(self.failed, rec, e, _reason(e), str(self.wb_root), self.cfg.engine.reopen_seconds)
@@ -188,14 +207,20 @@ class Engine:
     def _reopen(self, rec: dict[str, Any]) -> Volume:
         """Open one volume that failed before (engine lock held): its parent must be open."""
         rec = self.registry.get(f"/volumes/{rec['name']}") or rec
+        gen = self.role.owned(rec["ns"])
+        if gen is None:
+            raise NotOwner(f"volume {rec['name']} is owned by {self.role.owner_of(rec['ns']) or 'another node'}")
         parent = self._by_ns(rec["parent"]["ns"]) if rec.get("parent") else None
-        return self._open_record(rec, parent)
+        return self._open_record(rec, parent, gen)
 
-    def _open_record(self, rec: dict[str, Any], parent: Volume | None) -> Volume:
+    def _open_record(self, rec: dict[str, Any], parent: Volume | None, gen: int = 0,
+                     tail_entries: list[Any] | None = None, attach_dtl: bool = True) -> Volume:
         """Open an existing volume (recovery included); what a failed open holds is released."""
-        vol = self._volume(rec, parent)
+        vol = self._volume(rec, parent, gen)
         try:
-            open_volume(vol, create=False)
+            open_volume(vol, create=False, tail_entries=tail_entries)
+            if attach_dtl:
+                vol.state.dtl = self.role.dtl_sink(vol)
         except BaseException:
             self._abandon(vol)
             raise
@@ -223,10 +248,12 @@ class Engine:
         if left:
             log.warning("engine closed with %d uploads left in the write buffer (%s): "
                         "they are queued again at the next start", left, self.wb.last_error or "backend slow")
-        self.registry.close()
+        if self._own_registry:
+            self.registry.close()
 
-    def _volume(self, rec: dict[str, Any], parent: Volume | None) -> Volume:
-        return Volume(rec, self.wb_root, self.store, self.wb, self.cfg.engine, parent, self._has_clones)
+    def _volume(self, rec: dict[str, Any], parent: Volume | None, gen: int = 0) -> Volume:
+        check_local_state(self.wb_root, rec["ns"], gen)
+        return Volume(rec, self.wb_root, self.store, self.wb, self.cfg.engine, parent, self._has_clones, gen)
 
     def _has_clones(self, vol: Volume, epoch: int | None) -> bool:
         # Clones that failed to open count too: they still read through to this volume.
@@ -277,12 +304,29 @@ class Engine:
             failed = self.failed.get(name)
             if failed is not None:
                 raise VolumeFailed(f"volume {name} could not be opened: {failed['reason']}") from None
+            rec = self.registry.get(f"/volumes/{name}")
+            if rec is not None:
+                raise NotOwner(f"volume {name} is served by "
+                               f"{self.role.owner_of(rec['ns']) or 'another node'}, not this one") from None
             raise NotFound(f"volume {name} does not exist") from None
 
     def list_volumes(self, vpool: str | None = None) -> list[dict[str, Any]]:
+        """Volumes served here (their info); with several nodes also those served by others
+        (registry fields, `state` "remote" and their `owner`)."""
         with self.lock:
             vols = sorted(self.volumes.values(), key=lambda v: v.name)
-        return [v.info() for v in vols if vpool is None or v.vpool == vpool]
+            here = set(self.volumes) | set(self.failed)
+        out = [v.info() for v in vols if vpool is None or v.vpool == vpool]
+        if not isinstance(self.role, SingleNode):
+            for rec in self.registry.list("/volumes/").values():
+                if rec["name"] in here or (vpool is not None and rec["vpool"] != vpool):
+                    continue
+                parent = rec.get("parent")
+                out.append({"name": rec["name"], "vpool": rec["vpool"], "namespace": rec["ns"],
+                            "size": rec["size"], "snapshots": "-",
+                            "parent": f"{parent['name']}@{parent['snapshot']}" if parent else None,
+                            "state": "remote", "owner": self.role.owner_of(rec["ns"])})
+        return sorted(out, key=lambda v: v["name"])
 
     def create_volume(self, name: str, size: int, vpool: str = "default",
                       parent: dict[str, Any] | None = None, holder: Holder | None = None) -> Volume:
@@ -291,7 +335,7 @@ class Engine:
         check_name("volume", name)
         with self.lock:
             pool = self.vpool(vpool)
-            if name in self.volumes:
+            if name in self.volumes or self.registry.get(f"/volumes/{name}") is not None:
                 raise AlreadyExists(f"volume {name} already exists")
             self._check_unreserved(name, holder)
             if name in self.failed:
@@ -303,8 +347,10 @@ class Engine:
                    "cluster_size": cs, "sco_clusters": pool["sco_clusters"], "parent": parent,
                    "created": time.time()}
             parent_vol = self._by_ns(parent["ns"]) if parent else None
-            vol = self._volume(rec, parent_vol)
+            gen = self.role.claim_new(rec["ns"])
+            vol = self._volume(rec, parent_vol, gen)
             open_volume(vol, create=True, preset=pool.get("preset"))
+            vol.state.dtl = self.role.dtl_sink(vol)
             self.registry.put(f"/volumes/{name}", rec)
             self.volumes[name] = vol
             self.reserved.pop(name, None)
@@ -345,7 +391,7 @@ class Engine:
             # First, and synchronously: without volume.json the namespace is no volume any
             # more, so a crash before the queued namespace deletion runs cannot bring the
             # volume back (open() would otherwise adopt it from the backend).
-            self.store.delete(vol.ns, "volume.json")
+            vol.store.delete(vol.ns, "volume.json")
             with vol.lock:
                 vol.holds.check_delete_volume(name)
                 vol.deleted = True   # no write gets in after this (_check_open)
@@ -355,10 +401,27 @@ class Engine:
             self.wb.forget_owner(vol, open_bytes)
             del self.volumes[name]
             self.registry.delete(f"/volumes/{name}")
+            vol.dtl.close(drop=True)
+            self.role.forget(vol.ns)
             # Queued behind the volume's uploads, which see `deleted` and do nothing.
             self.wb.submit(f"delete namespace {vol.ns}", lambda: self.store.delete_namespace(vol.ns), owner=vol)
             shutil.rmtree(vol.dir, ignore_errors=True)
             log.info("deleted volume %s", name)
+
+    # ---- ownership changes (several nodes; ovsfs/member.py decides, handover.py does) -----
+
+    def take_volume(self, name: str, gen: int, tail_entries: list[Any] | None = None,
+                    timeout: float | None = None, drop_old: Callable[[], None] | None = None) -> Volume:
+        """See handover.take."""
+        return handover.take(self, name, gen, tail_entries, timeout, drop_old)
+
+    def release_volume(self, name: str, timeout: float | None = None) -> None:
+        """See handover.release."""
+        handover.release(self, name, timeout)
+
+    def drop_volume(self, name: str, why: str) -> None:
+        """See handover.drop."""
+        handover.drop(self, name, why)
 
     def _delete_failed(self, name: str) -> None:
         """Remove a volume that could not be opened: the operator's way out. Its namespace
@@ -395,8 +458,10 @@ class Engine:
                 raise AlreadyExists(f"volume {new} already exists")
             self._check_unreserved(new, None)
             vol.holds.check_rename(old)
+            if self.registry.get(f"/volumes/{new}") is not None:
+                raise AlreadyExists(f"volume {new} already exists (on another node)")
             vol.meta["name"] = new
-            self.store.put(vol.ns, "volume.json", json.dumps(vol.meta).encode())
+            vol.store.put(vol.ns, "volume.json", json.dumps(vol.meta).encode())
             self.registry.put(f"/volumes/{new}", vol.meta)
             self.registry.delete(f"/volumes/{old}")
             self.volumes[new] = self.volumes.pop(old)

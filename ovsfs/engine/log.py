@@ -27,12 +27,12 @@ from typing import Iterator
 import crc32c
 import numpy as np
 
-from ovsfs.engine import tlog
-from ovsfs.engine.map import SCO_SHIFT, ClusterMap
+from ovsfs.engine import tail, tlog
+from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap
 from ovsfs.engine.checkpoint import queue_checkpoint
 from ovsfs.engine.names import sco_name, tlog_name
 from ovsfs.engine.state import VolumeState
-from ovsfs.errors import BackendError, Busy, FsyncError, LocalIOError, NoSpace, OvsfsError, VolumeFailed
+from ovsfs.errors import BackendError, Busy, DataError, Fenced, FsyncError, LocalIOError, NoSpace, OvsfsError, VolumeFailed
 
 
 log = logging.getLogger("ovsfs.engine.log")
@@ -47,8 +47,12 @@ class LogWriter:
     def check_open(self) -> None:
         """Before any change: raises Busy (closed), VolumeFailed (failed fsync),
         NoSpace / LocalIOError (the map cannot be rebuilt yet after a full disk)."""
+        if self.s.fenced is not None:
+            raise Fenced(f"volume {self.s.name} is served by another node now: {self.s.fenced}")
         if self.s.closed or self.s.deleted:
             raise Busy(f"volume {self.s.name} is closed")
+        if self.s.released is not None:
+            raise Busy(f"volume {self.s.name} is {self.s.released}")
         if self.s.failed is not None:
             raise VolumeFailed(f"volume {self.s.name} failed: {self.s.failed}")
         self._ensure_map()
@@ -92,7 +96,7 @@ class LogWriter:
                 else:
                     rec = tlog.relocs(moved_from[pos:pos + take], seg, crcs)
                 try:
-                    self._tlog_append(rec)
+                    self._tlog_append(rec, chunk if moved_from is None else None, ship=moved_from is None)
                 except OvsfsError:
                     self._cut_sco_tail()   # nothing points at these clusters: reuse them
                     raise
@@ -114,8 +118,6 @@ class LogWriter:
         finally:
             if pos:
                 self.s.write_seq += 1   # what was recorded is flushed like any write
-        if moved_from is None:
-            self.s.dtl.append(self.s.name, addrs, locs, buf)
 
     def _cut_sco_tail(self) -> None:
         """After a failed SCO write: drop bytes past the last recorded cluster (best effort;
@@ -134,9 +136,13 @@ class LogWriter:
         if path not in self.s.unsynced:
             self.s.unsynced[path] = os.dup(fd)
 
-    def _tlog_append(self, rec: bytes) -> None:
+    def _tlog_append(self, rec: bytes, data: bytes | memoryview | None = None, ship: bool = True) -> None:
         """Append whole records to the open TLog; on failure it is cut back to the last
-        whole record (NoSpace / LocalIOError raised) or the volume fails (VolumeFailed)."""
+        whole record (NoSpace / LocalIOError raised) or the volume fails (VolumeFailed).
+
+        Then (`ship`) the same records, with `data` (the clusters of its WRITE records), go
+        to the DTL as one entry at their log position; the ticket is kept in `dtl_ticket`
+        for the writer to wait on outside the lock (sync mode)."""
         if self.s.tlog_fd is None:
             self._open_tlog()
         self._mark_unsynced(self.s.tlog_path, self.s.tlog_fd)  # type: ignore[arg-type]
@@ -149,7 +155,14 @@ class LogWriter:
                 raise self._fail(f"TLog {self.s.tlog_path} cannot be cut back after a failed append"
                                  f" ({e.message}; {e2.message})") from e2
             raise
+        pos = (self.s.tlog_no, self.s.tlog_off)
         self.s.tlog_off += len(rec)
+        if ship and self.s.dtl.mode != "none":
+            try:
+                self.s.dtl_ticket = self.s.dtl.append(pos, tail.encode(rec, data))
+            except Fenced as e:
+                # Recorded locally, never acknowledged: this node no longer owns the volume.
+                raise self.halt(e.message) from e
         self.s._tlog_growth += len(rec)
         if self.s._tlog_growth - self.s._tlog_reported >= _REPORT_EVERY:
             self._report_local()
@@ -193,7 +206,10 @@ class LogWriter:
             if self.s.deleted or not path.exists():
                 self.s.wb.forget((self.s.owner, n), pending=nbytes)
                 return
-            self.s.store.put_file(self.s.ns, sco_name(n), path)
+            try:
+                self.s.store.put_file(self.s.ns, sco_name(n), path)
+            except Fenced:
+                return   # halted (OwnedStore): the new owner has this data from the DTL
             self.s.wb.uploaded((self.s.owner, n), nbytes, lambda: self.evict_sco(n))
         self.s.wb.submit(f"{self.s.name} SCO {n}", upload, owner=self.s.owner)
 
@@ -225,12 +241,17 @@ class LogWriter:
         def upload() -> None:
             if self.s.deleted or not path.exists():
                 return
-            self.s.store.put_file(self.s.ns, tlog_name(n), path)
+            try:
+                self.s.store.put_file(self.s.ns, tlog_name(n), path)
+            except Fenced:
+                return
             with self.s.lock:
                 self.s.uploaded_tlogs.add(n)
                 # Replay never needs a TLog below the committed position once it is uploaded.
                 if n < self.s.committed_tlog:
                     path.unlink(missing_ok=True)
+            # Everything up to this TLog is on the backend: the DTL peer may drop it.
+            self.s.dtl.trim((n + 1, 0))
         self.s.wb.submit(f"{self.s.name} TLog {n}", upload, owner=self.s.owner)
 
     def queue_checkpoint(self) -> None:
@@ -369,6 +390,46 @@ class LogWriter:
             raise NoSpace(f"{self.s.name}: the map store is full; rebuilt map not yet stored")
         log.info("%s: map rebuilt in place from its last commit (%d TLog records)", self.s.name, count)
 
+    # ---- a previous owner's tail, and losing the volume to another node ----------------------
+
+    def apply_entry(self, rec: bytes, data: memoryview) -> None:
+        """Append one DTL entry of a previous owner as this owner's own log (lock held):
+        WRITE records with data become new clusters, trims and markers are appended and
+        applied as they were. See tail.py for the entry layout."""
+        cs = self.s.cluster_size
+        at = 0
+        for seg in tlog.parse(memoryview(rec)):
+            if seg.kind == tlog.WRITE and seg.records is not None:
+                addrs, locs = seg.records["a"].copy(), seg.records["b"].copy()
+                has = locs > ZERO_LOC
+                if has.all():
+                    n = len(addrs)
+                    if len(data) < at + n * cs:
+                        raise DataError(f"{self.s.name}: DTL entry is missing cluster data")
+                    self._append(addrs, bytes(data[at:at + n * cs]))
+                    at += n * cs
+                elif not has.any():
+                    self._tlog_append(tlog.writes(addrs, locs, np.zeros(len(addrs), dtype=np.uint32)))
+                    with self._map_op():
+                        self.s.map.update(addrs, locs)
+                    self.s.write_seq += 1
+                else:
+                    raise DataError(f"{self.s.name}: DTL entry mixes written and trimmed clusters")
+            elif seg.kind == tlog.MARK and seg.payload is not None:
+                self._tlog_append(tlog.mark(seg.op, seg.payload))
+                self.s.write_seq += 1
+                with self._map_op():
+                    self.s.apply_mark(seg.op, seg.payload)
+
+    def halt(self, reason: str) -> Fenced:
+        """Another node owns the volume now (a Fenced refusal): stop serving it at once,
+        reads included, and drop its uploads. Returns the error to raise."""
+        with self.s.lock:
+            if self.s.fenced is None:
+                self.s.fenced = reason
+                log.error("%s: fenced, this node stops serving the volume: %s", self.s.name, reason)
+        return Fenced(f"volume {self.s.name} is served by another node now: {reason}")
+
     # ---- durability ------------------------------------------------------------------------
 
     def _fail(self, reason: str) -> VolumeFailed:
@@ -435,7 +496,10 @@ class LogWriter:
                 self.s.syncing = files
                 self.s.syncing_dirs, self.s.dirty_dirs = self.s.dirty_dirs, set()
             self._fsync_all(list(files.items()), sorted(self.s.syncing_dirs))
-            self.s.dtl.flush()
+            try:
+                self.s.dtl.flush()
+            except Fenced as e:
+                raise self.halt(e.message) from e
             ok = True
         finally:
             with self.s.lock:

@@ -54,6 +54,7 @@ class ReadPath:
     # ---- reads -----------------------------------------------------------------------------
 
     def read(self, offset: int, length: int, snapshot: str | None = None) -> bytes:
+        self.s.check_served()
         with self.s.lock:
             epoch, size = self.s.view(snapshot)
         self.s.check_range(offset, length, size)
@@ -75,6 +76,7 @@ class ReadPath:
         lock is busy (see writev)."""
         if not reqs:
             return []
+        self.s.check_served()
         n = len(reqs)
         offs = np.fromiter((r[0] for r in reqs), dtype=np.int64, count=n)
         lens = np.fromiter((r[1] for r in reqs), dtype=np.int64, count=n)
@@ -193,6 +195,7 @@ class ReadPath:
 
     def extents(self, offset: int, length: int, snapshot: str | None = None) -> list[tuple[int, int, bool]]:
         """Allocated and unallocated runs covering [offset, offset+length)."""
+        self.s.check_served()
         with self.s.lock:
             epoch, size = self.s.view(snapshot)
             self.s.check_range(offset, length, size)

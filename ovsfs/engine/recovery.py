@@ -30,9 +30,10 @@ from typing import Any, Iterable
 import crc32c
 import numpy as np
 
-from ovsfs.engine import tlog
+from ovsfs.engine import tail, tlog
 from ovsfs.engine.checkpoint import numbers as _numbers, tlogs_after_checkpoint
 from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap, check_file
+from ovsfs.engine.owners import GEN_SHIFT, gen_floor, mark_local
 from ovsfs.engine.volume import IDX_MASK, Volume, tlog_name
 from ovsfs.errors import NotFound
 
@@ -45,17 +46,34 @@ def _local_numbers(directory: Any) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def open_volume(vol: Volume, create: bool, preset: str | None = None) -> None:
+def open_volume(vol: Volume, create: bool, preset: str | None = None,
+                tail_entries: list[tuple[tail.Pos, bytes]] | None = None) -> None:
+    """Open (or create) a volume: local map, TLog replay or rebuild (see the module doc).
+
+    With an owner generation (several nodes) the namespace is fenced at it first, so the
+    previous owner can no longer write, and read afresh from the shared backend. Then
+    `tail_entries`, the previous owner's DTL tail, is appended as this owner's writes
+    (entries the backend or the local log hold already are skipped)."""
     # Replay belongs here; the log writer needs it to rebuild its map in place later.
     vol.state.replay = lambda segments: apply(vol, segments, verify=False)
     vol.sco_dir.mkdir(parents=True, exist_ok=True)
     vol.tlog_dir.mkdir(parents=True, exist_ok=True)
     if create:
         vol.store.create_namespace(vol.ns, preset=preset)
+    if vol.gen:
+        vol.store.refresh(vol.ns)
+        vol.store.fence(vol.ns, vol.gen)
+    if create:
         vol.store.put(vol.ns, "volume.json", json.dumps(vol.meta).encode())
     backend = set(vol.store.list(vol.ns))
     try:
         _load(vol, backend, create)
+        mark_local(vol.dir, vol.gen)
+        if tail_entries:
+            applied = {n: 1 << 62 for n in _numbers(backend, "tlog/")}
+            for n in _local_numbers(vol.tlog_dir):
+                applied.setdefault(n, (vol.tlog_dir / str(n)).stat().st_size)
+            tail.replay(vol, tail_entries, applied)
     except BaseException:
         # No half-open map left behind (its write transaction would lock out a retry).
         if vol.map is not None:
@@ -91,6 +109,11 @@ def _load(vol: Volume, backend: set[str], create: bool) -> None:
     local_tlogs = _local_numbers(vol.tlog_dir)
     vol.next_sco = max([vol.next_sco, *(n + 1 for n in vol.local_scos), *(n + 1 for n in _numbers(backend, "sco/"))])
     vol.next_tlog = max([vol.next_tlog, *(n + 1 for n in local_tlogs), *(n + 1 for n in _numbers(backend, "tlog/"))])
+    if vol.gen:
+        # Object names of this owner never collide with a previous owner's (whose last
+        # SCOs and TLogs may never have reached the backend, or may still try to).
+        vol.next_sco = max(vol.next_sco, gen_floor(vol.gen))
+        vol.next_tlog = max(vol.next_tlog, gen_floor(vol.gen))
     _requeue(vol, backend, local_tlogs)
     vol.tlogs_since_checkpoint = tlogs_after_checkpoint(backend, local_tlogs)
     vol.tlog_no, vol.tlog_off = vol.next_tlog, 0
@@ -186,7 +209,20 @@ def _missing(vol: Volume, backend: set[str], start: int) -> list[int]:
     cps = _numbers(backend, "checkpoint/")
     top = max([*nums[-1:], *(cp - 1 for cp in cps[-1:])], default=start - 1)
     have = set(nums)
-    return [n for n in range(start, top + 1) if n not in have]
+    missing: list[int] = []
+    prev = start - 1
+    for n in sorted(have | {top}):
+        if n < start:
+            continue
+        # Each owner generation numbers its TLogs from gen_floor(gen): the numbers between
+        # the end of one generation and the start of the next were never used.
+        same = (n >> GEN_SHIFT) == ((prev + 1) >> GEN_SHIFT)
+        first = prev + 1 if same else max(start, gen_floor(n >> GEN_SHIFT))
+        missing.extend(range(first, n))
+        if n not in have:
+            missing.append(n)
+        prev = n
+    return missing
 
 
 def _ranges(nums: list[int]) -> str:
@@ -276,15 +312,7 @@ def apply(vol: Volume, segments: Iterable[tlog.Segment], verify: bool) -> int:
             vol.next_sco = max(vol.next_sco, int(seg.records["b"].max() >> SCO_SHIFT) + 1)
             count += len(seg.records)
         elif seg.kind == tlog.MARK and seg.payload is not None:
-            p = seg.payload
-            if seg.op == tlog.SNAPSHOT:
-                vol.apply_snapshot(p)
-            elif seg.op == tlog.DELETE_SNAPSHOT:
-                vol.apply_delete_snapshot(p["name"])
-            elif seg.op == tlog.ROLLBACK:
-                vol.apply_rollback(p["name"])
-            elif seg.op == tlog.RESIZE:
-                vol.apply_resize(p["size"])
+            vol.apply_mark(seg.op, seg.payload)
             count += 1
     return count
 

@@ -21,7 +21,7 @@ from ovsfs.dtl import DtlSink, NoDtl
 from ovsfs.engine.fileio import FileIO
 from ovsfs.engine.map import ClusterMap
 from ovsfs.engine.writebuffer import WriteBuffer
-from ovsfs.errors import InvalidArgument, LocalIOError, NotFound, OutOfRange
+from ovsfs.errors import Fenced, InvalidArgument, LocalIOError, NotFound, OutOfRange
 
 
 def _not_opened(_segments: Iterable[Any]) -> int:
@@ -47,7 +47,20 @@ class VolumeState:
     # Set by recovery.open_volume, which owns replay: the log writer needs it to rebuild
     # the map in place after SQLite rolled back.
     replay: Callable[[Iterable[Any]], int] = _not_opened
+    # Applies one TLog marker (snapshot, delete snapshot, rollback, resize) to the state and
+    # map: set by Volume, used by replay of TLogs and of DTL entries alike.
+    apply_mark: Callable[[int, dict[str, Any]], None] = lambda op, payload: None
     dtl: DtlSink = field(default_factory=NoDtl)
+    # The last DTL ticket handed out (under `lock`): a writer waits for it outside the lock.
+    dtl_ticket: object = None
+    # Owner generation (cluster mode; 0 on one node): SCO and TLog numbers of this owner
+    # start at gen << 32, and every backend write carries it (ovsfs/engine/owned.py).
+    gen: int = 0
+    # Why this node stopped serving the volume: another node owns it now (a Fenced
+    # refusal from the backend or the DTL). Reads and writes fail with Fenced from then on.
+    fenced: str | None = None
+    # Set while the volume is handed over (no more writes: everything goes to the backend).
+    released: str | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     # Every local write goes through this; replace it (per volume) to inject faults.
     fio: FileIO = field(default_factory=FileIO)
@@ -118,6 +131,11 @@ class VolumeState:
 
     def nclusters(self, size: int | None = None) -> int:
         return -(-(self.size if size is None else size) // self.cluster_size)
+
+    def check_served(self) -> None:
+        """Raises Fenced once another node owns the volume: never serve stale data."""
+        if self.fenced is not None:
+            raise Fenced(f"volume {self.name} is served by another node now: {self.fenced}")
 
     def check_range(self, offset: int, length: int, size: int | None = None) -> None:
         """Raises InvalidArgument (negative) or OutOfRange (past `size`, default the volume's)."""

@@ -90,7 +90,6 @@ def _trim_pages(vol: VolumeState, log: LogWriter, pages: list[int], first: int, 
     locs = np.full(len(addrs), ZERO_LOC if vol.parent is not None else 0, dtype=np.uint64)
     log._tlog_append(tlog.writes(addrs, locs, np.zeros(len(addrs), dtype=np.uint32)))
     vol.map.update(addrs, locs)
-    vol.dtl.append(vol.name, addrs, locs, b"")
     vol.write_seq += 1
     return len(addrs)
 

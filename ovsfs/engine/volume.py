@@ -27,13 +27,14 @@ from ovsfs.config import EngineSection
 from ovsfs.engine import tlog
 from ovsfs.engine.holders import HoldTable, legacy_holder
 from ovsfs.engine.log import LogWriter
+from ovsfs.engine.owned import OwnedStore
 from ovsfs.engine.reads import IDX_MASK, ReadPath
 from ovsfs.engine.names import check_name, sco_name, tlog_name
 from ovsfs.engine.snapshots import SnapshotOps
 from ovsfs.engine.state import VolumeState
 from ovsfs.engine.trim import trim_clusters
 from ovsfs.engine.writebuffer import WriteBuffer
-from ovsfs.errors import InvalidArgument, OutOfRange, OvsfsError, WouldBlock
+from ovsfs.errors import Fenced, InvalidArgument, OutOfRange, OvsfsError, WouldBlock
 
 __all__ = ["Volume", "VolumeState", "check_name", "sco_name", "tlog_name", "IDX_MASK"]
 
@@ -41,13 +42,18 @@ __all__ = ["Volume", "VolumeState", "check_name", "sco_name", "tlog_name", "IDX_
 class Volume:
     def __init__(self, meta: dict[str, Any], wb_root: Path, store: Store, wb: WriteBuffer,
                  cfg: EngineSection, parent: "Volume | None" = None,
-                 has_clones: Callable[["Volume", int | None], bool] | None = None) -> None:
+                 has_clones: Callable[["Volume", int | None], bool] | None = None,
+                 gen: int = 0) -> None:
+        """`gen`: the owner generation this node opens the volume with (0 on one node):
+        every backend write carries it (OwnedStore) and SCO / TLog numbers start at gen << 32."""
         parent_meta = meta.get("parent")
-        st = VolumeState(meta, wb_root, store, wb, cfg,
+        owned = OwnedStore(store, gen, lambda reason: self.log.halt(reason))
+        st = VolumeState(meta, wb_root, owned, wb, cfg, gen=gen,
                          parent=parent.state if parent is not None else None,
                          parent_epoch=parent_meta.get("epoch") if parent_meta else None,
                          has_clones=has_clones or (lambda v, e: False))
         st.owner = self
+        st.apply_mark = self.apply_mark
         self.state = st
         self.parent = parent
         self.log = LogWriter(st)
@@ -178,6 +184,8 @@ class Volume:
                 self._append(np.concatenate(addr_parts), b"".join(data_parts))
 
     def _writev_nowait(self, reqs: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        if self.state.dtl.mode == "sync":
+            raise WouldBlock("a sync DTL waits for its peer")
         cs = self.state.cluster_size
         total = 0
         for off, data in reqs:
@@ -208,8 +216,10 @@ class Volume:
             self.state.wb.unreserve(nbytes)
             raise WouldBlock("volume busy")
         before = self.state.appended
+        ticket = None
         try:
             yield
+            ticket = self.state.dtl_ticket
         finally:
             # The TLog records (counted with the volume's local bytes once written) were
             # reserved as well, so that the disk check saw them.
@@ -217,6 +227,23 @@ class Volume:
             if unused > 0:
                 self.state.wb.unreserve(unused)
             self.state.lock.release()
+        self._dtl_wait(ticket)
+
+    def _dtl_wait(self, ticket: object = None) -> None:
+        """Sync DTL: return once the peer holds what was appended (the ticket, default the
+        latest); outside the volume lock so that other writers batch behind this one.
+        Raises Fenced (and halts the volume) when the peer says another node owns it."""
+        if self.state.dtl.mode != "sync":
+            return
+        if ticket is None:
+            with self.state.lock:
+                ticket = self.state.dtl_ticket
+        if ticket is None:
+            return
+        try:
+            self.state.dtl.wait(ticket)
+        except Fenced as e:
+            raise self.log.halt(e.message) from e
 
     def write_room(self, nbytes: int) -> bool:
         """Would a write of `nbytes` find write-buffer room now? Reserves nothing.
@@ -264,6 +291,7 @@ class Volume:
             self.writev([(o, bytes(n)) for o, n in edges])
         if first_full < end_full:
             trim_clusters(self.state, self.log, first_full, end_full)
+            self._dtl_wait()
 
     write_zeroes = trim
 
@@ -306,6 +334,8 @@ class Volume:
                 "map_stored_bytes": st.map.stored_bytes(),
                 "users": dict(st.users),
                 "failed": st.failed,
+                "gen": st.gen, "fenced": st.fenced,
+                "dtl": st.dtl.status(),
             }
 
     def close(self) -> None:
@@ -391,20 +421,26 @@ class Volume:
     def _ensure_map(self) -> None:
         self.log._ensure_map()
 
+    # Markers go to the DTL like writes: a sync DTL acknowledges them once the peer has them.
     def create_snapshot(self, name: str) -> dict[str, Any]:
-        return self.snaps.create_snapshot(name)
+        snap = self.snaps.create_snapshot(name)
+        self._dtl_wait()
+        return snap
 
     def list_snapshots(self) -> list[dict[str, Any]]:
         return self.snaps.list_snapshots()
 
     def delete_snapshot(self, name: str) -> None:
         self.snaps.delete_snapshot(name)
+        self._dtl_wait()
 
     def rollback(self, name: str) -> None:
         self.snaps.rollback(name)
+        self._dtl_wait()
 
     def resize(self, size: int) -> None:
         self.snaps.resize(size)
+        self._dtl_wait()
 
     # TLog replay (recovery.apply) calls these, as the operations above do.
     def apply_snapshot(self, snap: dict[str, Any]) -> None:
@@ -419,6 +455,23 @@ class Volume:
     def apply_resize(self, size: int) -> None:
         self.snaps.apply_resize(size)
 
+    def apply_entry(self, rec: bytes, data: memoryview) -> None:
+        """Append one DTL entry of a previous owner as this owner's own writes (tail.py)."""
+        with self._budget(len(data)):
+            self.log.check_open()
+            self.log.apply_entry(rec, data)
+
+    def apply_mark(self, op: int, p: dict[str, Any]) -> None:
+        """Apply one TLog marker (replay of a TLog or of a DTL entry)."""
+        if op == tlog.SNAPSHOT:
+            self.snaps.apply_snapshot(p)
+        elif op == tlog.DELETE_SNAPSHOT:
+            self.snaps.apply_delete_snapshot(p["name"])
+        elif op == tlog.ROLLBACK:
+            self.snaps.apply_rollback(p["name"])
+        elif op == tlog.RESIZE:
+            self.snaps.apply_resize(p["size"])
+
 
 def _forward(name: str) -> property:
     return property(lambda self: getattr(self.state, name),
@@ -429,7 +482,7 @@ def _forward(name: str) -> property:
 # The state's fields read (and set: `vol.fio = ...` to inject faults, recovery setting
 # `vol.map`) through the volume, as before the parts were split out.
 for _name in [f.name for f in fields(VolumeState)
-              if f.name not in ("owner", "parent", "wb_root", "replay")] + [
+              if f.name not in ("owner", "parent", "wb_root", "replay", "apply_mark")] + [
         "ns", "cluster_size", "sco_clusters", "dir", "sco_dir", "tlog_dir"]:
     setattr(Volume, _name, _forward(_name))
 del _name

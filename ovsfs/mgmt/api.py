@@ -23,6 +23,7 @@ from ovsfs.config import Config
 from ovsfs.engine.api import Holder, NodeMaintenance
 from ovsfs.errors import InvalidArgument, OvsfsError
 from ovsfs.mgmt.backend_api import BackendApi
+from ovsfs.mgmt.cluster_api import ClusterApi, ClusterOps
 from ovsfs.mgmt.http import HttpError, Request, Response, Send, ThreadPool
 from ovsfs.mgmt.transfer import ExportJob, ImportJob
 from ovsfs.mgmt.units import parse_size
@@ -70,7 +71,7 @@ def _line(obj: Any) -> bytes:
 
 class Api:
     def __init__(self, engine: NodeMaintenance, cfg: Config, doors: dict[str, str],
-                 backend: NodeBackend | None = None) -> None:
+                 backend: NodeBackend | None = None, cluster: ClusterOps | None = None) -> None:
         self.engine = engine
         self.catalog = engine.catalog
         self.cfg = cfg
@@ -95,6 +96,7 @@ class Api:
             (r"/scrub", {"POST": self.scrub}),
             (r"/cache/drop", {"POST": self.drop_cache}),
             *BackendApi(backend).routes(seg),
+            *ClusterApi(cluster).routes(seg),
         ]
         self.routes = [(re.compile(p + "/?"), m) for p, m in self.routes]  # type: ignore[misc]
 

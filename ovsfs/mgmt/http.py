@@ -250,6 +250,22 @@ async def serve_unix(path: Path, handler: Handler, *, task_status: Any = trio.TA
         path.unlink(missing_ok=True)
 
 
+async def serve_tcp(host: str, port: int, handler: Handler, *,
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `handler` on TCP host:port until cancelled (the API other nodes of a cluster
+    call; bind it to an address only those nodes reach)."""
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        raise OvsfsError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+    async def conn(stream: trio.SocketStream) -> None:
+        await handle_connection(stream, handler)
+
+    task_status.started(listeners[0].socket.getsockname()[:2])
+    await trio.serve_listeners(conn, listeners)
+
+
 class ThreadPool:
     """A named set of worker threads for one kind of blocking call: each kind gets its own
     trio.CapacityLimiter (created once per trio run), so one kind that waits (a door's

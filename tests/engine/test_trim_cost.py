@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ovsfs.engine import tlog
+from ovsfs.engine import tail, tlog
 from ovsfs.engine.map import ZERO_LOC
 from ovsfs.engine.volume import Volume
 
@@ -122,19 +122,27 @@ class RecordingDtl:
     """A DTL sink that notes each batch the engine hands it, and whether the volume lock
     was held only once (not inside an outer hold of the whole trim)."""
 
-    mode = "none"
+    mode = "async"   # "none" is never called
 
     def __init__(self, vol: Volume) -> None:
         self.vol = vol
         self.batches: list[list[int]] = []
         self.depths: list[int] = []
 
-    def append(self, volume: str, addrs: np.ndarray, locs: np.ndarray, data: bytes) -> None:
-        self.batches.append(sorted(addrs.tolist()))
+    def append(self, pos: tuple[int, int], blob: bytes) -> object:
+        rec, _data = tail.decode(blob)
+        self.batches.append(sorted(np.frombuffer(rec, dtype=tlog.RECORD)["a"].tolist()))
         # RLock's repr carries its recursion count: 1 means this chunk's own hold only.
         self.depths.append(int(repr(self.vol.lock).split("count=")[1].split(" ")[0].rstrip(">")))
+        return None
+
+    def wait(self, ticket: object) -> None:
+        return None
 
     def flush(self) -> None:
+        return None
+
+    def trim(self, pos: tuple[int, int]) -> None:
         return None
 
 

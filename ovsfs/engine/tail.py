@@ -1,0 +1,112 @@
+"""The tail of a volume's log as the DTL carries it, and its replay on a new owner.
+
+A DTL entry is one TLog append of the owner (`LogWriter._tlog_append`): its records and,
+for WRITE records with data, the clusters they point at, in record order. Its position
+`pos = (TLog number, byte offset)` is where those records start in the owner's log, so
+entries are totally ordered and a restarted owner can read them again from its local
+TLogs (`read_tail`) to catch a new DTL peer up. RELOC records (the scrubber moving
+clusters) are not shipped: they do not change what the volume reads, and the SCOs they
+empty are deleted only after the TLog holding them is on the backend.
+
+Blob layout (little endian): u32 length of the TLog records, the records (tlog.RECORD,
+24 bytes each), then cluster_size bytes per WRITE record whose location is a cluster.
+The DTL frames and checksums blobs; this module only gives them meaning.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Any, Iterable, Iterator
+
+
+from ovsfs.engine import tlog
+from ovsfs.engine.map import ZERO_LOC
+from ovsfs.errors import DataError
+
+log = logging.getLogger("ovsfs.engine.tail")
+
+Pos = tuple[int, int]
+_LEN = struct.Struct("<I")
+
+
+def encode(rec: bytes, data: bytes | memoryview | None) -> bytes:
+    return b"".join((_LEN.pack(len(rec)), rec, data or b""))
+
+
+def decode(blob: bytes | memoryview) -> tuple[memoryview, memoryview]:
+    """(records, cluster data) of an entry; DataError when the blob is not one."""
+    view = memoryview(blob)
+    if len(view) < _LEN.size:
+        raise DataError("DTL entry shorter than its header")
+    (n,) = _LEN.unpack_from(view)
+    if n % tlog.SIZE or _LEN.size + n > len(view):
+        raise DataError(f"DTL entry with a bad record length {n}")
+    return view[_LEN.size:_LEN.size + n], view[_LEN.size + n:]
+
+
+def _segments(data: memoryview) -> Iterator[tuple[int, int, tlog.Segment]]:
+    """(start offset, end offset, segment) of every whole segment of a TLog's bytes."""
+    at = 0
+    for seg in tlog.parse(data):
+        end = seg.end if seg.kind == tlog.MARK else at + len(seg.records) * tlog.SIZE  # type: ignore[arg-type]
+        yield at, end, seg
+        at = end
+
+
+# `vol` below is a Volume (ovsfs/engine/volume.py), which imports this module through the
+# log writer: typed as Any rather than imported back.
+def read_tail(vol: Any, start: Pos, until: Pos | None = None) -> Iterator[tuple[Pos, bytes]]:
+    """Entries of `vol`'s local log from `start` on (up to, not including, `until`), in order.
+
+    Rebuilt from the local TLogs and the data their WRITE records point at (local SCOs or,
+    once uploaded, the backend). TLogs no longer local are on the backend already: skipped.
+    Entries are cut at segment boundaries, which need not be the boundaries of the original
+    appends: positions still only grow, which is all the DTL relies on."""
+    st = vol.state
+    with st.lock:
+        names = sorted(int(p.name) for p in st.tlog_dir.iterdir() if p.name.isdigit())
+        end = (st.tlog_no, st.tlog_off) if st.tlog_fd is not None else None
+    for n in names:
+        if (n, 1 << 62) <= start or (until is not None and (n, 0) >= until):
+            continue
+        try:
+            raw = (st.tlog_dir / str(n)).read_bytes()
+        except FileNotFoundError:
+            continue   # uploaded and dropped meanwhile
+        if end is not None and n == end[0]:
+            raw = raw[:end[1]]   # only what was appended whole when we looked
+        for lo, hi, seg in _segments(memoryview(raw)):
+            pos = (n, lo)
+            if pos < start:
+                continue
+            if until is not None and pos >= until:
+                return
+            if seg.kind == tlog.RELOC or seg.kind == tlog.NOOP:
+                continue
+            rec = bytes(raw[lo:hi])
+            data = b""
+            if seg.kind == tlog.WRITE:
+                locs = seg.records["b"]  # type: ignore[index]
+                if (locs > ZERO_LOC).any():
+                    data = bytes(vol.read_locations(locs[locs > ZERO_LOC]))
+            yield pos, encode(rec, data)
+
+
+def replay(vol: Any, entries: Iterable[tuple[Pos, bytes]], applied: dict[int, int]) -> int:
+    """Append a previous owner's DTL entries to `vol`'s own log, in order, as new writes.
+
+    `applied`: TLog number -> bytes of it already in the map (from the backend: whole;
+    from a local TLog: its length); entries inside those are skipped. Returns the number
+    of entries applied. Every entry is applied whole or not at all (a CRC-checked blob)."""
+    count = 0
+    for pos, blob in sorted(entries, key=lambda e: e[0]):
+        n, off = pos
+        if off < applied.get(n, -1):
+            continue
+        rec, data = decode(blob)
+        vol.apply_entry(bytes(rec), data)
+        count += 1
+    if count:
+        log.info("%s: replayed %d DTL entries of the previous owner", vol.name, count)
+    return count

@@ -1,0 +1,416 @@
+"""This node as a member of a cluster (`[cluster] etcd` set): ownership, the DTL, handovers.
+
+Pieces it puts together (each tested on its own):
+- the cluster store on etcd (ovsfs/cluster/etcd.py): the registry of vPools and volumes,
+  node records under leases (nodes.py), owner records with generations (ownership.py);
+- the engine's NodeRole (`ClusterRole`): a volume is served where its owner record says,
+  at that generation; its DTL client ships to a peer chosen in another failure domain;
+- the DTL server other nodes ship to (ovsfs/dtl/server.py), refusing old generations;
+- the operations that change an owner: `move` (clean handover, no DTL needed) and `restart`
+  (steal from a dead or unreachable owner: fence at the DTL and in the backend, replay the
+  tail), and the node-to-node `take`;
+- a watch that halts a volume as soon as its owner record names another node or
+  generation (a node frozen through a restart learns it this way, even with no write).
+
+One commit point per change of owner: the compare-and-swap of the owner record.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import httpx
+import trio
+
+from ovsfs.backend.store import Store
+from ovsfs.cluster.etcd import EtcdStore
+from ovsfs.cluster.nodes import NodeRecord, NodeRegistry
+from ovsfs.cluster.ownership import Ownership
+from ovsfs.config import Config
+from ovsfs.dtl import DtlSink, NoDtl, Peer
+from ovsfs.dtl import wire as dtl_wire
+from ovsfs.dtl.client import Connection, DtlClient, fetch_tail
+from ovsfs.dtl.server import DtlServer
+from ovsfs.engine import tail
+from ovsfs.engine.engine import Engine
+from ovsfs.errors import (AlreadyExists, Busy, ClusterError, DtlError, InvalidArgument, NotFound,
+                          NotOwner, OvsfsError)
+
+log = logging.getLogger("ovsfs.member")
+
+MODES = "/dtl_mode/"            # /dtl_mode/vpool/<vpool>, /dtl_mode/volume/<ns>: DTL mode settings
+CALL_TIMEOUT = 3600.0           # a take waits for a rebuild and uploads on the other node
+
+
+def _hostport(addr: str) -> tuple[str, int]:
+    host, _sep, port = addr.rpartition(":")
+    return host, int(port)
+
+
+class ClusterRole:
+    """The engine's NodeRole on a cluster (see ovsfs/engine/owners.py)."""
+
+    def __init__(self, member: "Member") -> None:
+        self.m = member
+
+    def owned(self, ns: str) -> int | None:
+        rec = self.m.owners.owner(ns)
+        if rec is None:
+            # Registered before there was a cluster (the single node this cluster grew
+            # from): the first node to look claims it at generation 1.
+            try:
+                rec = self.m.owners.claim(ns, self.m.name, None)
+                log.info("volume namespace %s had no owner: claimed it (generation 1)", ns)
+            except Busy:
+                rec = self.m.owners.owner(ns)
+        if rec is None or rec["node"] != self.m.name:
+            return None
+        return int(rec["gen"])
+
+    def claim_new(self, ns: str) -> int:
+        return int(self.m.owners.claim(ns, self.m.name, None)["gen"])
+
+    def dtl_sink(self, vol: Any) -> DtlSink:
+        return self.m.dtl_sink(vol)
+
+    def forget(self, ns: str) -> None:
+        self.m.owners.forget(ns)
+        for key in (f"{MODES}volume/{ns}",):
+            self.m.kv.delete(key)
+
+    def owner_of(self, ns: str) -> str | None:
+        try:
+            rec = self.m.owners.owner(ns)
+        except ClusterError:
+            return None
+        return rec["node"] if rec else None
+
+
+class Member:
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.name = cfg.node.name
+        self.kv = EtcdStore(cfg.cluster.etcd, cfg.cluster.prefix, timeout=cfg.dtl.timeout)
+        self.nodes = NodeRegistry(self.kv, on_lost=self._lost)
+        self.owners = Ownership(self.kv)
+        self.role = ClusterRole(self)
+        self.engine: Engine | None = None
+        self.tls = None
+        if cfg.dtl.tls == "required":
+            self.tls = dtl_wire.client_ssl_context(cfg.path(cfg.dtl.tls_cert), cfg.path(cfg.dtl.tls_key),
+                                                   cfg.path(cfg.dtl.tls_ca))
+        self.dtl_server = (DtlServer.from_config(cfg, cluster_gen=self._cluster_gen)
+                           if cfg.dtl.port else None)
+        self._stop = threading.Event()
+        self._http = httpx.Client(timeout=httpx.Timeout(CALL_TIMEOUT, connect=5.0), trust_env=False)
+
+    # ---- the DTL ---------------------------------------------------------------------------
+
+    def _cluster_gen(self, ns: str) -> int:
+        rec = self.owners.owner(ns)
+        return int(rec["gen"]) if rec else 0
+
+    def dtl_mode(self, meta: dict[str, Any]) -> str:
+        """A volume's DTL mode: its own setting, else its vPool's, else `dtl.mode`."""
+        for key in (f"{MODES}volume/{meta['ns']}", f"{MODES}vpool/{meta['vpool']}"):
+            mode = self.kv.get(key)
+            if mode in ("none", "async", "sync"):
+                return mode
+        return self.cfg.dtl.mode
+
+    def choose_peer(self, exclude: set[str]) -> Peer | None:
+        rec = self.owners.choose_dtl_peer(self.name, self.nodes.list_nodes(), exclude)
+        if rec is None:
+            return None
+        host, port = _hostport(rec.dtl)
+        return Peer(rec.name, host, port)
+
+    def dtl_sink(self, vol: Any) -> DtlSink:
+        mode = self.dtl_mode(vol.meta)
+        ns, gen = vol.ns, vol.gen
+        if mode == "none":
+            self._record_dtl(ns, gen, {"mode": "none", "state": "standalone", "peer": None,
+                                       "unsafe_bytes": None})
+            return NoDtl()
+        return DtlClient(ns, gen, mode, self.cfg.dtl, self.choose_peer,
+                         lambda start: tail.read_tail(vol, start),
+                         lambda status: self._record_dtl(ns, gen, status), tls=self.tls)
+
+    def _record_dtl(self, ns: str, gen: int, status: dict[str, Any]) -> None:
+        """Where a volume's DTL lives and whether it is in sync: what a restart elsewhere reads."""
+        peer = status.get("peer")
+        rec = {"owner": self.name, "gen": gen, "mode": status.get("mode"), "state": status.get("state"),
+               "node": getattr(peer, "node", None) if peer is not None and not isinstance(peer, str) else None,
+               "peer": (f"{peer.host}:{peer.port}" if isinstance(peer, Peer) else peer),
+               "incarnation": status.get("peer_incarnation"),
+               "unsafe_bytes": status.get("unsafe_bytes"), "time": time.time()}
+        try:
+            self.owners.set_dtl_record(ns, rec)
+        except ClusterError as e:
+            log.warning("DTL record of %s not written: %s", ns, e.message)
+
+    def _drop_tail(self, dtl: dict[str, Any] | None, ns: str, gen: int) -> None:
+        """The previous owner's tail is on the backend now: the peer may forget it."""
+        if not dtl or not dtl.get("peer"):
+            return
+        host, port = _hostport(dtl["peer"])
+        conn = Connection(Peer(dtl.get("node") or "?", host, port), self.cfg.dtl.timeout, self.tls)
+        try:
+            conn.call(dtl_wire.DROP, ns, gen)
+        except (OvsfsError, OSError) as e:
+            # Not fatal: the peer holds a tail nobody needs until the volume is next deleted.
+            log.warning("could not drop the old DTL tail of %s at %s: %s", ns, dtl["peer"],
+                        getattr(e, "message", e))
+        finally:
+            conn.close()
+
+    # ---- records ---------------------------------------------------------------------------
+
+    def _volume_rec(self, volume: str) -> dict[str, Any]:
+        rec = self.kv.get(f"/volumes/{volume}")
+        if rec is None:
+            raise NotFound(f"volume {volume} does not exist")
+        return rec
+
+    def _node(self, name: str) -> NodeRecord:
+        for n in self.nodes.list_nodes():
+            if n.name == name:
+                return n
+        raise NotFound(f"node {name} is not in this cluster")
+
+    def _call(self, node: str, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Another node's management API (over TCP); its errors come back as OvsfsError."""
+        rec = self._node(node)
+        if not rec.mgmt:
+            raise ClusterError(f"node {node} has no management address (cluster.mgmt_port = 0)")
+        try:
+            r = self._http.request(method, f"http://{rec.mgmt}{path}", json=body)
+        except httpx.HTTPError as e:
+            raise ClusterError(f"node {node} ({rec.mgmt}) did not answer: {e}") from None
+        data = r.json() if r.content else {}
+        if r.status_code >= 400:
+            err = OvsfsError(f"node {node}: {data.get('error', r.text)}")
+            err.http_status = r.status_code
+            raise err
+        return data
+
+    # ---- ClusterOps (the management API) ---------------------------------------------------
+
+    def nodes_info(self) -> list[dict[str, Any]]:
+        count: dict[str, int] = {}
+        for rec in self.kv.list("/owners/").values():
+            count[rec["node"]] = count.get(rec["node"], 0) + 1
+        return [{**n.to_dict(), "volumes": count.get(n.name, 0)} for n in self.nodes.list_nodes()]
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self.nodes_info()
+
+    def status(self) -> dict[str, Any]:
+        try:
+            nodes = self.nodes_info()
+            vols = self.kv.list("/volumes/")
+            state = "ok"
+        except ClusterError as e:
+            nodes, vols, state = [], {}, f"unreachable: {e.message}"
+        attention = []
+        for d in self.kv.list("/dtl/").values() if state == "ok" else []:
+            if d.get("state") not in ("ok", "released") and d.get("mode") != "none":
+                attention.append(f"volume namespace of owner {d.get('owner')}: DTL {d.get('state')}")
+        owned = len(self.engine.volumes) if self.engine else 0
+        return {"node": self.name, "failure_domain": self.cfg.cluster.failure_domain,
+                "etcd": self.cfg.cluster.etcd, "prefix": self.cfg.cluster.prefix, "etcd_state": state,
+                "nodes": nodes, "volumes": len(vols), "owned": owned, "attention": attention}
+
+    def volume_cluster(self, volume: str) -> dict[str, Any]:
+        rec = self._volume_rec(volume)
+        return {"volume": volume, "namespace": rec["ns"], "owner": self.owners.owner(rec["ns"]),
+                "dtl_mode": self.dtl_mode(rec), "dtl": self.owners.dtl_record(rec["ns"])}
+
+    def set_dtl_mode(self, kind: str, name: str, mode: str | None) -> dict[str, Any]:
+        assert self.engine is not None
+        if kind == "vpool":
+            if self.kv.get(f"/vpools/{name}") is None:
+                raise NotFound(f"vPool {name} does not exist")
+            self.kv.put(f"{MODES}vpool/{name}", mode)
+            return {"vpool": name, "mode": mode}
+        rec = self._volume_rec(name)
+        if mode is None:
+            self.kv.delete(f"{MODES}volume/{rec['ns']}")
+        else:
+            self.kv.put(f"{MODES}volume/{rec['ns']}", mode)
+        vol = self.engine.volumes.get(name)
+        if vol is not None:
+            self._switch_dtl(vol)
+        return {"volume": name, "mode": self.dtl_mode(rec), "inherited": mode is None}
+
+    def _switch_dtl(self, vol: Any) -> None:
+        """A new mode takes effect at once: what the old sink holds is flushed first."""
+        vol.flush()
+        with vol.lock:
+            old, vol.state.dtl = vol.state.dtl, self.dtl_sink(vol)
+            vol.state.dtl_ticket = None
+        old.close(drop=True)
+
+    def move(self, volume: str, node: str) -> dict[str, Any]:
+        """Clean handover, run on the owner: writes stop (Busy), everything goes to the
+        backend, the owner record moves to `node` at the next generation (the commit
+        point), `node` opens the volume. A failure before the commit point leaves the
+        volume served here as before."""
+        assert self.engine is not None
+        rec = self._volume_rec(volume)
+        own = self.owners.owner(rec["ns"])
+        if own is None or own["node"] != self.name:
+            if own is None:
+                raise NotOwner(f"volume {volume} has no owner")
+            return self._call(own["node"], "POST", f"/volumes/{volume}/move", {"node": node})
+        if node == self.name:
+            raise InvalidArgument(f"volume {volume} is served by {node} already")
+        target = self._node(node)
+        if not target.alive:
+            raise Busy(f"node {node} is not alive: it cannot take volume {volume}")
+        start = time.monotonic()
+        mode = self.dtl_mode(rec)
+        self.engine.release_volume(volume)
+        try:
+            new = self.owners.claim(rec["ns"], node, int(own["gen"]))
+        except BaseException:
+            self.engine.take_volume(volume, int(own["gen"]))
+            raise
+        self._record_dtl(rec["ns"], new["gen"], {"mode": mode, "state": "released", "peer": None,
+                                                 "unsafe_bytes": 0})
+        log.info("volume %s: ownership handed to %s (generation %d)", volume, node, new["gen"])
+        self._call(node, "POST", f"/volumes/{volume}/take", {"gen": new["gen"]})
+        return {"volume": volume, "node": node, "gen": new["gen"], "seconds": round(time.monotonic() - start, 3)}
+
+    def take(self, volume: str, gen: int, force: bool = False) -> dict[str, Any]:
+        """Node-to-node, after a move's commit point: open the volume given to this node."""
+        assert self.engine is not None
+        rec = self._volume_rec(volume)
+        own = self.owners.owner(rec["ns"])
+        if own is None or own["node"] != self.name or int(own["gen"]) != gen:
+            raise NotOwner(f"volume {volume} is not given to {self.name} at generation {gen} (owner: {own})")
+        start = time.monotonic()
+        self.engine.take_volume(volume, gen)
+        return {"volume": volume, "node": self.name, "gen": gen, "seconds": round(time.monotonic() - start, 3)}
+
+    def restart(self, volume: str, on: str, force: bool) -> dict[str, Any]:
+        """Take a volume from an owner that is dead or cut off, onto node `on`.
+
+        Refused (Busy) while the owner is alive, and when the DTL is not in sync (what the
+        owner acknowledged since is nowhere else) unless `force`: then the reply says what
+        may be lost. Order: fetch the tail at the next generation (fences the old owner at
+        the DTL), claim the owner record (the commit point), open here (fences the backend,
+        replays the tail, uploads it), drop the old tail."""
+        assert self.engine is not None
+        if on != self.name:
+            return self._call(on, "POST", f"/volumes/{volume}/restart", {"on": on, "force": force})
+        rec = self._volume_rec(volume)
+        ns = rec["ns"]
+        own = self.owners.owner(ns) or {"node": None, "gen": 0}
+        if volume in self.engine.volumes and own["node"] == self.name:
+            raise AlreadyExists(f"volume {volume} is served by {self.name} already")
+        alive = {n.name for n in self.nodes.list_nodes() if n.alive}
+        if own["node"] in alive and own["node"] != self.name and not force:
+            raise Busy(f"volume {volume}: its owner {own['node']} is alive; use `ovsfs volume move` "
+                       "(or --force if it is cut off from its clients)")
+        dtl = self.owners.dtl_record(ns) or {}
+        gen = int(own["gen"]) + 1
+        start = time.monotonic()
+        entries: list[Any] = []
+        lost = None
+        state = dtl.get("state")
+        if state != "released":
+            if dtl.get("mode") in (None, "none") or state != "ok" or not dtl.get("peer"):
+                lost = (f"the DTL of {volume} was {dtl.get('mode') or 'none'} / {state or 'unknown'}: writes "
+                        f"{own['node']} acknowledged since its last upload"
+                        + (f" ({dtl['unsafe_bytes']} bytes when last recorded)" if dtl.get("unsafe_bytes") else "")
+                        + " may be lost")
+                if not force:
+                    raise Busy(f"refusing to restart {volume}: {lost}; --force to restart anyway")
+            if dtl.get("peer"):
+                host, port = _hostport(dtl["peer"])
+                try:
+                    entries = fetch_tail(Peer(dtl.get("node") or "?", host, port), ns, gen, self.tls)
+                except DtlError as e:
+                    if not force:
+                        raise DtlError(f"refusing to restart {volume}: its DTL peer {dtl['peer']} "
+                                       f"cannot give the tail ({e.message}); --force to restart anyway") from e
+                    lost = f"the DTL peer {dtl['peer']} could not be read ({e.message}): writes since the last upload may be lost"
+        new = self.owners.claim(ns, self.name, int(own["gen"]))
+        log.warning("volume %s: taken from %s (generation %d -> %d), %d DTL entries%s", volume,
+                    own["node"], own["gen"], new["gen"], len(entries), f"; {lost}" if lost else "")
+        if volume in self.engine.volumes:   # a stale open copy of an older generation
+            self.engine.drop_volume(volume, "restarted at a newer generation")
+        self.engine.take_volume(volume, int(new["gen"]), entries,
+                                drop_old=lambda: self._drop_tail(dtl, ns, int(new["gen"])))
+        return {"volume": volume, "node": self.name, "gen": new["gen"], "dtl_entries": len(entries),
+                "may_be_lost": lost, "seconds": round(time.monotonic() - start, 3)}
+
+    # ---- running -------------------------------------------------------------------------
+
+    def _lost(self, reason: str) -> None:
+        log.error("this node lost its registration: %s", reason)
+
+    def record(self, mgmt_port: int, dtl_port: int) -> NodeRecord:
+        c, n = self.cfg.cluster, self.cfg.nbd
+        asds = [f"127.0.0.1:{p}" for p in self.cfg.backend.local_asd_ports]
+        return NodeRecord(name=self.name, failure_domain=c.failure_domain,
+                          mgmt=f"{c.mgmt_host}:{mgmt_port}" if mgmt_port else "",
+                          dtl=f"{self.cfg.dtl.host}:{dtl_port}" if dtl_port else "",
+                          nbd=f"{n.tcp_host}:{n.tcp_port}" if n.enabled and n.tcp_port else "",
+                          asds=asds)
+
+    def watch_owners(self, interval: float) -> None:
+        """Halt (and drop) every open volume whose owner record names another node or
+        generation; runs until close()."""
+        while not self._stop.wait(interval):
+            if self.engine is None:
+                continue
+            for name, vol in list(self.engine.volumes.items()):
+                try:
+                    rec = self.owners.owner(vol.ns)
+                except ClusterError:
+                    break   # cannot tell: the DTL and the backend still fence
+                if rec is not None and (rec["node"] != self.name or int(rec["gen"]) != vol.gen):
+                    self.engine.drop_volume(name, f"its owner is {rec['node']} at generation {rec['gen']} now")
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self.nodes.stop()
+        except Exception:  # noqa: BLE001 - stopping: the lease expires anyway
+            log.debug("stopping the node registration failed", exc_info=True)
+        self._http.close()
+        self.kv.close()
+
+
+async def serve(member: Member, engine: Engine, handler: Callable[..., Any], *,
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """The node's cluster services, until cancelled: the DTL server, the management API over
+    TCP for the other nodes, the node record under its lease, the owner watch."""
+    from ovsfs.mgmt.http import serve_tcp
+
+    cfg = member.cfg
+    member.engine = engine
+    async with trio.open_nursery() as nursery:
+        dtl_port = 0
+        if member.dtl_server is not None:
+            dtl_port = await nursery.start(member.dtl_server.serve)
+        mgmt_port = 0
+        if cfg.cluster.mgmt_port:
+            _host, mgmt_port = await nursery.start(serve_tcp, cfg.cluster.mgmt_host, cfg.cluster.mgmt_port, handler)
+        record = member.record(mgmt_port, dtl_port)
+        await trio.to_thread.run_sync(member.nodes.register, record, cfg.cluster.lease_ttl)
+        log.info("registered in the cluster as %s (failure domain %s): mgmt %s, DTL %s", member.name,
+                 cfg.cluster.failure_domain or "-", record.mgmt or "-", record.dtl or "-")
+        nursery.start_soon(lambda: trio.to_thread.run_sync(
+            member.watch_owners, max(0.5, cfg.cluster.lease_ttl / 5), abandon_on_cancel=True))
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            member._stop.set()
