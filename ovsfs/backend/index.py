@@ -278,6 +278,72 @@ class Index:
         if tombs and tombs.pop(name, None) is not None and not tombs:
             del self.tombs[ns]
 
+    # -- a backend shared by several proxies ---------------------------------------
+
+    def merge_ns_records(self, nss: dict[str, bytes]) -> int:
+        """Merge namespace records (`n/...` keys) read from an ASD: namespaces another
+        proxy created or deleted. Returns records taken."""
+        n = 0
+        with self.lock:
+            for key, value in nss.items():
+                try:
+                    n += self._merge_ns(unquote_ns(key[2:]), NsRecord.decode(value))
+                except DataError:
+                    continue
+        return n
+
+    def merge_ns_from(self, clients: list[Any], pool: ThreadPoolExecutor) -> int:
+        """Merge the namespace records of the given ASDs (read in parallel)."""
+        def scan(c: Any) -> dict[str, bytes]:
+            try:
+                return c.scan("n/")
+            except OvsfsError:
+                return {}
+        return sum(self.merge_ns_records(nss) for nss in pool.map(scan, clients))
+
+    def reload_ns_from(self, ns: str, clients: list[Any], pool: ThreadPoolExecutor,
+                       complete: bool) -> int:
+        """reload_ns with ns's records read from the given ASDs in parallel; replaces what
+        the index knew when `complete` (they are the whole set) and every one answered."""
+        q = quote_ns(ns)
+
+        def scan(c: Any) -> tuple[dict[str, bytes], dict[str, bytes]] | None:
+            try:
+                nss = {k: v for k, v in c.scan(f"n/{q}").items() if k == ns_key(ns)}
+                return nss, c.scan(f"m/{q}/")
+            except OvsfsError as e:
+                log.info("refresh of %s: %s does not answer: %s", ns, c.addr, e)
+                return None
+        scans = list(pool.map(scan, clients))
+        got = [r for r in scans if r is not None]
+        return self.reload_ns(ns, got, complete and len(got) == len(clients))
+
+    def reload_ns(self, ns: str, scans: list[tuple[dict[str, bytes], dict[str, bytes]]],
+                  replace: bool) -> int:
+        """Take namespace ns as the ASDs hold it now (another proxy wrote it): `scans` are
+        (namespace records, manifest records) of ns read from each ASD that answered. With
+        `replace` (every ASD of the set answered) what the index knew of ns is dropped
+        first, so objects deleted and collected elsewhere go too; otherwise the records
+        are merged (the newest record of each object wins). Returns records taken."""
+        n = 0
+        with self.lock:
+            if replace:
+                for man in self.objects.pop(ns, {}).values():
+                    self._count(man, -1)
+                self.ns_presets.pop(ns, None)
+                self.ns_seq.pop(ns, None)
+                self.ns_tombs.pop(ns, None)
+                self.tombs.pop(ns, None)
+            for nss, mans in scans:
+                n += self.merge_ns_records(nss)
+                for key, blob in mans.items():
+                    try:
+                        rec = decode_record(blob)
+                    except DataError:
+                        continue
+                    n += self._merge_obj(*split_manifest_key(key), rec)
+        return n
+
     # -- access ----------------------------------------------------------------
 
     def _add_load(self, bucket: dict[str, Manifest], name: str, man: Manifest | None) -> Manifest | None:
