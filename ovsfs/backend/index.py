@@ -23,7 +23,7 @@ import os
 import struct
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -292,14 +292,17 @@ class Index:
                     continue
         return n
 
-    def merge_ns_from(self, clients: list[Any], pool: ThreadPoolExecutor) -> int:
-        """Merge the namespace records of the given ASDs (read in parallel)."""
+    def merge_ns_from(self, clients: list[Any], pool: ThreadPoolExecutor, timeout: float = 1.0) -> int:
+        """Merge the namespace records of the given ASDs (read in parallel; those that do
+        not answer within `timeout` seconds are skipped: every live ASD holds every
+        namespace record, so any answer is enough to learn a namespace)."""
         def scan(c: Any) -> dict[str, bytes]:
             try:
                 return c.scan("n/")
             except OvsfsError:
                 return {}
-        return sum(self.merge_ns_records(nss) for nss in pool.map(scan, clients))
+        done, _late = wait([pool.submit(scan, c) for c in clients], timeout=timeout)
+        return sum(self.merge_ns_records(f.result()) for f in done)
 
     def reload_ns_from(self, ns: str, clients: list[Any], pool: ThreadPoolExecutor,
                        complete: bool) -> int:

@@ -151,6 +151,9 @@ class ProxyStore:
         if preset is not None:
             p = self._resolve_preset(preset)
             blob = json.dumps(p.to_dict(), sort_keys=True).encode()
+        if not self.index.has_ns(ns):
+            # Another node may have created it: never replace its record (and preset) blindly.
+            self.refresh(ns)
         if self.index.has_ns(ns) and (not blob or self.index.ns_preset(ns) == blob):
             return
         with self.obj_lock(ns, ""):
@@ -212,7 +215,8 @@ class ProxyStore:
 
     def namespaces(self) -> list[str]:
         """Every namespace, including ones other proxies sharing the ASDs created since
-        (their records are read from every live ASD: one small round trip each)."""
+        (their records are read from every live ASD in parallel, one small round trip
+        each; an ASD that does not answer within a second is left out this time)."""
         self.index.merge_ns_from(self.asds.live(writable=False), self.pool)
         return self.index.namespaces()
 
@@ -323,6 +327,8 @@ class ProxyStore:
         when an ASD refused gen (the object is then left as it is in this proxy)."""
         check_name("object", name)
         self.fences.check(ns, gen)
+        if not self.index.has_ns(ns):
+            self.refresh(ns)   # a namespace another node wrote: learn its objects first
         with self.obj_lock(ns, name):
             if self.index.get(ns, name) is None and self.index.complete():
                 return  # (an incomplete index may lack a copy a late ASD holds: tombstone it anyway)
