@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
@@ -68,6 +69,10 @@ class Fences:
         self.lock = threading.Lock()
         self.known: dict[str, int] = {}      # ns -> highest generation seen on any ASD
         self.synced: set[str] = set()        # ASD ids known to hold every fence in `known`
+        # Every so often every ASD is checked again: one restarted between two maintenance
+        # rounds with a wiped disk was never seen down, yet lost its fences.
+        self.resync_interval = 30.0
+        self._last_full = time.monotonic()
 
     def check(self, ns: str, gen: int) -> None:
         """Fail fast (Fenced) for a generation this proxy already knows is stale; the ASDs
@@ -118,6 +123,9 @@ class Fences:
         them): ASDs back from an absence learn the fences they missed. Returns fences sent."""
         live = [c for c in self.asds.live(writable=False)]
         with self.lock:
+            if time.monotonic() - self._last_full >= self.resync_interval:
+                self._last_full = time.monotonic()
+                self.synced.clear()
             todo = [c for c in live if c.asd_id not in self.synced]
         if not todo:
             return 0
