@@ -27,7 +27,7 @@ class AsdUnavailable(BackendError):
 
 
 class StaleRecord(BackendError):
-    """A conditional put (`if_newer`) found a record at least as new under the key."""
+    """A conditional put (`if_newer`) found a newer record under the key."""
 
 
 class AsdClient:

@@ -8,7 +8,7 @@ Owner writes carry a guard (namespace, owner generation): every fragment put and
 manifest copy of a put is checked by its ASD against that namespace's fence. One
 refusal ends the put with Fenced (never retried elsewhere, never taken for an ASD
 that is down): the fragments written are purged and manifest copies already stored
-are deleted again (best effort; see ProxyStore.fence for why none can complete).
+are deleted again (best effort; ovsfs.backend.fencing says why no such put completes).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import threading
 from collections import Counter
 
 from ovsfs.backend import codec
+from ovsfs.backend.asd_client import Guard, StaleRecord
 from ovsfs.backend.context import ProxyContext
 from ovsfs.backend.index import manifest_key
 from ovsfs.backend.manifest import NONE, Chunk, Manifest
 from ovsfs.backend.policy import Preset, chunk_layout
-from ovsfs.backend.asd_client import Guard, StaleRecord
 from ovsfs.errors import BackendError, Fenced, NoSpace, OvsfsError
 
 
@@ -198,7 +198,7 @@ class ObjectWriter:
         Returns True when fewer copies than that could be made (maintenance adds them).
         `guard`: an owner put, Fenced when any ASD refuses its generation (copies already
         stored are deleted again). `if_newer` (repairs): StaleRecord when an ASD holds a
-        record of the object at least as new as `man` (another proxy replaced it)."""
+        record of the object newer than `man` (another proxy replaced or deleted it)."""
         p = self.proxy
         # Numbered here, under the object's lock, so that the manifest a reader sees last
         # is always the one with the highest number (a delete or repair in between included).
