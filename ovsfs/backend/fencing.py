@@ -26,12 +26,12 @@ much; a set that grows by g ASDs between a fence and its sync weakens the bound 
 The quorum only bounds *completion*. Visibility is stronger when every live ASD has
 the fence, so `fence` waits (up to `wait` seconds) for every ASD it can reach, not just
 for the quorum: a manifest copy a stale owner stored on an unfenced ASD before its put
-failed is deleted again by that owner (writer.py), and an ASD that was away during the
-fence gets it from the first `sync` of any proxy after it returns. The window left: a
-stale owner that is still running and writes to an ASD that was away during the fence,
-after it returns and before any proxy's maintenance round (2 s) synced it; its put
-still fails (the quorum), but the orphan copy it leaves there is cleaned by that owner
-only if it is not frozen in between.
+failed is replaced again by that owner with what the key held before (writer.py), and
+an ASD that was away during the fence gets it from the first `sync` of any proxy after
+it returns. The window left: a stale owner that is still running and writes to an ASD
+that was away during the fence, after it returns and before any proxy's maintenance
+round (2 s) synced it; its put still fails (the quorum), and the copy it left there is
+put back by that owner only if it is not frozen or killed in between.
 
 Fences outlive delete_namespace (an ASD that was away would bring an older one back
 anyway): a namespace deleted and created again under the same name must be written
@@ -155,11 +155,12 @@ class Fences:
             log.info("handed %d missed fence(s) to returning ASDs", sent)
         return sent
 
-    def put_everywhere(self, clients: list[Any], key: str, blob: bytes, guard: tuple[str, int]) -> int:
+    def put_everywhere(self, clients: list[Any], key: str, blob: bytes, guard: tuple[str, int],
+                       restore: bytes | None = None) -> int:
         """An owner's record (a tombstone) on every given ASD in parallel; returns how many
         took it. Fenced when any refused the generation: the copies that landed are taken
-        back first, so a stale owner's tombstone never hides what the new owner writes
-        (the key then holds nothing there; repair re-adds manifest copies)."""
+        back first (replaced by `restore`, the record they overwrote as this proxy knows
+        it, or deleted), so a stale owner's tombstone never hides what the new owner writes."""
         def one(c: Any) -> bool | Fenced:
             try:
                 c.put(key, blob, guard=guard)
@@ -174,7 +175,10 @@ class Fences:
             for c, r in zip(clients, results):
                 if r is True:
                     try:
-                        c.delete(key, guard=guard)
+                        if restore is not None:
+                            c.put(key, restore, guard=guard)
+                        else:
+                            c.delete(key, guard=guard)
                     except OvsfsError:
                         pass
             self.learn(guard[0], guard[1] + 1)

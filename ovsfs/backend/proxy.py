@@ -334,7 +334,9 @@ class ProxyStore:
                 return  # (an incomplete index may lack a copy a late ASD holds: tombstone it anyway)
             seq = self.clock.next()
             blob, key = Tombstone(seq).encode(), manifest_key(ns, name)
-            ok = self.fences.put_everywhere(self.asds.live(writable=False), key, blob, (ns, gen))
+            cur = self.index.get(ns, name)
+            ok = self.fences.put_everywhere(self.asds.live(writable=False), key, blob, (ns, gen),
+                                            restore=cur.encode() if cur is not None else None)
             self._need_quorum(ok, f"{ns}/{name}")
             man = self.index.tombstone(ns, name, seq)
         if man is not None:

@@ -8,7 +8,8 @@ Owner writes carry a guard (namespace, owner generation): every fragment put and
 manifest copy of a put is checked by its ASD against that namespace's fence. One
 refusal ends the put with Fenced (never retried elsewhere, never taken for an ASD
 that is down): the fragments written are purged and manifest copies already stored
-are deleted again (best effort; ovsfs.backend.fencing says why no such put completes).
+are replaced by what the key held before (best effort; ovsfs.backend.fencing says why
+no such put completes).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ class ObjectWriter:
         """Store the manifest on m+1 ASDs (preferring ones holding its fragments).
         Returns True when fewer copies than that could be made (maintenance adds them).
         `guard`: an owner put, Fenced when any ASD refuses its generation (copies already
-        stored are deleted again). `if_newer` (repairs): StaleRecord when an ASD holds a
+        stored are replaced by the version this put replaces, or deleted). `if_newer` (repairs): StaleRecord when an ASD holds a
         record of the object newer than `man` (another proxy replaced or deleted it)."""
         p = self.proxy
         # Numbered here, under the object's lock, so that the manifest a reader sees last
@@ -224,10 +225,21 @@ class ObjectWriter:
                 tried |= set(extra)
                 ok += self._copies(man, key, extra, guard, if_newer, stored)
         except Fenced:
-            for a in stored:   # a stale owner's manifest must not stay readable anywhere
+            # A stale owner's manifest must not stay readable where it landed; put back what
+            # the key held before as this proxy knows it (the version this put replaces,
+            # whose copy ours overwrote there), or nothing. Still guarded: an ASD fenced
+            # meanwhile keeps our copy, which then raced the fence (a put concurrent with a
+            # fence may show, complete, as a crash mid-put may).
+            prev = p.index.get(ns, name)
+            restore = prev.encode() if prev is not None else None
+            for a in stored:
                 c = p.asds.get(a)
                 try:
-                    if c is not None:
+                    if c is None:
+                        continue
+                    if restore is not None:
+                        c.put(key, restore, guard=guard)
+                    else:
                         c.delete(key, guard=guard)
                 except OvsfsError:
                     pass

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def test_local_store_two_nodes_fence(tmp_path: Path) -> None:
 
 _WRITER = """
 import sys
+import threading
 from ovsfs.backend.local import LocalStore
 from ovsfs.backend.asd_client import StaleRecord
 from ovsfs.backend.manifest import Tombstone
@@ -284,5 +286,45 @@ def test_fence_with_an_asd_frozen(cluster: AsdCluster, tmp_path: Path) -> None:
     finally:
         if frozen:
             os.kill(frozen, signal.SIGCONT)
+        a.close()
+        b.close()
+
+
+def test_fence_racing_an_old_owner_that_keeps_writing(cluster: AsdCluster, tmp_path: Path) -> None:
+    """The old owner writes one object over and over while the new owner fences: no put
+    that starts after fence() returned succeeds, and the new owner then reads, whole, the
+    last acknowledged version (or the one that raced the fence and was refused)."""
+    a = _proxy(cluster, tmp_path / "a", maintenance=False)
+    b = _proxy(cluster, tmp_path / "b", maintenance=False)
+    acked: list[tuple[int, float]] = []   # (version, when its put started)
+    refused: list[int] = []
+    data = {i: bytes([i % 251]) * (100 * KiB + i) for i in range(1, 400)}
+
+    def writer() -> None:
+        for i in range(1, 400):
+            t = time.monotonic()
+            try:
+                a.put("vol", "sb", data[i], gen=1)
+            except Fenced:
+                refused.append(i)
+                return
+            acked.append((i, t))
+
+    try:
+        a.create_namespace("vol")
+        th = threading.Thread(target=writer)
+        th.start()
+        while len(acked) < 5:
+            time.sleep(0.01)
+        b.refresh("vol")
+        b.fence("vol", 2)
+        fenced_at = time.monotonic()
+        th.join(60)
+        assert not th.is_alive() and refused, "the old owner was refused"
+        assert all(t < fenced_at for _i, t in acked), "no put started after the fence succeeded"
+        b.refresh("vol")
+        got = b.get("vol", "sb")
+        assert got in (data[acked[-1][0]], data[refused[0]])
+    finally:
         a.close()
         b.close()
