@@ -7,6 +7,17 @@ of a 1 MiB fragment costs one block, not the fragment. Any damage (wiped directo
 flipped bits, truncated file) is answered with an error reply; the daemon keeps
 serving. One thread per connection: the work is disk I/O and CRCs, both of which
 release the GIL.
+
+Fencing (issue 11): the disk keeps a durable owner generation per namespace
+(`fences.json`, replaced atomically and fsynced). An owner write (put or delete with
+`ns` and `gen` in its header) is refused with the error code "fenced" when gen is
+below the namespace's fence; the check and the rename (or unlink) happen under the
+namespace's lock, which the `fence` op takes too, so a write either lands before a
+fence is acknowledged or is refused after it. Writes without `gen` (maintenance,
+repair, GC, namespace records) are not owner writes and are not checked. A put may
+also carry `if_newer` (a record sequence number): it is refused with code "stale"
+when the key already holds a manifest or tombstone with a higher sequence, so
+a repair by one proxy never overwrites a newer record another proxy wrote.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ from ovsfs.backend import wire
 
 log = logging.getLogger("ovsfs.asd")
 
+FENCES = "fences.json"
+_STRIPES = 16
 FILE_MAGIC = b"OVF1"
 FILE_HEAD = struct.Struct(">4sIQII")  # magic, block size, length, whole crc, block count
 BLOCK = 64 << 10
@@ -80,6 +93,82 @@ class Disk:
         except (OSError, ValueError, KeyError):
             self.asd_id = uuid.uuid4().hex
         self._write_meta()
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._fence_file_lock = threading.Lock()
+        self.fences: dict[str, int] = {}
+        try:
+            raw = json.loads((self.root / FENCES).read_text())
+            self.fences = {str(k): int(v) for k, v in raw.items()}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as e:
+            # Refuse to start rather than forget fences: a stale owner would get through.
+            raise SystemExit(f"ASD {self.root}: {FENCES} unreadable: {e}")
+
+    # -- fencing ---------------------------------------------------------------------
+
+    def ns_lock(self, ns: str) -> threading.Lock:
+        return self._stripes[hash(ns) % _STRIPES]
+
+    def check_gen(self, ns: str, gen: int) -> None:
+        """Call with ns_lock(ns) held."""
+        in_force = self.fences.get(ns, 0)
+        if gen < in_force:
+            raise AsdError("fenced", f"namespace {ns} is fenced: generation {gen} refused, "
+                                     f"{in_force} in force")
+
+    def fence(self, ns: str, gen: int) -> int:
+        """Raise ns's fence to gen (never lower), durably; returns the one in force."""
+        with self.ns_lock(ns):
+            cur = self.fences.get(ns, 0)
+            if gen <= cur:
+                return cur
+            with self._fence_file_lock:
+                new = {**self.fences, ns: gen}
+                tmp = self.root / f".{FENCES}.tmp"
+                self.root.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "w") as f:
+                    json.dump(new, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(tmp, self.root / FENCES)
+                dfd = os.open(self.root, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+                self.fences = new
+            return gen
+
+    def _guarded(self, guard: tuple[str, int] | None, if_newer: int | None, path: Path,
+                 key: str, action) -> None:  # type: ignore[no-untyped-def]
+        """Run action (a rename or unlink) after the owner-generation and sequence checks,
+        atomically with respect to a concurrent fence of the same namespace."""
+        if guard is None and if_newer is None:
+            action()
+            return
+        lock = self.ns_lock(guard[0] if guard else key)
+        lock.acquire()
+        try:
+            if guard:
+                self.check_gen(*guard)
+            if if_newer is not None:
+                cur = self._record_seq(key)
+                if cur is not None and cur > if_newer:
+                    raise AsdError("stale", f"{key} holds a record numbered {cur} > {if_newer}")
+            action()
+        finally:
+            lock.release()
+
+    def _record_seq(self, key: str) -> int | None:
+        """Sequence number of the manifest or tombstone stored under key (None: none)."""
+        try:
+            data, _crc = self.read(key, 0, 11)
+        except AsdError:
+            return None   # absent, damaged or too short to be a record: nothing newer there
+        if len(data) < 11 or data[:2] not in (b"OM", b"OT"):
+            return None
+        return int(struct.unpack_from(">Q", data, 3)[0])
 
     def _write_meta(self) -> None:
         # Re-written when missing so that a wiped disk keeps its identity while the
@@ -94,7 +183,8 @@ class Disk:
         kind, fname = _split(key)
         return self.root / kind / fname
 
-    def put(self, key: str, data: bytearray, crc: int) -> None:
+    def put(self, key: str, data: bytearray, crc: int, guard: tuple[str, int] | None = None,
+            if_newer: int | None = None) -> None:
         if crc32c.crc32c(data) != crc:
             raise AsdError("corrupt", f"{key}: payload does not match its CRC32C")
         path = self._path(key)
@@ -118,7 +208,7 @@ class Disk:
                 os.fsync(fd)  # a put is acknowledged durable
             finally:
                 os.close(fd)
-            os.rename(tmp, path)
+            self._guarded(guard, if_newer, path, key, lambda: os.rename(tmp, path))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -177,11 +267,15 @@ class Disk:
         start = offset - first * bs
         return (data if start == 0 and length == len(data) else data[start:start + length]), crc
 
-    def delete(self, key: str) -> None:
-        try:
-            self._path(key).unlink()
-        except FileNotFoundError:
-            pass
+    def delete(self, key: str, guard: tuple[str, int] | None = None) -> None:
+        path = self._path(key)
+
+        def unlink() -> None:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        self._guarded(guard, None, path, key, unlink)
 
     def list(self, prefix: str) -> list[str]:
         kind = prefix[:1]
@@ -269,9 +363,15 @@ class AsdServer(socketserver.ThreadingTCPServer):
         d = self.disk
         try:
             op = h.get("op")
+            guard = (str(h["ns"]), int(h["gen"])) if "gen" in h else None
             if op == "put":
-                d.put(h["key"], payload, int(h["crc"]))
+                newer = h.get("if_newer")
+                d.put(h["key"], payload, int(h["crc"]), guard, None if newer is None else int(newer))
                 return {"ok": True}, b""
+            if op == "fence":
+                return {"ok": True, "gen": d.fence(str(h["ns"]), int(h["gen"]))}, b""
+            if op == "fences":
+                return {"ok": True, "fences": dict(d.fences)}, b""
             if op == "get":
                 data, crc = d.read(h["key"])
                 return {"ok": True, "crc": crc}, data
@@ -282,7 +382,7 @@ class AsdServer(socketserver.ThreadingTCPServer):
                 data, crc = d.read(h["key"])
                 return {"ok": True, "crc": crc, "length": len(data)}, b""
             if op == "delete":
-                d.delete(h["key"])
+                d.delete(h["key"], guard)
                 return {"ok": True}, b""
             if op == "list":
                 return {"ok": True, "keys": d.list(str(h.get("prefix", "")))}, b""

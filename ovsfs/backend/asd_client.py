@@ -17,11 +17,17 @@ from typing import Any
 import crc32c
 
 from ovsfs.backend import wire
-from ovsfs.errors import BackendError, DataError, InvalidArgument, NotFound
+from ovsfs.errors import BackendError, DataError, Fenced, InvalidArgument, NotFound
+
+Guard = tuple[str, int]   # (namespace, owner generation) carried by an owner write
 
 
 class AsdUnavailable(BackendError):
     """The ASD did not answer (refused, reset, timed out)."""
+
+
+class StaleRecord(BackendError):
+    """A conditional put (`if_newer`) found a newer record under the key."""
 
 
 class AsdClient:
@@ -103,6 +109,10 @@ class AsdClient:
                 raise DataError(msg)
             if code == "invalid":
                 raise InvalidArgument(msg)
+            if code == "fenced":
+                raise Fenced(msg)   # the ASD answered: it is up, the writer is stale
+            if code == "stale":
+                raise StaleRecord(msg)
             raise BackendError(msg)
         return reply, data
 
@@ -113,10 +123,19 @@ class AsdClient:
         self.asd_id, self.node = reply["asd_id"], reply["node"]
         return reply
 
-    def put(self, key: str, data: bytes | memoryview, crc: int | None = None) -> None:
+    def put(self, key: str, data: bytes | memoryview, crc: int | None = None,
+            guard: Guard | None = None, if_newer: int | None = None) -> None:
+        """Store a value. `guard` (ns, gen): an owner write, Fenced when gen is below the
+        ASD's fence for ns. `if_newer`: StaleRecord when the key holds a manifest or
+        tombstone numbered above if_newer (repairs never overwrite a newer record)."""
         if crc is None:
             crc = crc32c.crc32c(data)
-        self.call({"op": "put", "key": key, "crc": crc}, data)
+        h: dict[str, Any] = {"op": "put", "key": key, "crc": crc}
+        if guard is not None:
+            h["ns"], h["gen"] = guard
+        if if_newer is not None:
+            h["if_newer"] = if_newer
+        self.call(h, data)
 
     def get(self, key: str, crc: int | None = None) -> bytearray:
         """The whole value, checked end to end against the CRC the caller expects."""
@@ -139,8 +158,21 @@ class AsdClient:
         reply, _ = self.call({"op": "verify", "key": key})
         return int(reply["crc"])
 
-    def delete(self, key: str) -> None:
-        self.call({"op": "delete", "key": key})
+    def delete(self, key: str, guard: Guard | None = None) -> None:
+        h: dict[str, Any] = {"op": "delete", "key": key}
+        if guard is not None:
+            h["ns"], h["gen"] = guard
+        self.call(h)
+
+    def fence(self, ns: str, gen: int) -> int:
+        """Raise the ASD's durable fence of ns to gen; returns the generation in force."""
+        reply, _ = self.call({"op": "fence", "ns": ns, "gen": int(gen)})
+        return int(reply["gen"])
+
+    def fences(self) -> dict[str, int]:
+        """Every namespace fence the ASD holds."""
+        reply, _ = self.call({"op": "fences"})
+        return {str(k): int(v) for k, v in reply["fences"].items()}
 
     def list(self, prefix: str) -> list[str]:
         reply, _ = self.call({"op": "list", "prefix": prefix})

@@ -8,17 +8,21 @@ fragment. The heavy steps are C code that releases the GIL (zstd, lz4, crc32c,
 OpenSSL through `cryptography`); pyeclib holds it, so the proxy keeps encoding on
 one thread and overlaps it with network I/O instead.
 
-Keys live in a key file outside the ASDs (under the node's state directory); a
-manifest names the key id only.
+Keys live in a key file outside the ASDs (under the node's state directory, or one
+file / callback store shared by the nodes of a cluster: KeyRing); a manifest names the
+key id only.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import struct
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import crc32c
 import lz4.frame
@@ -47,41 +51,105 @@ def driver(k: int, m: int) -> ECDriver:
 
 
 class KeyRing:
-    """AES-256 keys by id, in a JSON file readable by root only."""
+    """AES-256 keys by id: in a JSON file readable by root only, or kept elsewhere through
+    `load` / `save` callbacks (e.g. the cluster store, so every node of a cluster reads
+    what any node encrypted).
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    Several nodes may share one key file (or one callback store): creating the first key
+    and rotating hold an exclusive flock on `<path>.lock` and re-read the keys first, so
+    two nodes starting together agree on key 1; a key id this ring does not know (another
+    node rotated) is looked up again before `get` gives up. ConfigError when the stored
+    keys are damaged."""
+
+    def __init__(self, path: Path | None = None, load: Callable[[], str | None] | None = None,
+                 save: Callable[[str], None] | None = None) -> None:
+        if path is None and (load is None or save is None):
+            raise ConfigError("a key ring needs a path or both load and save callbacks")
+        self.path = Path(path) if path is not None else None
+        self._load_cb, self._save_cb = load, save
         self.keys: dict[int, bytes] = {}
         self.current = 0
-        if self.path.exists():
-            try:
-                d = json.loads(self.path.read_text())
-                self.keys = {int(k): bytes.fromhex(v) for k, v in d["keys"].items()}
-                self.current = int(d["current"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ConfigError(f"key file {self.path} is damaged: {e}") from None
-        if not self.keys:
-            self.rotate()
+        self._mutex = threading.Lock()
+        with self._exclusive():
+            self._read()
+            if not self.keys:
+                self._add_key()
 
-    def rotate(self) -> int:
-        """Add a fresh key and make it current; older keys stay to read older objects."""
-        self.current = max(self.keys, default=0) + 1
-        self.keys[self.current] = AESGCM.generate_key(bit_length=256)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+    def _where(self) -> str:
+        return str(self.path) if self.path is not None else "the shared key store"
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        with self._mutex:
+            if self.path is None:
+                yield
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _read(self) -> None:
+        if self.path is not None:
+            try:
+                text: str | None = self.path.read_text()
+            except FileNotFoundError:
+                text = None
+        else:
+            assert self._load_cb is not None
+            text = self._load_cb()
+        if not text:
+            return
+        try:
+            d = json.loads(text)
+            keys = {int(k): bytes.fromhex(v) for k, v in d["keys"].items()}
+            current = int(d["current"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"key file {self._where()} is damaged: {e}") from None
+        self.keys.update(keys)   # keys are never dropped: old objects need them
+        self.current = max(self.current, current)
+
+    def _write(self) -> None:
+        text = json.dumps({"current": self.current, "keys": {str(k): v.hex() for k, v in self.keys.items()}})
+        if self.path is None:
+            assert self._save_cb is not None
+            self._save_cb(text)
+            return
+        tmp = self.path.with_name(f"{self.path.name}.tmp.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"current": self.current, "keys": {str(k): v.hex() for k, v in self.keys.items()}}, f)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+    def _add_key(self) -> int:
+        self.current = max(self.keys, default=0) + 1
+        self.keys[self.current] = AESGCM.generate_key(bit_length=256)
+        self._write()
         return self.current
 
+    def reload(self) -> None:
+        """Read the stored keys again (another node may have added one)."""
+        with self._exclusive():
+            self._read()
+
+    def rotate(self) -> int:
+        """Add a fresh key and make it current; older keys stay to read older objects."""
+        with self._exclusive():
+            self._read()
+            return self._add_key()
+
     def get(self, key_id: int) -> AESGCM:
+        if key_id not in self.keys:
+            self.reload()
         try:
             return AESGCM(self.keys[key_id])
         except KeyError:
-            raise DataError(f"encryption key {key_id} is not in {self.path}") from None
+            raise DataError(f"encryption key {key_id} is not in {self._where()}") from None
 
 
 def _zstd_c() -> zstandard.ZstdCompressor:

@@ -14,6 +14,7 @@ from typing import Iterable, Protocol
 
 from ovsfs.backend import codec
 from ovsfs.backend.cache import FragmentCache
+from ovsfs.backend.fencing import Fences
 from ovsfs.backend.index import Index
 from ovsfs.backend.manifest import Manifest
 from ovsfs.backend.placement import AsdSet
@@ -22,7 +23,8 @@ from ovsfs.backend.seq import SeqClock
 
 
 class ManifestWriter(Protocol):
-    def write_manifest(self, ns: str, name: str, man: Manifest) -> bool:
+    def write_manifest(self, ns: str, name: str, man: Manifest, guard: tuple[str, int] | None = None,
+                       if_newer: bool = False) -> bool:
         """Store `man` on m+1 ASDs; True when fewer copies than wanted were written."""
         ...
 
@@ -39,6 +41,7 @@ class ProxyContext(Protocol):
     dirty: set[tuple[str, str]]           # (ns, name) of objects that need repair
     dirty_lock: threading.Lock
     writer: ManifestWriter
+    fences: Fences                        # owner-generation fences (spread by maintenance)
 
     def obj_lock(self, ns: str, name: str) -> threading.Lock:
         """Serialises manifest replacement of one object (put vs repair)."""

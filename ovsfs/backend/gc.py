@@ -12,8 +12,9 @@ landed leaves fragments nothing points at. One pass over every reachable ASD:
     (never those of a put under way: their version ids are in `proxy.inflight`, and a
     put finishes in far less than the grace period).
 
-Late ASDs are merged into the index first, so nothing that only they know is taken
-for garbage. Tombstones themselves are collected at the end of a pass that reached
+Every reachable ASD's records are merged into the index first (not only late ASDs):
+several proxies (one per node) may share the ASDs, and objects another proxy wrote
+must not be taken for garbage by this one; nothing that only a late ASD knows either. Tombstones themselves are collected at the end of a pass that reached
 every registered ASD and left none of them holding an older record: from then on no
 ASD can bring the deleted object back, so its tombstone has nothing left to beat.
 Deletes of manifest keys happen under the object's lock and after re-checking the
@@ -133,7 +134,9 @@ def collect(p: ProxyContext, grace: float, progress: Progress | None = None) -> 
     """One garbage-collection pass; returns what it removed. `grace`: seconds a fragment
     must have existed before it may be taken for an orphan."""
     p.asds.refresh()
-    p.index.merge_late()
+    for c in p.asds.all():
+        if c.up:
+            p.index.merge_from(c)   # also what other proxies sharing the ASDs wrote
     tombs, ns_tombs = p.index.tombstones(), p.index.ns_tombstones()
     clients = p.asds.all()
     everywhere = p.index.complete() and all(c.up for c in clients)

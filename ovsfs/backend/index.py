@@ -23,7 +23,7 @@ import os
 import struct
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,75 @@ class Index:
         tombs = self.tombs.get(ns)
         if tombs and tombs.pop(name, None) is not None and not tombs:
             del self.tombs[ns]
+
+    # -- a backend shared by several proxies ---------------------------------------
+
+    def merge_ns_records(self, nss: dict[str, bytes]) -> int:
+        """Merge namespace records (`n/...` keys) read from an ASD: namespaces another
+        proxy created or deleted. Returns records taken."""
+        n = 0
+        with self.lock:
+            for key, value in nss.items():
+                try:
+                    n += self._merge_ns(unquote_ns(key[2:]), NsRecord.decode(value))
+                except DataError:
+                    continue
+        return n
+
+    def merge_ns_from(self, clients: list[Any], pool: ThreadPoolExecutor, timeout: float = 1.0) -> int:
+        """Merge the namespace records of the given ASDs (read in parallel; those that do
+        not answer within `timeout` seconds are skipped: every live ASD holds every
+        namespace record, so any answer is enough to learn a namespace)."""
+        def scan(c: Any) -> dict[str, bytes]:
+            try:
+                return c.scan("n/")
+            except OvsfsError:
+                return {}
+        done, _late = wait([pool.submit(scan, c) for c in clients], timeout=timeout)
+        return sum(self.merge_ns_records(f.result()) for f in done)
+
+    def reload_ns_from(self, ns: str, clients: list[Any], pool: ThreadPoolExecutor,
+                       complete: bool) -> int:
+        """reload_ns with ns's records read from the given ASDs in parallel; replaces what
+        the index knew when `complete` (they are the whole set) and every one answered."""
+        q = quote_ns(ns)
+
+        def scan(c: Any) -> tuple[dict[str, bytes], dict[str, bytes]] | None:
+            try:
+                nss = {k: v for k, v in c.scan(f"n/{q}").items() if k == ns_key(ns)}
+                return nss, c.scan(f"m/{q}/")
+            except OvsfsError as e:
+                log.info("refresh of %s: %s does not answer: %s", ns, c.addr, e)
+                return None
+        scans = list(pool.map(scan, clients))
+        got = [r for r in scans if r is not None]
+        return self.reload_ns(ns, got, complete and len(got) == len(clients))
+
+    def reload_ns(self, ns: str, scans: list[tuple[dict[str, bytes], dict[str, bytes]]],
+                  replace: bool) -> int:
+        """Take namespace ns as the ASDs hold it now (another proxy wrote it): `scans` are
+        (namespace records, manifest records) of ns read from each ASD that answered. With
+        `replace` (every ASD of the set answered) what the index knew of ns is dropped
+        first, so objects deleted and collected elsewhere go too; otherwise the records
+        are merged (the newest record of each object wins). Returns records taken."""
+        n = 0
+        with self.lock:
+            if replace:
+                for man in self.objects.pop(ns, {}).values():
+                    self._count(man, -1)
+                self.ns_presets.pop(ns, None)
+                self.ns_seq.pop(ns, None)
+                self.ns_tombs.pop(ns, None)
+                self.tombs.pop(ns, None)
+            for nss, mans in scans:
+                n += self.merge_ns_records(nss)
+                for key, blob in mans.items():
+                    try:
+                        rec = decode_record(blob)
+                    except DataError:
+                        continue
+                    n += self._merge_obj(*split_manifest_key(key), rec)
+        return n
 
     # -- access ----------------------------------------------------------------
 

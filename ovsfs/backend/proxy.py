@@ -16,6 +16,12 @@ only the byte ranges of the data fragments it covers, and the ASD verifies only 
 64 KiB blocks it touches. With compression or encryption on, the whole chunk is
 fetched (any k fragments), decoded and kept in a small RAM cache. A fragment that
 is missing, unreachable or fails its CRC is replaced by decoding from the others.
+
+Shared by several nodes: each node runs its own proxy (own state_dir) over the same
+ASDs. Namespace records (with their preset) and manifests live on the ASDs, so
+`refresh(ns)` re-reads a namespace another node wrote, and `namespaces()` merges the
+namespace records of every live ASD. Owner writes carry the volume's owner generation
+and `fence` raises it on the ASDs (ovsfs.backend.fencing: the quorum argument).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Callable, Iterable
 
 from ovsfs.backend import codec
 from ovsfs.backend.cache import ChunkCache, FragmentCache
+from ovsfs.backend.fencing import Fences
 from ovsfs.backend.index import Index, manifest_key, ns_key
 from ovsfs.backend.maintenance import Maintenance
 from ovsfs.backend.manifest import Manifest, NsRecord, Tombstone
@@ -38,7 +45,7 @@ from ovsfs.backend.policy import EC_HEADER, Preset, PresetStore
 from ovsfs.backend.seq import SeqClock
 from ovsfs.backend.store import check_name
 from ovsfs.backend.writer import ObjectWriter
-from ovsfs.errors import BackendError, DataError, NotFound, OvsfsError
+from ovsfs.errors import BackendError, DataError, Fenced, NotFound, OvsfsError
 
 log = logging.getLogger("ovsfs.backend.proxy")
 
@@ -49,9 +56,13 @@ class ProxyStore:
                  cache_bytes: int = 256 << 20, io_threads: int = 32,
                  maintenance: bool = True, down_timeout: float = 900.0,
                  presets: PresetStore | None = None, clock: Callable[[], int] = time.time_ns,
-                 gc_interval: float = 600.0, gc_grace: float = 3600.0) -> None:
+                 gc_interval: float = 600.0, gc_grace: float = 3600.0, fence_wait: float = 3.0) -> None:
         """`clock`: the wall clock in ns that manifest sequence numbers start from (tests
-        fake it; numbers stay monotonic when it steps back, see ovsfs.backend.seq)."""
+        fake it; numbers stay monotonic when it steps back, see ovsfs.backend.seq).
+        `keyring`: encryption keys; pass one KeyRing on a shared file (or with load/save
+        callbacks) to every node's proxy so all read what any encrypted. Default: the
+        node's own `state_dir/keys.json`. `fence_wait`: seconds a fence waits for ASDs
+        beyond its quorum (frozen ones get it later from maintenance)."""
         self.state_dir = Path(state_dir) if state_dir else None
         if self.state_dir:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +92,7 @@ class ProxyStore:
         self._locks = [threading.Lock() for _ in range(64)]
         # The parts get the proxy as their context (backend/context.py), never import it.
         self.writer = ObjectWriter(self)
+        self.fences = Fences(self.asds, self.pool, fence_wait)
         self.maintenance = Maintenance(self, down_timeout=down_timeout)
         self.maintenance.gc_interval, self.maintenance.gc_grace = gc_interval, gc_grace
         self.maintenance._last_gc = time.monotonic()  # not at once: a start has enough to do
@@ -139,6 +151,9 @@ class ProxyStore:
         if preset is not None:
             p = self._resolve_preset(preset)
             blob = json.dumps(p.to_dict(), sort_keys=True).encode()
+        if not self.index.has_ns(ns):
+            # Another node may have created it: never replace its record (and preset) blindly.
+            self.refresh(ns)
         if self.index.has_ns(ns) and (not blob or self.index.ns_preset(ns) == blob):
             return
         with self.obj_lock(ns, ""):
@@ -199,7 +214,43 @@ class ProxyStore:
             raise BackendError(f"delete of {what}: tombstone stored on {ok} ASD(s), {need} needed")
 
     def namespaces(self) -> list[str]:
+        """Every namespace, including ones other proxies sharing the ASDs created since
+        (their records are read from every live ASD in parallel, one small round trip
+        each; an ASD that does not answer within a second is left out this time)."""
+        self.index.merge_ns_from(self.asds.live(writable=False), self.pool)
         return self.index.namespaces()
+
+    # -- several nodes: fencing and refresh -----------------------------------------
+
+    def fence(self, ns: str, gen: int) -> int:
+        """Raise ns's owner generation to `gen` on the ASDs (never lower); returns the
+        generation in force. Once it returns no put / put_file / delete of ns with a lower
+        gen can complete, from any proxy sharing these ASDs (quorum argument in
+        ovsfs.backend.fencing). NotFound when ns does not exist; BackendError when too few
+        ASDs acknowledged (retry)."""
+        check_name("namespace", ns)
+        if not self.index.has_ns(ns):
+            self.refresh(ns)
+            if not self.index.has_ns(ns):
+                raise NotFound(f"backend namespace {ns} does not exist")
+        return self.fences.fence(ns, gen, self.namespace_preset(ns))
+
+    def refresh(self, ns: str | None = None) -> None:
+        """With ns: forget what this proxy knew of namespace ns and read its records and
+        manifests again from the ASDs (another node wrote it; call before opening a volume
+        here, while this proxy is not writing ns). Without: ping every ASD now (marks
+        them up/down); a stacked member calls this as its health probe."""
+        if ns is None:
+            self.asds.refresh()
+            return
+        check_name("namespace", ns)
+        self.index.reload_ns_from(ns, self.asds.all(), self.pool, complete=not self.asds.pending)
+        for c in self.asds.live(writable=False):
+            try:
+                self.fences.learn(ns, c.fences().get(ns, 0))
+                break
+            except OvsfsError:
+                continue
 
     def _everywhere(self, fn) -> int:  # type: ignore[no-untyped-def]
         """Run fn on every live ASD in parallel; number of successes."""
@@ -213,19 +264,34 @@ class ProxyStore:
 
     # -- objects -----------------------------------------------------------------
 
-    def put(self, ns: str, name: str, data: bytes | memoryview) -> None:
-        check_name("object", name)
+    def _known_ns(self, ns: str) -> None:
+        """NotFound unless ns exists; a namespace another node created is looked up once."""
         if not self.index.has_ns(ns):
-            raise NotFound(f"backend namespace {ns} does not exist")
-        self.writer.put(ns, name, data, self.namespace_preset(ns))
+            check_name("namespace", ns)
+            self.refresh(ns)
+            if not self.index.has_ns(ns):
+                raise NotFound(f"backend namespace {ns} does not exist")
 
-    def put_file(self, ns: str, name: str, path: Path) -> None:
+    def put(self, ns: str, name: str, data: bytes | memoryview, gen: int = 0) -> None:
+        """Fenced when gen is below ns's fence on any ASD it writes to: never retried, and
+        nothing of the put becomes current."""
+        check_name("object", name)
+        self._known_ns(ns)
+        self.fences.check(ns, gen)
+        try:
+            self.writer.put(ns, name, data, self.namespace_preset(ns), gen)
+        except Fenced as e:
+            self.fences.learn(ns, gen + 1)   # at least: later writes of gen fail fast
+            log.warning("put of %s/%s refused: %s", ns, name, e)
+            raise
+
+    def put_file(self, ns: str, name: str, path: Path, gen: int = 0) -> None:
         """A sealed local file (SCO, TLog): read once, then the same path as put."""
         try:
             data = Path(path).read_bytes()
         except OSError as e:
             raise BackendError(f"backend put {ns}/{name}: cannot read {path}: {e.strerror}") from e
-        self.put(ns, name, data)
+        self.put(ns, name, data, gen)
 
     def install(self, ns: str, name: str, man: Manifest) -> None:
         """Make a freshly written manifest current and retire the version it replaces."""
@@ -254,17 +320,24 @@ class ProxyStore:
                 except OvsfsError:
                     pass
 
-    def delete(self, ns: str, name: str) -> None:
+    def delete(self, ns: str, name: str, gen: int = 0) -> None:
         """A tombstone replaces the manifest on every live ASD (its sequence number is
         above the manifest's, so a copy on an ASD that is away loses to it later), then
-        the fragments go. Raises BackendError when too few ASDs took the tombstone."""
+        the fragments go. Raises BackendError when too few ASDs took the tombstone, Fenced
+        when an ASD refused gen (the object is then left as it is in this proxy)."""
         check_name("object", name)
+        self.fences.check(ns, gen)
+        if not self.index.has_ns(ns):
+            self.refresh(ns)   # a namespace another node wrote: learn its objects first
         with self.obj_lock(ns, name):
             if self.index.get(ns, name) is None and self.index.complete():
                 return  # (an incomplete index may lack a copy a late ASD holds: tombstone it anyway)
             seq = self.clock.next()
             blob, key = Tombstone(seq).encode(), manifest_key(ns, name)
-            self._need_quorum(self._everywhere(lambda c: c.put(key, blob)), f"{ns}/{name}")
+            cur = self.index.get(ns, name)
+            ok = self.fences.put_everywhere(self.asds.live(writable=False), key, blob, (ns, gen),
+                                            restore=cur.encode() if cur is not None else None)
+            self._need_quorum(ok, f"{ns}/{name}")
             man = self.index.tombstone(ns, name, seq)
         if man is not None:
             # Manifest keys now hold the tombstone: only fragments are deleted here.
@@ -437,10 +510,6 @@ class ProxyStore:
         st["tombstones"] = len(self.index.tombstones()) + len(self.index.ns_tombstones())
         st["index_complete"] = self.index.complete()
         return st
-
-    def refresh(self) -> None:
-        """Ping every ASD now (marks them up/down); a stacked member calls this as its health probe."""
-        self.asds.refresh()
 
     def now(self) -> float:
         return time.time()

@@ -115,7 +115,10 @@ class StoreMember:
             self._mark_down()
         return ok
 
-    def put(self, key: str, data: bytes | memoryview, crc: int | None = None) -> None:
+    def put(self, key: str, data: bytes | memoryview, crc: int | None = None,
+            guard: tuple[str, int] | None = None, if_newer: int | None = None) -> None:
+        # A member keeps every global namespace in one of its own: owner generations of
+        # global namespaces cannot be checked here (fence() refuses, see below).
         if crc is not None and crc32c.crc32c(data) != crc:
             raise DataError(f"member {self.name}: {key} does not match its CRC32C")
         try:
@@ -144,8 +147,14 @@ class StoreMember:
     def verify(self, key: str) -> int:
         return crc32c.crc32c(self.store.get(self.ns, encode_key(key)))
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, guard: tuple[str, int] | None = None) -> None:
         self.store.delete(self.ns, encode_key(key))
+
+    def fence(self, ns: str, gen: int) -> int:
+        raise BackendError(f"member {self.name}: a stacked backend does not support fencing")
+
+    def fences(self) -> dict[str, int]:
+        return {}
 
     def list(self, prefix: str) -> list[str]:
         self._ensure_ns()

@@ -3,6 +3,13 @@
 Kept apart from proxy.py because it is the one place with background work that
 outlives the call: fragments beyond the c-th keep being written after the put
 returned, and report failures to maintenance through `mark_dirty`.
+
+Owner writes carry a guard (namespace, owner generation): every fragment put and every
+manifest copy of a put is checked by its ASD against that namespace's fence. One
+refusal ends the put with Fenced (never retried elsewhere, never taken for an ASD
+that is down): the fragments written are purged and manifest copies already stored
+are replaced by what the key held before (best effort; ovsfs.backend.fencing says why
+no such put completes).
 """
 
 from __future__ import annotations
@@ -12,11 +19,12 @@ import threading
 from collections import Counter
 
 from ovsfs.backend import codec
+from ovsfs.backend.asd_client import Guard, StaleRecord
 from ovsfs.backend.context import ProxyContext
 from ovsfs.backend.index import manifest_key
 from ovsfs.backend.manifest import NONE, Chunk, Manifest
 from ovsfs.backend.policy import Preset, chunk_layout
-from ovsfs.errors import BackendError, NoSpace, OvsfsError
+from ovsfs.errors import BackendError, Fenced, NoSpace, OvsfsError
 
 
 IN_FLIGHT_CHUNKS = 2  # chunks encoded ahead of the acknowledged ones: bounds memory
@@ -26,8 +34,10 @@ class ChunkWrite:
     """The k+m fragment puts of one chunk, acknowledged once c succeed."""
 
     def __init__(self, proxy: ProxyContext, man: Manifest, i: int, frags: list[bytes],
-                 targets: list[str | None], c: int) -> None:
+                 targets: list[str | None], c: int, guard: Guard | None = None) -> None:
         self.proxy, self.man, self.i = proxy, man, i
+        self.guard = guard
+        self.fenced: Fenced | None = None   # an ASD refused the owner generation
         self.frags, self.targets, self.c = frags, targets, c
         self.cv = threading.Condition()
         self.ok: set[int] = set()
@@ -55,14 +65,21 @@ class ChunkWrite:
         if c is None:
             return False
         try:
-            c.put(self.man.fragment_key(self.i, j), self.frags[j], self.man.chunks[self.i].crcs[j])
+            c.put(self.man.fragment_key(self.i, j), self.frags[j], self.man.chunks[self.i].crcs[j],
+                  guard=self.guard)
             return True
+        except Fenced as e:
+            with self.cv:
+                self.fenced = e
+                self.cv.notify_all()
+            return False
         except OvsfsError:
             return False
 
     def wait_ack(self) -> None:
         with self.cv:
-            self.cv.wait_for(lambda: len(self.ok) >= self.c or self.done == len(self.targets))
+            self.cv.wait_for(lambda: len(self.ok) >= self.c or self.done == len(self.targets)
+                             or self.fenced is not None)
 
     def wait_all(self) -> None:
         with self.cv:
@@ -72,6 +89,8 @@ class ChunkWrite:
         """Return once c fragments are stored, placing failed ones on other ASDs if needed."""
         self.wait_ack()
         with self.cv:
+            if self.fenced is not None:
+                raise self.fenced
             if len(self.ok) >= self.c:
                 return
             failed = [j for j in range(len(self.targets)) if j not in self.ok]
@@ -85,7 +104,10 @@ class ChunkWrite:
                 (alt,) = asds.choose(1, self.man.policy.x, exclude=self.man.used_asds() | tried, node_use=used)
             except NoSpace:
                 break
-            if self.put_fragment(j, alt):
+            ok = self.put_fragment(j, alt)
+            if self.fenced is not None:
+                raise self.fenced
+            if ok:
                 self.man.set_fragment(self.i, j, alt)
                 self.ok.add(j)
                 used[asds.node_of(alt)] += 1
@@ -104,11 +126,20 @@ class ObjectWriter:
     def __init__(self, proxy: ProxyContext) -> None:
         self.proxy = proxy
 
-    def put(self, ns: str, name: str, data: bytes | memoryview, preset: Preset) -> Manifest:
-        man, writes = self.write_object(data, preset)
+    def put(self, ns: str, name: str, data: bytes | memoryview, preset: Preset,
+            gen: int = 0) -> Manifest:
+        """Fenced when an ASD refused `gen` for ns (nothing of this put becomes current)."""
+        guard = (ns, gen)
+        man, writes = self.write_object(data, preset, guard)
         try:
             with self.proxy.obj_lock(ns, name):
-                degraded = self.write_manifest(ns, name, man)
+                try:
+                    degraded = self.write_manifest(ns, name, man, guard=guard)
+                except Fenced:
+                    for w in writes:
+                        w.wait_all()
+                    self.proxy.purge(man, set(man.replica_ids()), "", "")
+                    raise
                 for w in writes:
                     degraded |= w.acknowledge((ns, name))
                 self.proxy.install(ns, name, man)
@@ -118,7 +149,8 @@ class ObjectWriter:
             self.proxy.mark_dirty(ns, name)
         return man
 
-    def write_object(self, data: bytes | memoryview, preset: Preset) -> tuple[Manifest, list[ChunkWrite]]:
+    def write_object(self, data: bytes | memoryview, preset: Preset,
+                     guard: Guard | None = None) -> tuple[Manifest, list[ChunkWrite]]:
         p = self.proxy
         view = memoryview(data).cast("B")
         counts = p.asds.node_counts()
@@ -148,7 +180,7 @@ class ObjectWriter:
                 targets: list[str | None] = [*placed, *[None] * (k + m - len(placed))]
                 man.chunks.append(Chunk(len(stored), fsize, flags,
                                         [NONE if t is None else man.asd_index(t) for t in targets], crcs))
-                w = ChunkWrite(p, man, i, frags, targets, policy.c)
+                w = ChunkWrite(p, man, i, frags, targets, policy.c, guard)
                 w.start()
                 writes.append(w)
             for w in writes:
@@ -161,9 +193,13 @@ class ObjectWriter:
             raise
         return man, writes
 
-    def write_manifest(self, ns: str, name: str, man: Manifest) -> bool:
+    def write_manifest(self, ns: str, name: str, man: Manifest, guard: Guard | None = None,
+                       if_newer: bool = False) -> bool:
         """Store the manifest on m+1 ASDs (preferring ones holding its fragments).
-        Returns True when fewer copies than that could be made (maintenance adds them)."""
+        Returns True when fewer copies than that could be made (maintenance adds them).
+        `guard`: an owner put, Fenced when any ASD refuses its generation (copies already
+        stored are replaced by the version this put replaces, or deleted). `if_newer` (repairs): StaleRecord when an ASD holds a
+        record of the object newer than `man` (another proxy replaced or deleted it)."""
         p = self.proxy
         # Numbered here, under the object's lock, so that the manifest a reader sees last
         # is always the one with the highest number (a delete or repair in between included).
@@ -176,41 +212,77 @@ class ObjectWriter:
         except NoSpace:
             targets = []
         key = manifest_key(ns, name)
-        ok = self._copies(man, key, targets)
-        tried = set(targets)
-        while len(ok) < want:
-            # Not on a draining ASD: a drain that already passed this object would miss it.
-            spare = [c.asd_id for c in p.asds.live() if c.asd_id not in tried]
-            if not spare:
-                break
-            extra = spare[:want - len(ok)]
-            tried |= set(extra)
-            ok += self._copies(man, key, extra)
+        stored: list[str] = []
+        try:
+            ok = self._copies(man, key, targets, guard, if_newer, stored)
+            tried = set(targets)
+            while len(ok) < want:
+                # Not on a draining ASD: a drain that already passed this object would miss it.
+                spare = [c.asd_id for c in p.asds.live() if c.asd_id not in tried]
+                if not spare:
+                    break
+                extra = spare[:want - len(ok)]
+                tried |= set(extra)
+                ok += self._copies(man, key, extra, guard, if_newer, stored)
+        except Fenced:
+            # A stale owner's manifest must not stay readable where it landed; put back what
+            # the key held before as this proxy knows it (the version this put replaces,
+            # whose copy ours overwrote there), or nothing. Still guarded: an ASD fenced
+            # meanwhile keeps our copy, which then raced the fence (a put concurrent with a
+            # fence may show, complete, as a crash mid-put may).
+            prev = p.index.get(ns, name)
+            restore = prev.encode() if prev is not None else None
+            for a in stored:
+                c = p.asds.get(a)
+                try:
+                    if c is None:
+                        continue
+                    if restore is not None:
+                        c.put(key, restore, guard=guard)
+                    else:
+                        c.delete(key, guard=guard)
+                except OvsfsError:
+                    pass
+            raise
         # One copy is one ASD loss from losing the object: acknowledge only with two
         # (or every live ASD, on a backend that has fewer).
         need = min(2, want, len(p.asds.live()))
         if len(ok) < max(need, 1):
             raise BackendError(f"manifest of {ns}/{name} stored on {len(ok)} ASD(s); {max(need, 1)} needed")
         if set(ok) != set(targets):
-            self._copies(man, key, ok)  # copies name each other: rewrite them with the final list
+            # copies name each other: rewrite them with the final list
+            self._copies(man, key, ok, guard, if_newer, stored)
         return len(ok) < want
 
-    def _copies(self, man: Manifest, key: str, targets: list[str]) -> list[str]:
+    def _copies(self, man: Manifest, key: str, targets: list[str], guard: Guard | None = None,
+                if_newer: bool = False, stored: list[str] | None = None) -> list[str]:
+        """Write the manifest to `targets`; returns those that took it. Raises Fenced (guard
+        refused) or StaleRecord (if_newer refused) once every write has finished."""
         p = self.proxy
         man.replicas = [man.asd_index(t) for t in targets]
         blob = man.encode()
 
-        def one(asd_id: str) -> bool:
+        def one(asd_id: str) -> bool | OvsfsError:
             c = p.asds.get(asd_id)
             try:
                 if c is None:
                     return False
-                c.put(key, blob)
+                c.put(key, blob, guard=guard, if_newer=man.seq if if_newer else None)
                 return True
+            except (Fenced, StaleRecord) as e:
+                return e
             except OvsfsError:
                 return False
 
         results = list(p.pool.map(one, targets))
-        ok = [t for t, r in zip(targets, results) if r]
+        ok = [t for t, r in zip(targets, results) if r is True]
+        if stored is not None:
+            stored.extend(a for a in ok if a not in stored)
+        for r in results:
+            if isinstance(r, Fenced):
+                raise r
+        for r in results:
+            if isinstance(r, StaleRecord):
+                raise r
         man.replicas = [man.asd_index(t) for t in ok]
         return ok

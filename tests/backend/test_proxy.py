@@ -298,8 +298,8 @@ def test_drain_moves_a_put_that_placed_on_the_asd_before_it_began(
         held: list = []
         write_object = ObjectWriter.write_object
 
-        def slow_write_object(self, data, preset):  # type: ignore[no-untyped-def]
-            man, writes = write_object(self, data, preset)
+        def slow_write_object(self, data, preset, guard=None):  # type: ignore[no-untyped-def]
+            man, writes = write_object(self, data, preset, guard)
             if not held:  # every fragment is stored; the manifest is not installed yet
                 held.append(man)
                 placed.set()
