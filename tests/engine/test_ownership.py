@@ -186,7 +186,8 @@ def test_a_moved_volume_refuses_writes_during_the_handover(tmp_path: Path) -> No
     with pytest.raises(Busy):
         vol.write(0, b"late")
     a.role.gens.pop(ns)  # type: ignore[attr-defined]
-    b = node(tmp_path, "b", peer, {ns: 2})
+    b = node(tmp_path, "b", peer, {})
+    b.role.gens[ns] = 2  # type: ignore[attr-defined]
     got = b.take_volume("v", 2)
     assert got.read(0, 3 * CS) == b"m" * 3 * CS
     b.close()
@@ -202,7 +203,8 @@ def test_local_state_of_another_generation_is_set_aside(tmp_path: Path) -> None:
     vol.write(0, b"1" * CS)
     ns = vol.ns
     crash(a)                      # A dies with local state ...
-    b = node(tmp_path, "b", peer, {ns: 2})
+    b = node(tmp_path, "b", peer, {})
+    b.role.gens[ns] = 2  # type: ignore[attr-defined]
     b.take_volume("v", 2, peer.tail(ns, 2)).write(CS, b"2" * CS)
     b.close()
     # ... and comes back, no longer the owner: the volume is not opened, its state set aside.
@@ -243,12 +245,20 @@ def test_two_failures_in_a_row_lose_nothing(tmp_path_factory: pytest.TempPathFac
         else:
             vol.seal()
     lose(a)
-    b = node(tmp, "b", peer, {ns: 2})
-    # B dies right after taking the volume: its replayed tail was uploaded by take_volume,
-    # and A's tail is still at the peer until then.
-    b.take_volume("v", 2, peer.tail(ns, 2))
+    b = node(tmp, "b", peer, {})
+    b.role.gens[ns] = 2  # type: ignore[attr-defined]
+    # B replays A's tail, uploads it, and only then drops it at the peer (as a restart
+    # does); B's own writes go to the peer after that, and B dies before uploading them.
+    got = b.take_volume("v", 2, peer.tail(ns, 2), drop_old=lambda: peer.entries.pop(ns, None))
+    for i, (op, sector, n) in enumerate(ops[:10]):
+        off = sector * 512
+        n = min(n * 512, SIZE - off)
+        data = bytes([(i + 100) % 250 + 1]) * n
+        got.write(off, data)
+        model[off:off + n] = data
     lose(b)
-    c = node(tmp, "c", peer, {ns: 3})
+    c = node(tmp, "c", peer, {})
+    c.role.gens[ns] = 3  # type: ignore[attr-defined]
     got = c.take_volume("v", 3, peer.tail(ns, 3))
     assert got.read(0, SIZE) == bytes(model)
     c.close()

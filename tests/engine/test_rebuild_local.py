@@ -57,13 +57,13 @@ class StallingStore(LocalStore):
             if self.left is not None:
                 self.left -= 1
 
-    def put(self, ns: str, name: str, data: bytes | memoryview) -> None:
+    def put(self, ns: str, name: str, data: bytes | memoryview, gen: int = 0) -> None:
         self._gate(ns, name)
-        super().put(ns, name, data)
+        super().put(ns, name, data, gen=gen)
 
-    def put_file(self, ns: str, name: str, path: Path) -> None:
+    def put_file(self, ns: str, name: str, path: Path, gen: int = 0) -> None:
         self._gate(ns, name)
-        super().put_file(ns, name, path)
+        super().put_file(ns, name, path, gen=gen)
 
 
 def pattern(tag: int, cluster: int) -> bytes:

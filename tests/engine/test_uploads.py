@@ -50,13 +50,13 @@ class FaultyStore(LocalStore):
             self.released.wait()
         raise BackendError(f"injected: backend refuses {ns}/{name}")
 
-    def put(self, ns: str, name: str, data: bytes | memoryview) -> None:
+    def put(self, ns: str, name: str, data: bytes | memoryview, gen: int = 0) -> None:
         self._fault(ns, name)
-        super().put(ns, name, data)
+        super().put(ns, name, data, gen=gen)
 
-    def put_file(self, ns: str, name: str, path: Path) -> None:
+    def put_file(self, ns: str, name: str, path: Path, gen: int = 0) -> None:
         self._fault(ns, name)
-        super().put_file(ns, name, path)
+        super().put_file(ns, name, path, gen=gen)
 
     def lift(self) -> None:
         self.namespaces_.clear()

@@ -156,15 +156,15 @@ class GatedStore(LocalStore):
         self.gate = threading.Event()
         self.gate.set()
 
-    def put(self, ns: str, name: str, data: bytes | memoryview) -> None:
+    def put(self, ns: str, name: str, data: bytes | memoryview, gen: int = 0) -> None:
         if name.startswith("sco/"):
             self.gate.wait()
-        super().put(ns, name, data)
+        super().put(ns, name, data, gen=gen)
 
-    def put_file(self, ns: str, name: str, path: Path) -> None:
+    def put_file(self, ns: str, name: str, path: Path, gen: int = 0) -> None:
         if name.startswith("sco/"):
             self.gate.wait()
-        super().put_file(ns, name, path)
+        super().put_file(ns, name, path, gen=gen)
 
 
 def test_full_write_buffer_makes_writes_wait_not_fail(tmp_path: Path) -> None:
