@@ -31,7 +31,7 @@ import time
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
-from ovsfs.config import DtlSection
+from ovsfs.config import Config, DtlSection
 from ovsfs.dtl import Peer, Pos
 from ovsfs.dtl import wire
 from ovsfs.errors import DtlError, Fenced, InvalidArgument
@@ -93,6 +93,14 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+def tls_from_config(cfg: Config) -> ssl.SSLContext | None:
+    """The client TLS context for dtl.tls = required (None when off). ConfigError."""
+    d = cfg.dtl
+    if d.tls != "required":
+        return None
+    return wire.client_ssl_context(cfg.path(d.tls_cert), cfg.path(d.tls_key), cfg.path(d.tls_ca))
 
 
 def _next(pos: Pos) -> Pos:

@@ -118,6 +118,8 @@ class DtlServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
                 ssl.SSLError, OSError) as e:
             log.info("dtl: connection from %s ended: %s", peer, e or type(e).__name__)
+        except Exception:   # a bug must cost this connection, never the server
+            log.exception("dtl: connection from %s failed", peer)
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()

@@ -171,3 +171,26 @@ def test_malformed_frames_and_a_client_that_never_reads_do_not_stop_the_server(
     assert time.monotonic() - t0 < 5      # generous: normally milliseconds
     hog.close()
     good.close()
+
+
+def test_pipelined_requests_are_answered_in_order_with_their_ids(srv: ThreadServer) -> None:
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    reqs = [(wire.HELLO, 7, b""),
+            (wire.APPEND, 8, wire.encode_entries([(pos(i), blob(i)) for i in range(3)])),
+            (wire.SYNC, 9, b""),
+            (wire.FETCH, 10, b""),
+            (wire.APPEND, 11, wire.encode_entries([(pos(0), blob(0))]))]   # a dupe: no-op
+    s.sendall(b"".join(wire.encode_frame(op, rid, "vol", 1, p) for op, rid, p in reqs))
+    buf = b""
+    for op, rid, _p in reqs:
+        while len(buf) < wire.HEADER_SIZE:
+            buf += s.recv(65536)
+        rop, status, vlen, rrid, gen, plen = wire.decode_header(buf[:wire.HEADER_SIZE])
+        while len(buf) < wire.HEADER_SIZE + vlen + plen:
+            buf += s.recv(65536)
+        body = buf[wire.HEADER_SIZE + vlen:wire.HEADER_SIZE + vlen + plen]
+        buf = buf[wire.HEADER_SIZE + vlen + plen:]
+        assert (rop, rrid, status, gen) == (op | wire.REPLY, rid, wire.OK, 1)
+        if op == wire.FETCH:
+            assert wire.decode_entries(body) == [(pos(i), blob(i)) for i in range(3)]
+    s.close()
