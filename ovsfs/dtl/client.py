@@ -212,7 +212,9 @@ class DtlClient:
         with self._cv:
             while True:
                 self._check_fenced()
-                if t <= self._acked or self._state != "ok" or self._closed:
+                # async: acknowledged with the local copy (shipped later, flush waits for it).
+                if (self.mode == "async" or t <= self._acked or self._state != "ok"
+                        or self._closed):
                     return
                 self._cv.wait()
 
