@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from ovsfs.dtl.wire import RECORD_SIZE, Entry, Pos, encode_record, parse_record
+from ovsfs.dtl.wire import Entry, Pos, encode_record, parse_record
 from ovsfs.errors import DtlError, Fenced
 from ovsfs.fsutil import fsync_path, mkdir_durable
 
@@ -48,6 +48,7 @@ class VolumeLog:
         self.index: list[Pos] = []           # positions of live records, ascending
         self.offsets: list[tuple[int, int]] = []   # (file offset, record size) per live record
         self.dead = 0                        # bytes of trimmed records still in the file
+        self.held_bytes = 0                  # bytes of live records
         self.fd: int | None = None
 
     # ---- reload ----------------------------------------------------------------------------
@@ -74,6 +75,7 @@ class VolumeLog:
             else:
                 self.index.append(pos)
                 self.offsets.append((at, size))
+                self.held_bytes += size
             at += size
         if at < len(data):
             log.warning("dtl: %s: cut %d bytes of torn or damaged tail at offset %d",
@@ -83,10 +85,6 @@ class VolumeLog:
                 os.fsync(f.fileno())
 
     # ---- helpers ---------------------------------------------------------------------------
-
-    @property
-    def held_bytes(self) -> int:
-        return sum(size for _at, size in self.offsets)
 
     def _open(self) -> int:
         if self.fd is None:
@@ -154,6 +152,7 @@ class VolumeLog:
             self.offsets.append((at, len(r)))
             at += len(r)
         self.last_pos = fresh[-1][0]
+        self.held_bytes += total
         return total
 
     def sync(self) -> None:
@@ -170,6 +169,7 @@ class VolumeLog:
         del self.index[:k]
         del self.offsets[:k]
         self.dead += freed
+        self.held_bytes -= freed
         self._write_meta()
         if self.dead >= COMPACT_MIN and self.dead > self.held_bytes:
             self._compact()
@@ -224,7 +224,7 @@ class VolumeLog:
             self.fd = None
         self.path.unlink(missing_ok=True)
         fsync_path(self.path.parent)
-        self.index, self.offsets, self.dead = [], [], 0
+        self.index, self.offsets, self.dead, self.held_bytes = [], [], 0, 0
         # Forget positions too: an owner that comes back to this peer later catches it up
         # from its own trim point, which may be below what was held here.
         self.last_pos, self.trim_pos = None, (0, 0)

@@ -194,3 +194,25 @@ def test_pipelined_requests_are_answered_in_order_with_their_ids(srv: ThreadServ
         if op == wire.FETCH:
             assert wire.decode_entries(body) == [(pos(i), blob(i)) for i in range(3)]
     s.close()
+
+
+def test_trim_compacts_the_file_and_reload_reads_it(tmp_path: Path) -> None:
+    s = ThreadServer(tmp_path / "dtl")
+    c = Connection(s.peer, 5)
+    for lo in range(0, 600, 100):
+        append(c, range(lo, lo + 100))
+    logf = next((tmp_path / "dtl").glob("v-*.log"))
+    before = logf.stat().st_size
+    c.call(wire.TRIM, "vol", 1, wire.encode_pos(pos(500)))   # 2 MiB dead > 0.4 MiB live
+    assert logf.stat().st_size < before // 5
+    append(c, range(600, 610))
+    want = [(pos(i), blob(i)) for i in range(500, 610)]
+    assert fetch_tail(s.peer, "vol", 1) == want
+    c.close()
+    s.stop()
+    s2 = ThreadServer(tmp_path / "dtl")
+    try:
+        assert fetch_tail(s2.peer, "vol", 1) == want
+        assert s2.server.store.held == sum(len(wire.encode_record(p, b)) for p, b in want)
+    finally:
+        s2.stop()
