@@ -267,3 +267,46 @@ def test_close_with_drop_forgets_the_tail(srv: ThreadServer) -> None:
         c.wait(local.write(pos(i), blob(i)))
     c.close(drop=True)
     assert fetch_tail(srv.peer, "vol", 1) == []
+
+
+def test_standalone_without_a_peer_then_caught_up_when_one_appears(srv: ThreadServer) -> None:
+    local = LocalLog()
+    peers = Peers()
+    c, changes = make_client(local, peers, "sync", retry_seconds=0.1)
+    try:
+        wait_for(lambda: c.status()["state"] == "standalone", what="standalone")
+        for i in range(10):
+            c.wait(local.write(pos(i), blob(i)))          # acknowledged, local only
+        assert c.status()["unsafe_bytes"] == 10 * 4096
+        c.trim(pos(3))                                     # on the backend: safe again
+        assert c.status()["unsafe_bytes"] == 7 * 4096
+        peers.peers.append(srv.peer)
+        wait_for(lambda: c.status()["state"] == "ok", what="caught up")
+        assert fetch_tail(srv.peer, "vol", 1) == local.entries[3:]
+        assert c.status()["unsafe_bytes"] == 0
+        assert [ch["state"] for ch in changes] == ["standalone", "catching up", "ok"]
+    finally:
+        c.close()
+
+
+class SlowTail(LocalLog):
+    def tail(self, from_pos):
+        for e in list(super().tail(from_pos)):
+            time.sleep(0.005)
+            yield e
+
+
+def test_writes_during_a_long_catch_up_overflowing_the_queue(srv: ThreadServer) -> None:
+    local = SlowTail()
+    local.entries = [(pos(i), blob(i)) for i in range(60)]    # already in the local log
+    c, _ = make_client(local, Peers(srv.peer), "sync", queue_bytes=16 << 10)
+    try:
+        for i in range(60, 200):                  # while the catch-up reads the tail slowly
+            c.wait(local.write(pos(i), blob(i)))
+            time.sleep(0.001)
+        wait_for(lambda: c.status()["state"] == "ok", 20, "caught up")
+        for i in range(200, 210):
+            c.wait(local.write(pos(i), blob(i)))
+        assert fetch_tail(srv.peer, "vol", 1) == local.entries
+    finally:
+        c.close()
