@@ -37,6 +37,10 @@ log = logging.getLogger("ovsfs.dtl")
 RECV_CHUNK = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
 FETCH_REPLY_BYTES = 16 << 20    # a fetch answers at most this much; the client asks again
+# An owner already connected when ownership moves elsewhere is refused at hello by nobody: its
+# appends are checked against the cluster generation again at most this often (seconds), so a
+# peer the new owner never contacted fences the old one too, within about this delay.
+CLUSTER_RECHECK = 1.0
 
 
 def _no_cluster(volume: str) -> int:
@@ -58,6 +62,7 @@ class DtlServer:
         self.ssl_ctx = ssl_ctx
         self.incarnation = secrets.token_hex(8)
         self.malformed = 0            # connections closed for a malformed frame
+        self._floors: dict[str, tuple[float, int]] = {}   # volume -> (checked at, cluster gen)
 
     @classmethod
     def from_config(cls, cfg: Config, cluster_gen: Callable[[str], int] = _no_cluster
@@ -129,9 +134,11 @@ class DtlServer:
         try:
             if op == wire.APPEND:
                 entries = wire.decode_entries(payload)
-                body = await trio.to_thread.run_sync(self._append, volume, gen, entries)
+                floor = await self._recheck(volume)
+                body = await trio.to_thread.run_sync(self._append, volume, gen, entries, floor)
             elif op == wire.HELLO:
                 floor = await trio.to_thread.run_sync(self.cluster_gen, volume)
+                self._floors[volume] = (trio.current_time(), floor)
                 body = await trio.to_thread.run_sync(self._hello, volume, gen, floor)
             elif op == wire.SYNC:
                 body = await trio.to_thread.run_sync(self._sync, volume, gen)
@@ -153,6 +160,22 @@ class DtlServer:
             return wire.encode_frame(op | wire.REPLY, rid, volume, gen, msg.encode(),
                                      wire.ERROR)
 
+    async def _recheck(self, volume: str) -> int:
+        """The cluster generation of volume, asked again when the last answer is older than
+        CLUSTER_RECHECK. A cluster store that does not answer keeps the last answer (a DTL
+        must not stop protecting writes because etcd is slow; hello is where it is strict)."""
+        at, floor = self._floors.get(volume, (-1e9, 0))
+        now = trio.current_time()
+        if now - at < CLUSTER_RECHECK:
+            return floor
+        self._floors[volume] = (now, floor)       # one recheck at a time
+        try:
+            floor = max(floor, await trio.to_thread.run_sync(self.cluster_gen, volume))
+        except Exception as e:
+            log.warning("dtl: cluster generation of %s not rechecked: %s", volume, e)
+        self._floors[volume] = (now, floor)
+        return floor
+
     # ---- the operations (worker threads) ---------------------------------------------------
 
     def _hello(self, volume: str, gen: int, floor: int) -> bytes:
@@ -161,10 +184,10 @@ class DtlServer:
             v.check_gen(gen, floor)
             return wire.encode_json({"incarnation": self.incarnation, **v.info()})
 
-    def _append(self, volume: str, gen: int, entries: list[wire.Entry]) -> bytes:
+    def _append(self, volume: str, gen: int, entries: list[wire.Entry], floor: int) -> bytes:
         v = self.store.volume(volume)
         with v.lock:
-            v.check_gen(gen)
+            v.check_gen(gen, floor)
             v.append(entries, self.store.reserve)
             return wire.encode_json({"last_pos": list(v.last_pos) if v.last_pos else None})
 

@@ -310,3 +310,27 @@ def test_writes_during_a_long_catch_up_overflowing_the_queue(srv: ThreadServer) 
         assert fetch_tail(srv.peer, "vol", 1) == local.entries
     finally:
         c.close()
+
+
+def test_owner_moved_elsewhere_is_fenced_by_a_connected_peer(tmp_path: Path) -> None:
+    """The new owner never contacted this peer: the cluster generation, rechecked on append,
+    fences the old owner anyway (and it halts; it does not degrade)."""
+    owner_gen = {"vol": 1}
+    s = ThreadServer(tmp_path / "dtl", cluster_gen=lambda v: owner_gen.get(v, 0))
+    local = LocalLog()
+    c, changes = make_client(local, Peers(s.peer), "sync")
+    try:
+        wait_for(lambda: c.status()["state"] == "ok", what="in sync")
+        c.wait(local.write(pos(0), blob(0)))
+        owner_gen["vol"] = 2                      # `volume restart --on` another node
+        deadline = time.monotonic() + 10
+        with pytest.raises(Fenced):
+            for i in range(1, 10**6):
+                c.wait(local.write(pos(i), blob(i)))
+                assert time.monotonic() < deadline, "never fenced"
+                time.sleep(0.01)
+        assert c.status()["state"] == "fenced"
+        assert "degraded" not in [ch["state"] for ch in changes]
+    finally:
+        c.close()
+        s.stop()
