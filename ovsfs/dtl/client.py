@@ -325,6 +325,7 @@ class DtlClient:
         if peer is None:
             with self._cv:
                 was, self._state = self._state, "standalone"
+                self._peer, self._incarnation = None, None
                 self._release_to_unsafe()
             if was != "standalone":
                 log.warning("dtl %s: no DTL peer available: standalone, writes are only local",
