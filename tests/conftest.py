@@ -232,7 +232,7 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
 # engine over the proxy too), the doors, the daemon: a failure shows up first in the lowest
 # layer that has it. The directories keep their names (imports such as tests.engine.helpers
 # stay); a stable sort keeps each file's own order and its module fixtures together.
-LAYER_ORDER = ["", "cluster", "engine", "backend", "doors", "daemon"]
+LAYER_ORDER = ["", "cluster", "engine", "dtl", "backend", "doors", "daemon"]
 
 
 def _layer_rank(item: Any) -> int:
