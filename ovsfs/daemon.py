@@ -335,6 +335,7 @@ def main(config: Path | None, state: Path, embedded: bool, asds: int | None = No
         return 1
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)   # one line per etcd request otherwise
     source = str(config if config is not None else (state / "ovsfs.toml").absolute())
     lock = StateLock(cfg.path(cfg.node.run_dir) / "ovsfs.pid")
     try:

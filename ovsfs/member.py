@@ -95,7 +95,7 @@ class Member:
         self.store = store
         self.name = cfg.node.name
         self.kv = EtcdStore(cfg.cluster.etcd, cfg.cluster.prefix, timeout=cfg.dtl.timeout)
-        self.nodes = NodeRegistry(self.kv, on_lost=self._lost)
+        self.node_registry = NodeRegistry(self.kv, on_lost=self._lost)
         self.owners = Ownership(self.kv)
         self.role = ClusterRole(self)
         self.engine: Engine | None = None
@@ -123,7 +123,7 @@ class Member:
         return self.cfg.dtl.mode
 
     def choose_peer(self, exclude: set[str]) -> Peer | None:
-        rec = self.owners.choose_dtl_peer(self.name, self.nodes.list_nodes(), exclude)
+        rec = self.owners.choose_dtl_peer(self.name, self.node_registry.list_nodes(), exclude)
         if rec is None:
             return None
         host, port = _hostport(rec.dtl)
@@ -136,16 +136,19 @@ class Member:
             self._record_dtl(ns, gen, {"mode": "none", "state": "standalone", "peer": None,
                                        "unsafe_bytes": None})
             return NoDtl()
-        return DtlClient(ns, gen, mode, self.cfg.dtl, self.choose_peer,
-                         lambda start: tail.read_tail(vol, start),
-                         lambda status: self._record_dtl(ns, gen, status), tls=self.tls)
+        # Recorded before the first write is acknowledged: a restart elsewhere must never
+        # take an older record (the previous owner's peer) for this owner's DTL.
+        self._record_dtl(ns, gen, {"mode": mode, "state": "catching up"})
+        client = DtlClient(ns, gen, mode, self.cfg.dtl, self.choose_peer,
+                           lambda start: tail.read_tail(vol, start),
+                           lambda status: self._record_dtl(ns, gen, status), tls=self.tls)
+        client.trim(tail.backend_pos(vol))   # what is on the backend already is not shipped
+        return client
 
     def _record_dtl(self, ns: str, gen: int, status: dict[str, Any]) -> None:
         """Where a volume's DTL lives and whether it is in sync: what a restart elsewhere reads."""
-        peer = status.get("peer")
         rec = {"owner": self.name, "gen": gen, "mode": status.get("mode"), "state": status.get("state"),
-               "node": getattr(peer, "node", None) if peer is not None and not isinstance(peer, str) else None,
-               "peer": (f"{peer.host}:{peer.port}" if isinstance(peer, Peer) else peer),
+               "node": status.get("peer"), "peer": status.get("peer_address"),
                "incarnation": status.get("peer_incarnation"),
                "unsafe_bytes": status.get("unsafe_bytes"), "time": time.time()}
         try:
@@ -158,15 +161,16 @@ class Member:
         if not dtl or not dtl.get("peer"):
             return
         host, port = _hostport(dtl["peer"])
-        conn = Connection(Peer(dtl.get("node") or "?", host, port), self.cfg.dtl.timeout, self.tls)
         try:
-            conn.call(dtl_wire.DROP, ns, gen)
-        except (OvsfsError, OSError) as e:
-            # Not fatal: the peer holds a tail nobody needs until the volume is next deleted.
-            log.warning("could not drop the old DTL tail of %s at %s: %s", ns, dtl["peer"],
-                        getattr(e, "message", e))
-        finally:
-            conn.close()
+            conn = Connection(Peer(dtl.get("node") or "?", host, port), self.cfg.dtl.timeout, self.tls)
+            try:
+                conn.call(dtl_wire.DROP, ns, gen)
+            finally:
+                conn.close()
+        except OvsfsError as e:
+            # Not fatal: the peer keeps a tail nobody reads (this owner's DTL record names
+            # its own peer from now on) until the volume is deleted.
+            log.warning("could not drop the old DTL tail of %s at %s: %s", ns, dtl["peer"], e.message)
 
     # ---- records ---------------------------------------------------------------------------
 
@@ -177,7 +181,7 @@ class Member:
         return rec
 
     def _node(self, name: str) -> NodeRecord:
-        for n in self.nodes.list_nodes():
+        for n in self.node_registry.list_nodes():
             if n.name == name:
                 return n
         raise NotFound(f"node {name} is not in this cluster")
@@ -204,10 +208,24 @@ class Member:
         count: dict[str, int] = {}
         for rec in self.kv.list("/owners/").values():
             count[rec["node"]] = count.get(rec["node"], 0) + 1
-        return [{**n.to_dict(), "volumes": count.get(n.name, 0)} for n in self.nodes.list_nodes()]
+        return [{**n.to_dict(), "volumes": count.get(n.name, 0)} for n in self.node_registry.list_nodes()]
 
     def nodes(self) -> list[dict[str, Any]]:
         return self.nodes_info()
+
+    def remote_volumes(self, vpool: str | None) -> list[dict[str, Any]]:
+        here = set(self.engine.volumes) if self.engine else set()
+        owners = self.kv.list("/owners/")
+        out = []
+        for rec in self.kv.list("/volumes/").values():
+            if rec["name"] in here or (vpool is not None and rec["vpool"] != vpool):
+                continue
+            parent = rec.get("parent")
+            own = owners.get(f"/owners/{rec['ns']}") or {}
+            out.append({"name": rec["name"], "vpool": rec["vpool"], "namespace": rec["ns"], "size": rec["size"],
+                        "snapshots": "-", "parent": f"{parent['name']}@{parent['snapshot']}" if parent else None,
+                        "state": "remote", "owner": own.get("node"), "gen": own.get("gen")})
+        return out
 
     def status(self) -> dict[str, Any]:
         try:
@@ -313,7 +331,7 @@ class Member:
         own = self.owners.owner(ns) or {"node": None, "gen": 0}
         if volume in self.engine.volumes and own["node"] == self.name:
             raise AlreadyExists(f"volume {volume} is served by {self.name} already")
-        alive = {n.name for n in self.nodes.list_nodes() if n.alive}
+        alive = {n.name for n in self.node_registry.list_nodes() if n.alive}
         if own["node"] in alive and own["node"] != self.name and not force:
             raise Busy(f"volume {volume}: its owner {own['node']} is alive; use `ovsfs volume move` "
                        "(or --force if it is cut off from its clients)")
@@ -381,7 +399,7 @@ class Member:
     def close(self) -> None:
         self._stop.set()
         try:
-            self.nodes.stop()
+            self.node_registry.stop()
         except Exception:  # noqa: BLE001 - stopping: the lease expires anyway
             log.debug("stopping the node registration failed", exc_info=True)
         self._http.close()
@@ -404,7 +422,7 @@ async def serve(member: Member, engine: Engine, handler: Callable[..., Any], *,
         if cfg.cluster.mgmt_port:
             _host, mgmt_port = await nursery.start(serve_tcp, cfg.cluster.mgmt_host, cfg.cluster.mgmt_port, handler)
         record = member.record(mgmt_port, dtl_port)
-        await trio.to_thread.run_sync(member.nodes.register, record, cfg.cluster.lease_ttl)
+        await trio.to_thread.run_sync(member.node_registry.register, record, cfg.cluster.lease_ttl)
         log.info("registered in the cluster as %s (failure domain %s): mgmt %s, DTL %s", member.name,
                  cfg.cluster.failure_domain or "-", record.mgmt or "-", record.dtl or "-")
         nursery.start_soon(lambda: trio.to_thread.run_sync(

@@ -311,22 +311,9 @@ class Engine:
             raise NotFound(f"volume {name} does not exist") from None
 
     def list_volumes(self, vpool: str | None = None) -> list[dict[str, Any]]:
-        """Volumes served here (their info); with several nodes also those served by others
-        (registry fields, `state` "remote" and their `owner`)."""
         with self.lock:
             vols = sorted(self.volumes.values(), key=lambda v: v.name)
-            here = set(self.volumes) | set(self.failed)
-        out = [v.info() for v in vols if vpool is None or v.vpool == vpool]
-        if not isinstance(self.role, SingleNode):
-            for rec in self.registry.list("/volumes/").values():
-                if rec["name"] in here or (vpool is not None and rec["vpool"] != vpool):
-                    continue
-                parent = rec.get("parent")
-                out.append({"name": rec["name"], "vpool": rec["vpool"], "namespace": rec["ns"],
-                            "size": rec["size"], "snapshots": "-",
-                            "parent": f"{parent['name']}@{parent['snapshot']}" if parent else None,
-                            "state": "remote", "owner": self.role.owner_of(rec["ns"])})
-        return sorted(out, key=lambda v: v["name"])
+        return [v.info() for v in vols if vpool is None or v.vpool == vpool]
 
     def create_volume(self, name: str, size: int, vpool: str = "default",
                       parent: dict[str, Any] | None = None, holder: Holder | None = None) -> Volume:

@@ -56,6 +56,17 @@ def _segments(data: memoryview) -> Iterator[tuple[int, int, tlog.Segment]]:
 
 # `vol` below is a Volume (ovsfs/engine/volume.py), which imports this module through the
 # log writer: typed as Any rather than imported back.
+def backend_pos(vol: Any) -> Pos:
+    """The log position below which everything is on the backend (what a DTL may drop)."""
+    st = vol.state
+    with st.lock:
+        local = [int(p.name) for p in st.tlog_dir.iterdir() if p.name.isdigit()]
+        pending = [n for n in local if n not in st.uploaded_tlogs]
+        if st.tlog_fd is not None:
+            pending.append(st.tlog_no)
+        return (min(pending) if pending else st.next_tlog, 0)
+
+
 def read_tail(vol: Any, start: Pos, until: Pos | None = None) -> Iterator[tuple[Pos, bytes]]:
     """Entries of `vol`'s local log from `start` on (up to, not including, `until`), in order.
 

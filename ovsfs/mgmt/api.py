@@ -23,7 +23,7 @@ from ovsfs.config import Config
 from ovsfs.engine.api import Holder, NodeMaintenance
 from ovsfs.errors import InvalidArgument, OvsfsError
 from ovsfs.mgmt.backend_api import BackendApi
-from ovsfs.mgmt.cluster_api import ClusterApi, ClusterOps
+from ovsfs.mgmt.cluster_api import CLUSTER_THREADS, ClusterApi, ClusterOps
 from ovsfs.mgmt.http import HttpError, Request, Response, Send, ThreadPool
 from ovsfs.mgmt.transfer import ExportJob, ImportJob
 from ovsfs.mgmt.units import parse_size
@@ -76,6 +76,7 @@ class Api:
         self.catalog = engine.catalog
         self.cfg = cfg
         self.backend = backend
+        self.cluster = cluster
         self.doors = doors          # door name -> state, kept up to date by the daemon
         self.started = time.time()
         seg = r"([^/]+)"
@@ -172,7 +173,11 @@ class Api:
         vols = await _call(self.catalog.list_volumes, vpool)
         # Volumes that could not be opened are listed too, with state "failed" and the reason.
         failed = [f for f in self.catalog.failed_volumes() if vpool is None or f["vpool"] == vpool]
-        return Response(200, sorted(vols + failed, key=lambda v: v["name"]))
+        here = {v["name"] for v in vols + failed}
+        # With several nodes, the volumes other nodes serve too (state "remote", their owner).
+        remote = [] if self.cluster is None else [
+            v for v in await CLUSTER_THREADS.run(self.cluster.remote_volumes, vpool) if v["name"] not in here]
+        return Response(200, sorted(vols + failed + remote, key=lambda v: v["name"]))
 
     async def _info(self, name: str) -> dict[str, Any]:
         return await _call(self.catalog.info, name)

@@ -24,6 +24,8 @@ class ClusterOps(Protocol):
     def status(self) -> dict[str, Any]:
         """This node, the cluster store, every node with alive / failure domain."""
     def nodes(self) -> list[dict[str, Any]]: ...
+    def remote_volumes(self, vpool: str | None) -> list[dict[str, Any]]:
+        """Volumes this node does not serve: registry fields, `state` "remote", `owner`."""
     def volume_cluster(self, volume: str) -> dict[str, Any]:
         """Owner node, generation, DTL record (mode, peer, state, unsafe bytes) of a volume."""
     def move(self, volume: str, node: str) -> dict[str, Any]:
