@@ -228,11 +228,11 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
 
 # ---- the suite runs bottom-up ------------------------------------------------------------------
 
-# tests/test_*.py (the layer check) first, then the engine, the backend (its tests run the
-# engine over the proxy too), the doors, the daemon: a failure shows up first in the lowest
-# layer that has it. The directories keep their names (imports such as tests.engine.helpers
+# tests/test_*.py (the layer check) first, then the cluster store, the engine, the DTL, the
+# backend (its tests run the engine over the proxy too), the doors, the daemon, and whole
+# clusters of daemons last: a failure shows up first in the lowest layer that has it. The directories keep their names (imports such as tests.engine.helpers
 # stay); a stable sort keeps each file's own order and its module fixtures together.
-LAYER_ORDER = ["", "cluster", "engine", "dtl", "backend", "doors", "daemon"]
+LAYER_ORDER = ["", "cluster", "engine", "dtl", "backend", "doors", "daemon", "nodes"]
 
 
 def _layer_rank(item: Any) -> int:
