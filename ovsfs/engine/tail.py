@@ -19,6 +19,8 @@ import logging
 import struct
 from typing import Any, Iterable, Iterator
 
+import numpy as np
+
 
 from ovsfs.engine import tlog
 from ovsfs.engine.map import ZERO_LOC
@@ -27,6 +29,7 @@ from ovsfs.errors import DataError
 log = logging.getLogger("ovsfs.engine.tail")
 
 Pos = tuple[int, int]
+BATCH_BYTES = 4 << 20     # replay appends runs of written clusters in batches of this size
 _LEN = struct.Struct("<I")
 
 
@@ -72,12 +75,18 @@ def read_tail(vol: Any, start: Pos, until: Pos | None = None) -> Iterator[tuple[
 
     Rebuilt from the local TLogs and the data their WRITE records point at (local SCOs or,
     once uploaded, the backend). TLogs no longer local are on the backend already: skipped.
-    Entries are cut at segment boundaries, which need not be the boundaries of the original
-    appends: positions still only grow, which is all the DTL relies on."""
+
+    WRITE records come one entry per record. The original appends are not marked in the
+    TLog, and a peer that kept an older part of the tail drops a re-sent entry whose position
+    it has; an entry spanning several appends would then lose the later ones. One record per
+    entry means a re-sent record is at worst applied again right after the entry holding it,
+    in order, which leaves every sector as it was (the last write of each still comes last).
+    """
     st = vol.state
     with st.lock:
         names = sorted(int(p.name) for p in st.tlog_dir.iterdir() if p.name.isdigit())
         end = (st.tlog_no, st.tlog_off) if st.tlog_fd is not None else None
+    cs = st.cluster_size
     for n in names:
         if (n, 1 << 62) <= start or (until is not None and (n, 0) >= until):
             continue
@@ -88,36 +97,68 @@ def read_tail(vol: Any, start: Pos, until: Pos | None = None) -> Iterator[tuple[
         if end is not None and n == end[0]:
             raw = raw[:end[1]]   # only what was appended whole when we looked
         for lo, hi, seg in _segments(memoryview(raw)):
-            pos = (n, lo)
-            if pos < start:
+            if (n, hi) <= start or seg.kind in (tlog.RELOC, tlog.NOOP):
                 continue
-            if until is not None and pos >= until:
+            if until is not None and (n, lo) >= until:
                 return
-            if seg.kind == tlog.RELOC or seg.kind == tlog.NOOP:
+            if seg.kind == tlog.MARK:
+                if (n, lo) >= start:
+                    yield (n, lo), encode(bytes(raw[lo:hi]), None)
                 continue
-            rec = bytes(raw[lo:hi])
-            data = b""
-            if seg.kind == tlog.WRITE:
-                locs = seg.records["b"]  # type: ignore[index]
-                if (locs > ZERO_LOC).any():
-                    data = bytes(vol.read_locations(locs[locs > ZERO_LOC]))
-            yield pos, encode(rec, data)
+            recs = seg.records
+            locs = recs["b"]  # type: ignore[index]
+            have = locs > ZERO_LOC
+            data = bytes(vol.read_locations(locs[have])) if have.any() else b""
+            at = 0
+            for i in range(len(recs)):  # type: ignore[arg-type]
+                pos = (n, lo + i * tlog.SIZE)
+                one = data[at:at + cs] if have[i] else None
+                at += cs if have[i] else 0
+                if pos < start:
+                    continue
+                if until is not None and pos >= until:
+                    return
+                yield pos, encode(bytes(raw[pos[1]:pos[1] + tlog.SIZE]), one)
 
 
 def replay(vol: Any, entries: Iterable[tuple[Pos, bytes]], applied: dict[int, int]) -> int:
     """Append a previous owner's DTL entries to `vol`'s own log, in order, as new writes.
 
     `applied`: TLog number -> bytes of it already in the map (from the backend: whole;
-    from a local TLog: its length); entries inside those are skipped. Returns the number
-    of entries applied. Every entry is applied whole or not at all (a CRC-checked blob)."""
+    from a local TLog: its length); entries inside those are skipped. Runs of entries that
+    only write data are appended as one batch (a long tail replays at write speed, not one
+    append per entry). Returns the number of entries applied. Every entry is whole (the DTL
+    checks its CRC), so none is half applied."""
     count = 0
+    recs: list[bytes] = []
+    datas: list[bytes] = []
+    size = 0
+
+    def push() -> None:
+        nonlocal size
+        if recs:
+            vol.apply_entry(b"".join(recs), memoryview(b"".join(datas)))
+            recs.clear()
+            datas.clear()
+            size = 0
+
     for pos, blob in sorted(entries, key=lambda e: e[0]):
         n, off = pos
         if off < applied.get(n, -1):
             continue
         rec, data = decode(blob)
-        vol.apply_entry(bytes(rec), data)
+        r = np.frombuffer(rec, dtype=tlog.RECORD)
+        if len(r) and (r["kind"] == tlog.WRITE).all() and (r["b"] > ZERO_LOC).all():
+            recs.append(bytes(rec))
+            datas.append(bytes(data))
+            size += len(data)
+            if size >= BATCH_BYTES:
+                push()
+        else:
+            push()
+            vol.apply_entry(bytes(rec), data)
         count += 1
+    push()
     if count:
         log.info("%s: replayed %d DTL entries of the previous owner", vol.name, count)
     return count
