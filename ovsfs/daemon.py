@@ -180,7 +180,7 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                 # Several nodes: etcd is the registry and says which volumes are served here.
                 from ovsfs.member import Member
 
-                member = Member(cfg, store)
+                member = Member(cfg, store, backend.removed() if cfg.backend.kind == "asd" else [])
                 engine = Engine(cfg, store, registry=member.kv, role=member.role)
             else:
                 engine = Engine(cfg, store)

@@ -90,9 +90,11 @@ class ClusterRole:
 
 
 class Member:
-    def __init__(self, cfg: Config, store: Store) -> None:
+    def __init__(self, cfg: Config, store: Store, removed_asds: list[str] | None = None) -> None:
+        """`removed_asds`: ASDs drained out of this node's backend: never attached again."""
         self.cfg = cfg
         self.store = store
+        self.removed_asds = set(removed_asds or [])
         self.name = cfg.node.name
         self.kv = EtcdStore(cfg.cluster.etcd, cfg.cluster.prefix, timeout=cfg.dtl.timeout)
         self.node_registry = NodeRegistry(self.kv, on_lost=self._lost)
@@ -382,10 +384,38 @@ class Member:
                           nbd=f"{n.tcp_host}:{n.tcp_port}" if n.enabled and n.tcp_port else "",
                           asds=asds)
 
+    def discover_asds(self) -> int:
+        """Attach the ASDs other nodes registered (their local ASDs) to this node's proxy, so
+        every node of the cluster writes to and reads from the same ASDs. Returns how many
+        were attached. Nothing to do on the local-directory backend."""
+        asds = getattr(self.store, "asds", None)
+        if asds is None:
+            return 0
+        known = {c.addr for c in [*asds.all(), *asds.pending] if hasattr(c, "addr")}
+        added = 0
+        for node in self.node_registry.list_nodes():
+            for addr in node.asds:
+                if addr in known or addr in self.removed_asds:
+                    continue
+                try:
+                    asds.add(addr)
+                    added += 1
+                    log.info("attached ASD %s of node %s", addr, node.name)
+                except OvsfsError as e:
+                    log.warning("ASD %s of node %s not attached: %s", addr, node.name, e.message)
+        return added
+
     def watch_owners(self, interval: float) -> None:
         """Halt (and drop) every open volume whose owner record names another node or
         generation; runs until close()."""
+        ticks = 0
         while not self._stop.wait(interval):
+            ticks += 1
+            if ticks % 5 == 0:
+                try:
+                    self.discover_asds()
+                except ClusterError:
+                    pass
             if self.engine is None:
                 continue
             for name, vol in list(self.engine.volumes.items()):
@@ -425,6 +455,7 @@ async def serve(member: Member, engine: Engine, handler: Callable[..., Any], *,
         await trio.to_thread.run_sync(member.node_registry.register, record, cfg.cluster.lease_ttl)
         log.info("registered in the cluster as %s (failure domain %s): mgmt %s, DTL %s", member.name,
                  cfg.cluster.failure_domain or "-", record.mgmt or "-", record.dtl or "-")
+        await trio.to_thread.run_sync(member.discover_asds)
         nursery.start_soon(lambda: trio.to_thread.run_sync(
             member.watch_owners, max(0.5, cfg.cluster.lease_ttl / 5), abandon_on_cancel=True))
         task_status.started()

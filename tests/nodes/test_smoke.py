@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,3 +55,37 @@ def test_lost_owner_restart_and_move(cluster: Cluster) -> None:
     qemu_io(cluster.nbd_uri("n3", "v"), "read -P 0xcd 4k 512", "write -P 0x11 2M 4k")
     listed = {v["name"]: v for v in n2.cli_json("volume", "list")}
     assert listed["v"]["state"] == "remote" and listed["v"]["owner"] == "n3"
+
+
+def test_nodes_share_the_asds_they_run(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> None:
+    """Each node runs its own local ASDs (as `ovsfs run --asds N`) and registers them; every
+    node's backend attaches the others', so a volume moves between nodes on one backend."""
+    from ovsfs.cluster.etcd_launch import EtcdCluster
+
+    from tests.conftest import free_ports
+
+    etcd = EtcdCluster(tmp_path / "etcd", members=1)
+    etcd.start()
+    nodes: list[Daemon] = []
+    try:
+        for i in (1, 2):
+            mgmt, dtl = free_ports(2)
+            nodes.append(daemon_factory({"node": {"name": f"n{i}"},
+                                         "cluster": {"etcd": etcd.urls, "failure_domain": f"fd{i}",
+                                                     "mgmt_port": mgmt, "lease_ttl": 3},
+                                         "dtl": {"port": dtl}}, asds=3))
+        n1, n2 = nodes
+        # n1 started before n2 registered its ASDs: it attaches them on its next look.
+        deadline = time.monotonic() + 30
+        while len(n1.cli_json("backend", "status")["asds"]) < 6:
+            assert time.monotonic() < deadline, n1.cli_json("backend", "status")["asds"]
+            time.sleep(0.5)
+        assert len(n2.cli_json("backend", "status")["asds"]) == 6
+        n1.cli("volume", "create", "v", "--size", "16M")
+        qemu_io(f"nbd+unix:///v?socket={n1.nbd_socket}", "write -P 0x42 0 3M")
+        n1.cli("volume", "move", "v", "n2")
+        qemu_io(f"nbd+unix:///v?socket={n2.nbd_socket}", "read -P 0x42 0 3M")
+    finally:
+        for d in nodes:
+            d.teardown()   # before etcd: a node stops cleanly with its cluster store there
+        etcd.stop()
