@@ -197,6 +197,9 @@ class Config:
                 raise ConfigError(f"cluster.etcd entry {url!r} must be a URL like http://127.0.0.1:2379")
         if not c.prefix.startswith("/") or c.prefix.endswith("/"):
             raise ConfigError(f"cluster.prefix {c.prefix!r} must start with / and not end with /")
+        if c.etcd and not c.mgmt_port:
+            raise ConfigError("cluster.mgmt_port must be set with cluster.etcd: the other nodes call this "
+                              "node's management API over TCP for moves and restarts")
         if c.lease_ttl < 2:
             raise ConfigError("cluster.lease_ttl must be at least 2 seconds")
         for key, port in (("cluster.mgmt_port", c.mgmt_port), ("dtl.port", d.port)):

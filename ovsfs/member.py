@@ -289,6 +289,7 @@ class Member:
             return self._call(own["node"], "POST", f"/volumes/{volume}/move", {"node": node})
         if node == self.name:
             raise InvalidArgument(f"volume {volume} is served by {node} already")
+        self._check_alone(volume)
         target = self._node(node)
         if not target.alive:
             raise Busy(f"node {node} is not alive: it cannot take volume {volume}")
@@ -305,6 +306,14 @@ class Member:
         log.info("volume %s: ownership handed to %s (generation %d)", volume, node, new["gen"])
         self._call(node, "POST", f"/volumes/{volume}/take", {"gen": new["gen"]})
         return {"volume": volume, "node": node, "gen": new["gen"], "seconds": round(time.monotonic() - start, 3)}
+
+    def _check_alone(self, volume: str) -> None:
+        """Clones read through their parent's map on the same node: neither moves alone."""
+        assert self.engine is not None
+        vol = self.engine.volume(volume)
+        if vol.parent is not None or self.engine._has_clones(vol, None):
+            raise Busy(f"volume {volume} is a clone or has clones: a clone is served where its parent is, "
+                       "and they cannot change owner yet")
 
     def take(self, volume: str, gen: int, force: bool = False) -> dict[str, Any]:
         """Node-to-node, after a move's commit point: open the volume given to this node."""
@@ -330,6 +339,9 @@ class Member:
             return self._call(on, "POST", f"/volumes/{volume}/restart", {"on": on, "force": force})
         rec = self._volume_rec(volume)
         ns = rec["ns"]
+        if rec.get("parent") or any((r.get("parent") or {}).get("ns") == ns for r in self.kv.list("/volumes/").values()):
+            raise Busy(f"volume {volume} is a clone or has clones: a clone is served where its parent is, "
+                       "and they cannot change owner yet")
         own = self.owners.owner(ns) or {"node": None, "gen": 0}
         if volume in self.engine.volumes and own["node"] == self.name:
             raise AlreadyExists(f"volume {volume} is served by {self.name} already")

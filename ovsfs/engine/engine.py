@@ -75,8 +75,9 @@ class Engine:
 
     def open(self) -> None:
         records = list(self.registry.list("/volumes/").values())
-        if isinstance(self.role, SingleNode):
-            self._adopt(records)   # with several nodes the cluster store is the registry
+        # Volumes on the backend the registry does not know: a lost registry, or the single
+        # node a cluster grew from (the first node to look then owns them, ClusterRole.owned).
+        self._adopt(records)
         gens = {r["name"]: self.role.owned(r["ns"]) for r in records}
         for r in records:
             if gens[r["name"]] is None:

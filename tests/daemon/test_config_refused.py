@@ -51,6 +51,13 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"nbd": {"allow": ["everyone"]}}, "nbd.allow"),
     ({"nbd": {"tcp_host": "not a host!"}}, "nbd.tcp_host"),
     ({"engine": {"write_buffer": "/proc/ovsfs-wb"}}, "engine.write_buffer"),
+    ({"cluster": {"etcd": ["127.0.0.1:2379"]}}, "cluster.etcd"),
+    ({"cluster": {"etcd": ["http://127.0.0.1:2379"]}}, "cluster.mgmt_port"),
+    ({"cluster": {"lease_ttl": 1}}, "cluster.lease_ttl"),
+    ({"dtl": {"mode": "fast"}}, "dtl.mode"),
+    ({"dtl": {"port": 65536}}, "dtl.port"),
+    ({"dtl": {"tls": "required"}}, "dtl.tls"),
+    ({"dtl": {"queue_bytes": 1024}}, "dtl.queue_bytes"),
 ]
 
 
