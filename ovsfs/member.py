@@ -43,6 +43,8 @@ log = logging.getLogger("ovsfs.member")
 
 MODES = "/dtl_mode/"            # /dtl_mode/vpool/<vpool>, /dtl_mode/volume/<ns>: DTL mode settings
 CALL_TIMEOUT = 3600.0           # a take waits for a rebuild and uploads on the other node
+UPLOAD_TIMEOUT = 600.0          # a move or restart gives up (and changes nothing) if the backend
+                                # has not taken the volume's data by then
 
 
 def _hostport(addr: str) -> tuple[str, int]:
@@ -295,7 +297,7 @@ class Member:
             raise Busy(f"node {node} is not alive: it cannot take volume {volume}")
         start = time.monotonic()
         mode = self.dtl_mode(rec)
-        self.engine.release_volume(volume)
+        self.engine.release_volume(volume, UPLOAD_TIMEOUT)
         try:
             new = self.owners.claim(rec["ns"], node, int(own["gen"]))
         except BaseException:
@@ -377,7 +379,7 @@ class Member:
                     own["node"], own["gen"], new["gen"], len(entries), f"; {lost}" if lost else "")
         if volume in self.engine.volumes:   # a stale open copy of an older generation
             self.engine.drop_volume(volume, "restarted at a newer generation")
-        self.engine.take_volume(volume, int(new["gen"]), entries,
+        self.engine.take_volume(volume, int(new["gen"]), entries, UPLOAD_TIMEOUT,
                                 drop_old=lambda: self._drop_tail(dtl, ns, int(new["gen"])))
         return {"volume": volume, "node": self.name, "gen": new["gen"], "dtl_entries": len(entries),
                 "may_be_lost": lost, "seconds": round(time.monotonic() - start, 3)}
