@@ -89,3 +89,28 @@ def test_nodes_share_the_asds_they_run(tmp_path: Path, daemon_factory: Callable[
         for d in nodes:
             d.teardown()   # before etcd: a node stops cleanly with its cluster store there
         etcd.stop()
+
+
+def test_dtl_modes_per_vpool_and_volume(cluster: Cluster) -> None:
+    n1 = cluster.node("n1")
+    n1.cli("volume", "create", "a", "--size", "16M")
+    assert n1.cli_json("volume", "info", "a")["dtl"]["mode"] == "sync"     # [dtl] mode of the nodes
+    n1.cli("vpool", "dtl", "default", "none")
+    n1.cli("volume", "create", "b", "--size", "16M")
+    assert n1.cli_json("volume", "info", "b")["dtl"] == {**n1.cli_json("volume", "info", "b")["dtl"],
+                                                          "mode": "none", "state": "standalone"}
+    # A volume's own setting wins, takes effect at once, and "default" gives the vPool's back.
+    n1.cli("volume", "dtl", "b", "async")
+    info = cluster.wait_dtl("b", "ok", via="n1")
+    assert info["dtl"]["mode"] == "async" and info["dtl"]["peer"] in ("n2", "n3")
+    qemu_io(cluster.nbd_uri("n1", "b"), "write -P 7 0 64k", "flush")
+    n1.cli("volume", "dtl", "b", "default")
+    assert n1.cli_json("volume", "info", "b")["dtl"]["mode"] == "none"
+    r = n1.cli("volume", "dtl", "b", "fast", check=False)
+    assert r.returncode != 0 and "invalid choice" in r.stderr
+
+
+def test_one_node_has_no_cluster_commands(daemon: Daemon) -> None:
+    for args in (["cluster", "status"], ["node", "list"], ["volume", "move", "v", "n2"]):
+        r = daemon.cli(*args, check=False)
+        assert r.returncode == 1 and "not in a cluster" in r.stderr, r.stderr
