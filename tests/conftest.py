@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from ovsfs.backend.node import free_ports  # noqa: F401 - tests import it from here
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -69,17 +71,6 @@ def to_toml(cfg: dict[str, Any]) -> str:
             lines.append(f"\n[{section}]")
             lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class _Unix(http.client.HTTPConnection):

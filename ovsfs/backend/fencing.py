@@ -172,15 +172,7 @@ class Fences:
         results = list(self.pool.map(one, clients))
         refused = [r for r in results if isinstance(r, Fenced)]
         if refused:
-            for c, r in zip(clients, results):
-                if r is True:
-                    try:
-                        if restore is not None:
-                            c.put(key, restore, guard=guard)
-                        else:
-                            c.delete(key, guard=guard)
-                    except OvsfsError:
-                        pass
+            take_back([c for c, r in zip(clients, results) if r is True], key, restore, guard)
             self.learn(guard[0], guard[1] + 1)
             raise refused[0]
         return sum(r is True for r in results)
@@ -196,3 +188,20 @@ class Fences:
             return c.fences()
         except OvsfsError:
             return None
+
+
+def take_back(clients: list[Any], key: str, restore: bytes | None, guard: tuple[str, int]) -> None:
+    """Undo a refused owner write on the ASDs where it landed: put back `restore` (what the
+    key held before, as this proxy knows it) or delete the key. Still guarded, so an ASD
+    fenced meanwhile keeps the copy; best effort (an ASD away keeps it too, see the module
+    doc)."""
+    for c in clients:
+        if c is None:
+            continue
+        try:
+            if restore is not None:
+                c.put(key, restore, guard=guard)
+            else:
+                c.delete(key, guard=guard)
+        except OvsfsError:
+            pass

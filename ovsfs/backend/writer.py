@@ -21,6 +21,7 @@ from collections import Counter
 from ovsfs.backend import codec
 from ovsfs.backend.asd_client import Guard, StaleRecord
 from ovsfs.backend.context import ProxyContext
+from ovsfs.backend.fencing import take_back
 from ovsfs.backend.index import manifest_key
 from ovsfs.backend.manifest import NONE, Chunk, Manifest
 from ovsfs.backend.policy import Preset, chunk_layout
@@ -231,18 +232,7 @@ class ObjectWriter:
             # meanwhile keeps our copy, which then raced the fence (a put concurrent with a
             # fence may show, complete, as a crash mid-put may).
             prev = p.index.get(ns, name)
-            restore = prev.encode() if prev is not None else None
-            for a in stored:
-                c = p.asds.get(a)
-                try:
-                    if c is None:
-                        continue
-                    if restore is not None:
-                        c.put(key, restore, guard=guard)
-                    else:
-                        c.delete(key, guard=guard)
-                except OvsfsError:
-                    pass
+            take_back([p.asds.get(a) for a in stored], key, prev.encode() if prev is not None else None, guard)
             raise
         # One copy is one ASD loss from losing the object: acknowledge only with two
         # (or every live ASD, on a backend that has fewer).

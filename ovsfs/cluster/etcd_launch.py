@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,21 +26,10 @@ from typing import Any
 
 import httpx
 
+from ovsfs.backend.node import free_ports
 from ovsfs.errors import ClusterError
 
 PIDS = "pids.json"
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free on 127.0.0.1 right now."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _is_our_etcd(pid: int, data_dir: Path) -> bool:

@@ -168,10 +168,13 @@ def decode_json(payload: bytes) -> dict:
 # chain against the CA but not the host name: the CA is the cluster's own, and only nodes hold
 # certificates it signed.
 
-def server_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    """ConfigError when a file cannot be loaded."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+def _ssl_context(purpose: ssl.Purpose, cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """Mutual TLS: our certificate, and the peer's checked against `ca`. ConfigError when a
+    file cannot be loaded."""
+    ctx = ssl.create_default_context(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if purpose is ssl.Purpose.SERVER_AUTH:
+        ctx.check_hostname = False   # peers are addressed by IP; the chain is still checked
     try:
         ctx.load_cert_chain(str(cert), str(key))
         ctx.load_verify_locations(str(ca))
@@ -179,17 +182,11 @@ def server_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
         raise ConfigError(f"dtl TLS: {e}") from None
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def server_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    return _ssl_context(ssl.Purpose.CLIENT_AUTH, cert, key, ca)
 
 
 def client_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    """ConfigError when a file cannot be loaded."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False
-    try:
-        ctx.load_cert_chain(str(cert), str(key))
-        ctx.load_verify_locations(str(ca))
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"dtl TLS: {e}") from None
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    return _ssl_context(ssl.Purpose.SERVER_AUTH, cert, key, ca)

@@ -115,13 +115,6 @@ def test_local_store_fence_is_atomic_against_a_writer_in_another_process(tmp_pat
 # -- ProxyStore over shared ASDs ---------------------------------------------------------
 
 
-@pytest.fixture
-def cluster(tmp_path: Path):
-    cl = AsdCluster(tmp_path / "asds")
-    cl.start_many(6)
-    yield cl
-    cl.stop_all()
-
 
 def _proxy(cluster: AsdCluster, state: Path, **kw) -> ProxyStore:  # type: ignore[no-untyped-def]
     # A short ASD timeout: a frozen ASD costs the tests 2 s per call, not 10.

@@ -17,13 +17,6 @@ from .asd_helpers import AsdCluster, make_proxy
 KiB, MiB = 1 << 10, 1 << 20
 
 
-@pytest.fixture
-def cluster(tmp_path: Path):
-    cl = AsdCluster(tmp_path / "asds")
-    cl.start_many(6)
-    yield cl
-    cl.stop_all()
-
 
 def _objects(proxy, rnd: random.Random, n: int = 6) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
     proxy.create_namespace("vol")

@@ -20,13 +20,6 @@ from .asd_helpers import AsdCluster
 KiB = 1 << 10
 
 
-@pytest.fixture
-def cluster(tmp_path: Path):
-    cl = AsdCluster(tmp_path / "asds")
-    cl.start_many(6)
-    yield cl
-    cl.stop_all()
-
 
 def _proxy(cluster: AsdCluster, state: Path, **kw) -> ProxyStore:  # type: ignore[no-untyped-def]
     kw.setdefault("down_timeout", 3600.0)
