@@ -204,13 +204,8 @@ class Index:
         return sum(self.merge_from(c) for c in self.uncovered())
 
     def _merge_scan(self, asd_id: str, nss: dict[str, bytes], mans: dict[str, bytes]) -> int:
-        n = 0
         with self.lock:
-            for key, value in nss.items():
-                try:
-                    n += self._merge_ns(unquote_ns(key[2:]), NsRecord.decode(value))
-                except DataError:
-                    continue  # a damaged copy: another ASD answers
+            n = self.merge_ns_records(nss)
             for key, blob in mans.items():
                 try:
                     rec = decode_record(blob)
@@ -289,7 +284,7 @@ class Index:
                 try:
                     n += self._merge_ns(unquote_ns(key[2:]), NsRecord.decode(value))
                 except DataError:
-                    continue
+                    continue  # a damaged copy: another ASD answers
         return n
 
     def merge_ns_from(self, clients: list[Any], pool: ThreadPoolExecutor, timeout: float = 1.0) -> int:
