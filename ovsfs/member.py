@@ -43,6 +43,7 @@ log = logging.getLogger("ovsfs.member")
 
 MODES = "/dtl_mode/"            # /dtl_mode/vpool/<vpool>, /dtl_mode/volume/<ns>: DTL mode settings
 CALL_TIMEOUT = 3600.0           # a take waits for a rebuild and uploads on the other node
+LEASE_SHARE = 0.6               # of cluster.lease_ttl: how long a renewal vouches for ownership
 UPLOAD_TIMEOUT = 600.0          # a move or restart gives up (and changes nothing) if the backend
                                 # has not taken the volume's data by then
 
@@ -78,6 +79,9 @@ class ClusterRole:
     def dtl_sink(self, vol: Any) -> DtlSink:
         return self.m.dtl_sink(vol)
 
+    def lease(self, vol: Any) -> "NodeLease":
+        return NodeLease(self.m)
+
     def forget(self, ns: str) -> None:
         self.m.owners.forget(ns)
         for key in (f"{MODES}volume/{ns}",):
@@ -89,6 +93,34 @@ class ClusterRole:
         except ClusterError:
             return None
         return rec["node"] if rec else None
+
+
+class NodeLease:
+    """A volume's owner lease is this node's lease in the cluster store.
+
+    Nobody restarts a volume elsewhere (without --force) before its owner's node lease has
+    expired, and that lease only runs while this node renews it. So while the last renewal
+    is younger than LEASE_SHARE of the ttl, the owner record cannot have changed by a
+    restart (a move is this node's own doing; the owner watch catches a forced restart).
+    Past that (the process was frozen, or etcd unreachable), every read and write first
+    reads the owner record again."""
+
+    def __init__(self, member: "Member") -> None:
+        self.m = member
+
+    def valid(self) -> bool:
+        reg = self.m.node_registry
+        return time.monotonic() < reg.last_renewed + LEASE_SHARE * reg.ttl
+
+    def confirm(self, vol: Any) -> None:
+        try:
+            rec = self.m.owners.owner(vol.ns)
+        except ClusterError as e:
+            raise ClusterError(f"volume {vol.name}: this node cannot confirm it still owns it "
+                               f"(its cluster lease ran out and {e.message})") from None
+        if rec is None or rec["node"] != self.m.name or int(rec["gen"]) != vol.gen:
+            raise vol.log.halt(f"its owner is {rec['node'] if rec else 'nobody'} at generation "
+                               f"{rec['gen'] if rec else '-'} now")
 
 
 class Member:

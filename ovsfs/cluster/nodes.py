@@ -73,6 +73,10 @@ class NodeRegistry:
         self.lease: int | None = None
         self.ttl = 0
         self.lost = False
+        # time.monotonic() of the last lease grant or renewal etcd acknowledged: until
+        # last_renewed + ttl no other node can see this one as dead (so none can restart its
+        # volumes without --force); 0 = never.
+        self.last_renewed = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -130,6 +134,7 @@ class NodeRegistry:
                 pass   # it expires by itself
             raise
         self.lease = lease
+        self.last_renewed = time.monotonic()
 
     def _keepalive_loop(self) -> None:
         assert self.record is not None
@@ -138,7 +143,9 @@ class NodeRegistry:
         failing = False
         while not self._stop.wait(period):
             try:
+                sent = time.monotonic()   # the lease runs from when etcd got the request, at the latest
                 if self.lease is not None and self.store.keepalive(self.lease):
+                    self.last_renewed = sent
                     if failing:
                         log.warning("node %s: etcd answers again, lease renewed", name)
                     failing = False

@@ -221,7 +221,7 @@ class Engine:
         try:
             open_volume(vol, create=False, tail_entries=tail_entries)
             if attach_dtl:
-                vol.state.dtl = self.role.dtl_sink(vol)
+                self.attach(vol)
         except BaseException:
             self._abandon(vol)
             raise
@@ -251,6 +251,11 @@ class Engine:
                         "they are queued again at the next start", left, self.wb.last_error or "backend slow")
         if self._own_registry:
             self.registry.close()
+
+    def attach(self, vol: Volume) -> None:
+        """What the node around the engine gives an opened volume: its DTL and owner lease."""
+        vol.state.dtl = self.role.dtl_sink(vol)
+        vol.state.lease = self.role.lease(vol)
 
     def _volume(self, rec: dict[str, Any], parent: Volume | None, gen: int = 0) -> Volume:
         check_local_state(self.wb_root, rec["ns"], gen)
@@ -338,7 +343,7 @@ class Engine:
             gen = self.role.claim_new(rec["ns"])
             vol = self._volume(rec, parent_vol, gen)
             open_volume(vol, create=True, preset=pool.get("preset"))
-            vol.state.dtl = self.role.dtl_sink(vol)
+            self.attach(vol)
             self.registry.put(f"/volumes/{name}", rec)
             self.volumes[name] = vol
             self.reserved.pop(name, None)

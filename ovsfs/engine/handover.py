@@ -39,7 +39,7 @@ def take(engine: Any, name: str, gen: int, tail_entries: list[Any] | None = None
             vol.sync(timeout)
         if drop_old is not None:
             drop_old()
-        vol.state.dtl = engine.role.dtl_sink(vol)
+        engine.attach(vol)
     except BaseException:
         vol.close()
         raise

@@ -47,8 +47,7 @@ class LogWriter:
     def check_open(self) -> None:
         """Before any change: raises Busy (closed), VolumeFailed (failed fsync),
         NoSpace / LocalIOError (the map cannot be rebuilt yet after a full disk)."""
-        if self.s.fenced is not None:
-            raise Fenced(f"volume {self.s.name} is served by another node now: {self.s.fenced}")
+        self.s.check_served()
         if self.s.closed or self.s.deleted:
             raise Busy(f"volume {self.s.name} is closed")
         if self.s.released is not None:

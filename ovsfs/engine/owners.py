@@ -41,6 +41,8 @@ class NodeRole(Protocol):
         """Ownership of a volume being created here: its first generation."""
     def dtl_sink(self, vol: Any) -> DtlSink:
         """The DTL a volume opened here ships to (`vol` is the Volume)."""
+    def lease(self, vol: Any) -> Any:
+        """The volume's OwnerLease (state.py), or None when no other node can take it."""
     def forget(self, ns: str) -> None:
         """The volume is deleted: drop its ownership and DTL records."""
     def owner_of(self, ns: str) -> str | None:
@@ -58,6 +60,9 @@ class SingleNode:
 
     def dtl_sink(self, vol: Any) -> DtlSink:
         return NoDtl()
+
+    def lease(self, vol: Any) -> Any:
+        return None
 
     def forget(self, ns: str) -> None:
         return None

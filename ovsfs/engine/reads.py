@@ -76,7 +76,7 @@ class ReadPath:
         lock is busy (see writev)."""
         if not reqs:
             return []
-        self.s.check_served()
+        self.s.check_served(nowait)
         n = len(reqs)
         offs = np.fromiter((r[0] for r in reqs), dtype=np.int64, count=n)
         lens = np.fromiter((r[1] for r in reqs), dtype=np.int64, count=n)

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 from ovsfs.backend.store import Store
 from ovsfs.config import EngineSection
@@ -21,11 +21,19 @@ from ovsfs.dtl import DtlSink, NoDtl
 from ovsfs.engine.fileio import FileIO
 from ovsfs.engine.map import ClusterMap
 from ovsfs.engine.writebuffer import WriteBuffer
-from ovsfs.errors import Fenced, InvalidArgument, LocalIOError, NotFound, OutOfRange
+from ovsfs.errors import Fenced, InvalidArgument, LocalIOError, NotFound, OutOfRange, WouldBlock
 
 
 def _not_opened(_segments: Iterable[Any]) -> int:
     raise LocalIOError("the volume was not opened by recovery.open_volume: no TLog replay")
+
+
+class OwnerLease(Protocol):
+    def valid(self) -> bool:
+        """Still sure no other node can have taken the volume (no cluster store call)."""
+    def confirm(self, vol: Any) -> None:
+        """Ask the cluster store: returns when this node still owns `vol` at its generation;
+        halts it and raises Fenced when not; OvsfsError (EIO) when the store cannot say."""
 
 
 @dataclass(eq=False)
@@ -59,6 +67,9 @@ class VolumeState:
     # Why this node stopped serving the volume: another node owns it now (a Fenced
     # refusal from the backend or the DTL). Reads and writes fail with Fenced from then on.
     fenced: str | None = None
+    # Several nodes: whether this node may still take itself for the owner without asking
+    # the cluster store (ovsfs/member.py; None on one node). See check_served.
+    lease: "OwnerLease | None" = None
     # Set while the volume is handed over (no more writes: everything goes to the backend).
     released: str | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -132,8 +143,16 @@ class VolumeState:
     def nclusters(self, size: int | None = None) -> int:
         return -(-(self.size if size is None else size) // self.cluster_size)
 
-    def check_served(self) -> None:
-        """Raises Fenced once another node owns the volume: never serve stale data."""
+    def check_served(self, nowait: bool = False) -> None:
+        """Raises Fenced once another node owns the volume: never serve stale data.
+
+        With several nodes, past the owner lease (this node was frozen or cut off from the
+        cluster store long enough for another node to take the volume) the owner record is
+        read again first; `nowait` (a door's event loop) gets WouldBlock instead."""
+        if self.lease is not None and not self.lease.valid():
+            if nowait:
+                raise WouldBlock("the owner lease must be confirmed first")
+            self.lease.confirm(self.owner)
         if self.fenced is not None:
             raise Fenced(f"volume {self.name} is served by another node now: {self.fenced}")
 

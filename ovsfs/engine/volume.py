@@ -186,6 +186,7 @@ class Volume:
     def _writev_nowait(self, reqs: Sequence[tuple[int, bytes | bytearray | memoryview]]) -> None:
         if self.state.dtl.mode == "sync":
             raise WouldBlock("a sync DTL waits for its peer")
+        self.state.check_served(nowait=True)
         cs = self.state.cluster_size
         total = 0
         for off, data in reqs:
@@ -482,7 +483,7 @@ def _forward(name: str) -> property:
 # The state's fields read (and set: `vol.fio = ...` to inject faults, recovery setting
 # `vol.map`) through the volume, as before the parts were split out.
 for _name in [f.name for f in fields(VolumeState)
-              if f.name not in ("owner", "parent", "wb_root", "replay", "apply_mark")] + [
+              if f.name not in ("owner", "parent", "wb_root", "replay", "apply_mark", "lease")] + [
         "ns", "cluster_size", "sco_clusters", "dir", "sco_dir", "tlog_dir"]:
     setattr(Volume, _name, _forward(_name))
 del _name
