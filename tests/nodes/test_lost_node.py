@@ -54,12 +54,24 @@ def lose(d: Daemon) -> None:
     shutil.rmtree(d.state / "wb", ignore_errors=True)
 
 
-def revive(d: Daemon) -> None:
-    """The lost node's daemon again, on an empty state directory (a replaced disk)."""
-    for p in d.state.iterdir():
-        if p.name != "ovsfs.toml":
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+def revive(d: Daemon, fresh: bool = True) -> None:
+    """The lost node's daemon again, on an empty state directory (a replaced disk) unless
+    not `fresh`; returns once it is registered in the cluster (a daemon answers /status
+    before it registers, and exits if its name is still taken by its old lease)."""
+    if fresh:
+        for p in d.state.iterdir():
+            if p.name != "ovsfs.toml":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     d.start()
+    name = d.config["node"]["name"]
+    deadline = time.monotonic() + 30
+    while True:
+        assert d.running(), f"{name} exited after it started:\n{d.log()}"
+        status, nodes = d.api("GET", "/nodes")
+        if status == 200 and any(n["name"] == name and n["alive"] for n in nodes):
+            return
+        assert time.monotonic() < deadline, f"{name} did not register: {nodes}"
+        time.sleep(0.1)
 
 
 def restart(c: Cluster, on: str, force: bool = False) -> dict[str, Any]:
@@ -99,6 +111,8 @@ def test_sync_dtl_lost_owner_ten_rounds(cluster: Cluster) -> None:
         target = peer if r % 2 == 0 else next(n for n in others if n != peer)
         reply = restart(c, target)          # a DTL in sync needs no --force
         assert reply["gen"] == r + 2 and not reply["may_be_lost"], reply
+        # The writes acknowledged since the last upload came from the DTL tail.
+        assert reply["dtl_entries"] > 0, reply
         after = read_blocks(c.node(target).nbd_socket, VOL, BLOCKS)
         bad = check_all_acked(w, before, after)
         assert not bad, f"round {r}: {len(bad)} blocks lost acknowledged writes: {bad[:5]}"
@@ -209,7 +223,7 @@ def test_restart_refused_when_the_dtl_is_not_in_sync(cluster: Cluster) -> None:
     unsafe = owner_info(c, "n1")["dtl"]["unsafe_bytes"]
     assert unsafe >= 50 * BS, f"{unsafe} bytes only on n1: the writes went somewhere else?"
     lose(n1)
-    c.node(peer).start()                      # a node to restart on (it kept its state)
+    revive(c.node(peer), fresh=False)         # a node to restart on (it kept its state)
     c.wait_dead("n1")
     r = c.node(peer).cli("volume", "restart", VOL, "--on", peer, check=False)
     assert r.returncode != 0 and "--force" in r.stderr and "may be lost" in r.stderr, r
