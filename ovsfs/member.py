@@ -142,6 +142,8 @@ class Member:
         self.dtl_server = (DtlServer.from_config(cfg, cluster_gen=self._cluster_gen)
                            if cfg.dtl.port else None)
         self._stop = threading.Event()
+        self._dtl_rec_lock = threading.Lock()      # DTL records written in the order read
+        self._unsafe_recorded: dict[str, int] = {}  # ns -> unsafe_bytes last recorded out of sync
         self._http = httpx.Client(timeout=httpx.Timeout(CALL_TIMEOUT, connect=5.0), trust_env=False)
 
     # ---- the DTL ---------------------------------------------------------------------------
@@ -188,9 +190,32 @@ class Member:
                "incarnation": status.get("peer_incarnation"),
                "unsafe_bytes": status.get("unsafe_bytes"), "time": time.time()}
         try:
-            self.owners.set_dtl_record(ns, rec)
+            with self._dtl_rec_lock:
+                self.owners.set_dtl_record(ns, rec)
         except ClusterError as e:
             log.warning("DTL record of %s not written: %s", ns, e.message)
+
+    def _refresh_dtl_record(self, vol: Any) -> None:
+        """While a volume's DTL is not in sync, every write it acknowledges is only here: keep
+        the recorded unsafe_bytes current (the DTL client reports state changes only), since
+        a forced restart elsewhere reports that figure as what may be lost. ClusterError."""
+        with self._dtl_rec_lock:
+            # Read under the lock: a state change the sender records meanwhile lands after.
+            sink = getattr(vol.state, "dtl", None)
+            if sink is None:
+                return
+            st = sink.status()
+            if st.get("mode") == "none" or st.get("state") not in ("degraded", "standalone"):
+                self._unsafe_recorded.pop(vol.ns, None)
+                return
+            if self._unsafe_recorded.get(vol.ns) == st.get("unsafe_bytes"):
+                return
+            rec = dict(self.owners.dtl_record(vol.ns) or {})
+            if rec.get("gen") != vol.gen or rec.get("state") != st["state"]:
+                return        # the sender's own record of this state is not written yet
+            rec.update(unsafe_bytes=st.get("unsafe_bytes"), time=time.time())
+            self.owners.set_dtl_record(vol.ns, rec)
+            self._unsafe_recorded[vol.ns] = st.get("unsafe_bytes")
 
     def _drop_tail(self, dtl: dict[str, Any] | None, ns: str, gen: int) -> None:
         """The previous owner's tail is on the backend now: the peer may forget it."""
@@ -453,7 +478,7 @@ class Member:
 
     def watch_owners(self, interval: float) -> None:
         """Halt (and drop) every open volume whose owner record names another node or
-        generation; runs until close()."""
+        generation, and keep the DTL records of the others current; runs until close()."""
         ticks = 0
         while not self._stop.wait(interval):
             ticks += 1
@@ -471,6 +496,11 @@ class Member:
                     break   # cannot tell: the DTL and the backend still fence
                 if rec is not None and (rec["node"] != self.name or int(rec["gen"]) != vol.gen):
                     self.engine.drop_volume(name, f"its owner is {rec['node']} at generation {rec['gen']} now")
+                    continue
+                try:
+                    self._refresh_dtl_record(vol)
+                except ClusterError:
+                    break
 
     def close(self) -> None:
         self._stop.set()

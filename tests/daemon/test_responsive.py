@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import selectors
 import signal
-import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
 
 from ovsfs.nbd import protocol as P
+from tests.nbd_pipe import Client, pump_all
 
 KiB = 1024
 WRITERS = 100
@@ -36,85 +34,6 @@ def asd_pids(log_path: Path) -> list[int]:
     m = re.findall(r"started \d+ ASDs: (.*)", log_path.read_text())
     assert m, "the daemon did not log its ASDs"
     return [int(p) for p in re.findall(r"pid (\d+)", m[-1])]
-
-
-class Client:
-    """A raw NBD client in the transmission phase (EXPORT_NAME, simple replies)."""
-
-    def __init__(self, path: Path, export: str) -> None:
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.settimeout(30)
-        self.s.connect(str(path))
-        self._recv(18)
-        self.s.sendall(struct.pack(">I", P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES))
-        name = export.encode()
-        self.s.sendall(P.OPTION_HDR.pack(P.IHAVEOPT, P.OPT_EXPORT_NAME, len(name)) + name)
-        self._recv(10)
-        self.out = b""
-        self.inbuf = b""
-        self.sent: dict[int, tuple[int, bytes]] = {}     # cookie -> (offset, data)
-        self.acked: dict[int, int] = {}                  # cookie -> error
-
-    def _recv(self, n: int) -> bytes:
-        got = b""
-        while len(got) < n:
-            d = self.s.recv(n - len(got))
-            assert d, "server closed the connection"
-            got += d
-        return got
-
-    def call(self, typ: int, offset: int = 0, length: int = 0, data: bytes = b"") -> tuple[int, bytes]:
-        self.s.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, typ, 7, offset, length) + data)
-        _magic, err, _cookie = struct.unpack(">IIQ", self._recv(16))
-        return err, self._recv(length) if typ == P.CMD_READ and not err else b""
-
-    def queue_write(self, cookie: int, offset: int, data: bytes) -> None:
-        self.sent[cookie] = (offset, data)
-        self.out += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, cookie, offset, len(data)) + data
-
-    def pump(self, readable: bool) -> None:
-        """Send what is queued and take the replies that arrived (non-blocking)."""
-        if self.out:
-            try:
-                self.out = self.out[self.s.send(self.out):]
-            except BlockingIOError:
-                pass
-        if readable:
-            try:
-                self.inbuf += self.s.recv(65536)
-            except BlockingIOError:
-                pass
-        while len(self.inbuf) >= 16:
-            _magic, err, cookie = struct.unpack(">IIQ", self.inbuf[:16])
-            self.inbuf = self.inbuf[16:]
-            self.acked[cookie] = err
-
-
-def pump_all(clients: list[Client], seconds: float, until_quiet: float) -> None:
-    """Drive every client for `seconds`, until no reply came for `until_quiet` seconds,
-    or until every write has its reply."""
-    sel = selectors.DefaultSelector()
-    for c in clients:
-        c.s.setblocking(False)
-        sel.register(c.s, selectors.EVENT_READ, c)
-    end = time.monotonic() + seconds
-    last, count = time.monotonic(), -1
-    try:
-        while time.monotonic() < end:
-            ready = {key.data for key, _ in sel.select(0.05)}
-            for c in clients:
-                c.pump(c in ready)
-            n = sum(len(c.acked) for c in clients)
-            if n != count:
-                last, count = time.monotonic(), n
-            elif time.monotonic() - last > until_quiet:
-                return
-            if all(len(c.acked) == len(c.sent) for c in clients):
-                return
-    finally:
-        sel.close()
-        for c in clients:
-            c.s.setblocking(True)
 
 
 def test_status_and_flush_answer_with_the_backend_away_and_100_writers(daemon_factory) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ovsfs.cluster.etcd_launch import EtcdCluster
 from tests.backend.asd_helpers import AsdCluster
-from tests.conftest import Daemon, free_ports
+from tests.conftest import Daemon, _merge, free_ports
 
 
 class Cluster:
@@ -42,8 +42,8 @@ class Cluster:
                    "backend": {"kind": "asd", "asds": addrs, "down_timeout": 3600.0},
                    "cluster": {"etcd": self.etcd.urls, "failure_domain": f"fd{i + 1}",
                                "mgmt_port": mgmt, "lease_ttl": self.lease_ttl},
-                   "dtl": {"port": dtl, "mode": self.dtl_mode, "timeout": 2.0, "retry_seconds": 1.0},
-                   **self._extra}
+                   "dtl": {"port": dtl, "mode": self.dtl_mode, "timeout": 2.0, "retry_seconds": 1.0}}
+            cfg = _merge(cfg, self._extra)    # per key: extra={"dtl": {...}} keeps the port
             self.nodes.append(self._factory(cfg, start=True))
         return self
 
