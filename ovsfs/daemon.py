@@ -215,16 +215,18 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                     await nursery.start(_door, name, serve, engine, cfg, doors, source)
                 # The API comes last: once /status answers, every door is listening.
                 api = Api(engine, cfg, doors, backend, cluster=member)
+                if member is not None:
+                    # Registered before /status answers: a node that cannot join (its name
+                    # is alive elsewhere, etcd away) never looks ready.
+                    from ovsfs.member import serve as serve_member
+
+                    await nursery.start(serve_member, member, engine, api)
                 try:
                     await nursery.start(serve_unix, sock, api)
                 except OvsfsError as e:
                     raise DoorUnavailable("management API", f"unix socket {sock}", e.message,
                                           "mgmt.socket", source) from e
                 log.info("management API on %s", sock)
-                if member is not None:
-                    from ovsfs.member import serve as serve_member
-
-                    await nursery.start(serve_member, member, engine, api)
                 interval = notify.watchdog_interval()
                 if interval:
                     nursery.start_soon(_watchdog, notify, interval)
