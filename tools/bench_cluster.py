@@ -21,6 +21,11 @@ a sequential fio write of --big; then `ovsfs volume move` to n2 (and straight ba
 nothing left to upload), timed. Then --big written again on its owner, the owner SIGKILLed,
 its lease left to expire, and only `ovsfs volume restart VOL --on NODE` timed.
 
+--profile MODE:QD (e.g. sync:32): one more fio run of that kind while py-spy (next to this
+python, or on PATH) records the owner n1 and the volume's DTL peer (CPU samples, idle threads
+left out, --nolineno; --profile-flags adds py-spy flags such as --idle or --gil); the collapsed stacks stay in the work directory (kept) and the
+functions with the most samples (own and inclusive) are printed per process.
+
 Every process started here is stopped by PID at the end, also after an error or ^C.
 """
 
@@ -101,6 +106,7 @@ class Node:
         self.state.mkdir(parents=True)
         (self.state / "ovsfs.toml").write_text(to_toml(cfg))
         self.log_path = work / f"{name}.log"
+        self.dtl_port = int(cfg["dtl"]["port"])
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -165,6 +171,25 @@ class Node:
             time.sleep(0.1)
         raise RuntimeError(f"DTL of {volume} on {self.name} not {state} within {timeout} s: {info}")
 
+    def sched(self) -> dict[str, tuple[int, int]]:
+        """Per thread id: (ns on a CPU, ns runnable but waiting for a CPU), from
+        /proc/PID/task/*/schedstat."""
+        out = {}
+        for t in Path(f"/proc/{self.proc.pid}/task").iterdir():      # type: ignore[union-attr]
+            try:
+                f = (t / "schedstat").read_text().split()
+            except OSError:
+                continue
+            out[t.name] = (int(f[0]), int(f[1]))
+        return out
+
+    def dtl_replies(self) -> int:
+        """Frames this node's DTL server sent (data segments out of its accepted connections):
+        one small reply per request, so the number of DTL calls it answered."""
+        r = subprocess.run(["ss", "-tinH", "state", "established", "sport", "=", f":{self.dtl_port}"],
+                           capture_output=True, text=True, env=SYS_ENV)
+        return sum(int(w.split(":")[1]) for w in r.stdout.split() if w.startswith("data_segs_out:"))
+
     def kill(self) -> None:
         if self.running():
             os.kill(self.proc.pid, signal.SIGKILL)          # type: ignore[union-attr]
@@ -214,11 +239,14 @@ class QemuNbd:
         self.logf.close()
 
 
-def fio(uri: str, name: str, rw: str, bs: str, qd: int, size: int, runtime: float) -> dict[str, float]:
-    """One fio run over NBD: IOPS, MiB/s, completion latency mean and p99 (us)."""
+def fio(uri: str, name: str, rw: str, bs: str, qd: int, size: int, runtime: float,
+        conns: int = 1) -> dict[str, float]:
+    """One fio run over NBD: IOPS, MiB/s, completion latency mean and p99 (us). conns > 1:
+    that many fio jobs (NBD connections), qd / conns deep each, reported as one."""
+    conns = max(1, min(conns, qd))
     cmd = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
-           f"--iodepth={qd}", f"--size={size}", "--output-format=json", "--randrepeat=0",
-           "--norandommap", "--lat_percentiles=1"]
+           f"--iodepth={qd // conns}", f"--size={size}", "--output-format=json", "--randrepeat=0",
+           "--norandommap", "--lat_percentiles=1", f"--numjobs={conns}", "--group_reporting"]
     if runtime:
         cmd += ["--time_based", f"--runtime={runtime}", "--ramp_time=1"]
     t0 = time.perf_counter()
@@ -241,23 +269,37 @@ def line(label: str, qd: int, r: dict[str, float]) -> str:
             f"  p99 {r['p99_us']:8.1f} us")
 
 
-def dtl_cost(n1: Node, peer: QemuNbd | None, qds: list[int], runtime: float) -> None:
+def dtl_cost(nodes: list[Node], peer: QemuNbd | None, qds: list[int], runtime: float, conns: int) -> None:
+    n1 = nodes[0]
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     for qd in qds:
-        print(f"== 4k randwrite QD{qd}: A B C C B A (none async sync sync async none), then qemu-nbd x2",
+        how = f" over {min(conns, qd)} connections" if min(conns, qd) > 1 else ""
+        print(f"== 4k randwrite QD{qd}{how}: A B C C B A (none async sync sync async none), then qemu-nbd x2",
               flush=True)
         for mode in MODES + MODES[::-1]:
             vol = f"v{mode}"
             if mode != "none":
                 n1.wait_dtl(vol)          # measure a DTL in sync, not one catching up
-            r = fio(n1.uri(vol), f"rw_{mode}", "randwrite", "4k", qd, VOL_SIZE, runtime)
+            s0 = [n.sched() for n in nodes]
+            d0 = sum(n.dtl_replies() for n in nodes)
+            r = fio(n1.uri(vol), f"rw_{mode}", "randwrite", "4k", qd, VOL_SIZE, runtime, conns)
+            # Per daemon, over the run (fio's ramp included): cores kept busy, and thread-
+            # seconds per second spent runnable but waiting for a CPU (a shared, overloaded
+            # machine: every hand-over between threads and processes waits there).
+            s1 = [n.sched() for n in nodes]
+            calls = (sum(n.dtl_replies() for n in nodes) - d0) / r["wall"]
+            cores = [(sum(b[t][0] - a[t][0] for t in a.keys() & b.keys()) / 1e9 / r["wall"],
+                      sum(b[t][1] - a[t][1] for t in a.keys() & b.keys()) / 1e9 / r["wall"])
+                     for a, b in zip(s0, s1)]
             runs.setdefault((mode, qd), []).append(r)
             st = n1.api("GET", f"/volumes/{vol}")[1]["dtl"]
-            print(line(f"ovsfs {mode}", qd, r) + f"  dtl {st['state']}, peer {st.get('peer') or '-'}",
+            dtl = f", {calls:.0f} calls/s" if mode != "none" else ""
+            print(line(f"ovsfs {mode}", qd, r) + f"  dtl {st['state']}, peer {st.get('peer') or '-'}{dtl};"
+                  " cpu/runq-wait " + " ".join(f"{n.name} {c:.2f}/{w:.2f}" for n, (c, w) in zip(nodes, cores)),
                   flush=True)
         if peer is not None:
             for _ in range(2):
-                r = fio(peer.uri(), "rw_qemu", "randwrite", "4k", qd, VOL_SIZE, runtime)
+                r = fio(peer.uri(), "rw_qemu", "randwrite", "4k", qd, VOL_SIZE, runtime, conns)
                 runs.setdefault(("qemu-nbd", qd), []).append(r)
                 print(line("qemu-nbd", qd, r), flush=True)
     print()
@@ -280,6 +322,83 @@ def dtl_cost(n1: Node, peer: QemuNbd | None, qds: list[int], runtime: float) -> 
             if mode == "sync" and qd >= 32:
                 note = f"   target >= 0.50: {'met' if ratio >= 0.5 else 'NOT met'}"
             print(f"{mode}/none QD{qd}: {ratio:5.2f}{note}")
+
+
+def py_spy() -> str | None:
+    here = Path(sys.executable).with_name("py-spy")
+    return str(here) if here.exists() else shutil.which("py-spy")
+
+
+def summarize(raw: Path, top: int = 15) -> None:
+    """Top functions of a py-spy raw (collapsed) file: own samples and inclusive samples."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    per_thread: dict[str, dict[str, int]] = {}
+    total = 0
+    for ln in raw.read_text().splitlines():
+        stack, _, n = ln.rpartition(" ")
+        if not stack:
+            continue
+        k = int(n)
+        total += k
+        frames = stack.split(";")
+        threads[frames[0]] = threads.get(frames[0], 0) + k
+        own[frames[-1]] = own.get(frames[-1], 0) + k
+        pt = per_thread.setdefault(frames[0], {})
+        pt[frames[-1]] = pt.get(frames[-1], 0) + k
+        for f in set(frames[1:]):
+            incl[f] = incl.get(f, 0) + k
+    if not total:
+        print("   (no samples)")
+        return
+    print(f"   {total} samples; by thread: " + ", ".join(
+        f"{t} {100 * k / total:.0f}%" for t, k in sorted(threads.items(), key=lambda x: -x[1])[:6]))
+    for title, d in (("own", own), ("inclusive", incl)):
+        print(f"   top {title}:")
+        for f, k in sorted(d.items(), key=lambda x: -x[1])[:top]:
+            print(f"     {100 * k / total:5.1f}%  {f}")
+    for t, k in sorted(threads.items(), key=lambda x: -x[1])[:4]:
+        print(f"   {t} ({100 * k / total:.0f}%), own:")
+        for f, j in sorted(per_thread[t].items(), key=lambda x: -x[1])[:6]:
+            print(f"     {100 * j / k:5.1f}%  {f}")
+
+
+def profile(nodes: list[Node], mode: str, qd: int, runtime: float, work: Path, flags: list[str]) -> None:
+    spy = py_spy()
+    if spy is None:
+        print("py-spy is not installed: no profile")
+        return
+    n1 = nodes[0]
+    vol = f"v{mode}"
+    if mode != "none":
+        n1.wait_dtl(vol)
+    peer_name = n1.api("GET", f"/volumes/{vol}")[1]["dtl"].get("peer")
+    targets = [n1] + [n for n in nodes if n.name == peer_name]
+    spies = []
+    for n in targets:
+        out = work / f"profile-{n.name}-{mode}-qd{qd}.txt"
+        cmd = [spy, "record", "--pid", str(n.proc.pid), "--duration", str(int(runtime) + 1),   # type: ignore[union-attr]
+               "--rate", "250", "--format", "raw", "--nolineno", "--threads", *flags, "-o", str(out)]
+        spies.append((n, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+    try:
+        r = fio(n1.uri(vol), f"prof_{mode}", "randwrite", "4k", qd, VOL_SIZE, runtime)
+        print(f"== profile: {mode} QD{qd} (py-spy on {', '.join(n.name for n in targets)})")
+        print(line(f"ovsfs {mode}", qd, r) + "  (under py-spy)", flush=True)
+    finally:
+        for _n, _out, p in spies:
+            try:
+                p.wait(runtime + 30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    for n, out, p in spies:
+        role = "owner" if n is n1 else "DTL peer"
+        print(f"-- {n.name} ({role}), {out}")
+        if out.exists():
+            summarize(out)
+        else:
+            print(f"   py-spy failed: {p.stderr.read().decode()[-500:]}")     # type: ignore[union-attr]
 
 
 def wait_dead(other: Node, name: str, timeout: float = 60.0) -> float:
@@ -335,13 +454,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=float, default=5, help="seconds per fio run (plus 1 s ramp)")
     ap.add_argument("--nodes", type=int, default=3, choices=[2, 3])
-    ap.add_argument("--qd", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--qd", type=int, nargs="*", default=[1, 32], help="none: only --profile")
+    ap.add_argument("--conns", type=int, default=1, help="NBD connections (fio jobs) sharing the queue depth")
     ap.add_argument("--big", default="1G", help="bytes written before handover / restart")
     ap.add_argument("--big-mode", default="sync", choices=MODES)
     ap.add_argument("--skip-dtl-cost", action="store_true")
     ap.add_argument("--skip-handover", action="store_true")
     ap.add_argument("--skip-peer", action="store_true", help="no qemu-nbd line")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument("--profile", metavar="MODE:QD", help="one more run of that kind under py-spy (keeps the dir)")
+    ap.add_argument("--profile-flags", default="--nonblocking",
+                    help="more py-spy record flags, e.g. '--idle' (wall clock) or '--gil' (who holds the GIL)")
     a = ap.parse_args()
     for tool in ("fio", "qemu-nbd", "fallocate", "etcd"):
         if not shutil.which(tool, path=SYS_ENV["PATH"]):
@@ -377,8 +500,14 @@ def main() -> int:
                 nodes[0].cli("volume", "dtl", f"v{mode}", mode)
             if not a.skip_peer:
                 peer = QemuNbd(work, VOL_SIZE)
-            dtl_cost(nodes[0], peer, a.qd, a.runtime)
-            print()
+            if a.qd:
+                dtl_cost(nodes, peer, a.qd, a.runtime, a.conns)
+                print()
+            if a.profile:
+                mode, qd = a.profile.split(":")
+                a.keep = True
+                profile(nodes, mode, int(qd), a.runtime, work, a.profile_flags.split())
+                print()
         if not a.skip_handover:
             handover_and_restart(nodes, parse_size(a.big), a.big_mode)
         print(f"load at the end {os.getloadavg()[0]:.1f}")
