@@ -13,8 +13,10 @@ Sets up, in a new directory under /var/tmp (removed at the end unless --keep):
 
 Part 1: fio --ioengine=nbd, 4 KiB random write at QD1 and QD32, on every volume in the order
 A B C C B A (none, async, sync; the drift of a noisy machine cancels out), then qemu-nbd twice.
-Every run is printed (IOPS, mean and p99 completion latency), then means and the ratios
-async/none and sync/none against the issue's target (sync >= 0.5 x none at QD32).
+Every run is printed (IOPS, mean and p99 latency; per daemon the cores it kept busy and the
+thread-seconds per second its threads waited for a CPU; DTL calls/s, from the data segments
+its DTL server sent), then means and the ratios async/none and sync/none against the issue's
+target (sync >= 0.5 x none at QD32). --conns N spreads the queue depth over N connections.
 
 Part 2: on a volume with DTL mode --big-mode (sync by default: a restart needs a DTL in sync),
 a sequential fio write of --big; then `ovsfs volume move` to n2 (and straight back, with
@@ -22,9 +24,10 @@ nothing left to upload), timed. Then --big written again on its owner, the owner
 its lease left to expire, and only `ovsfs volume restart VOL --on NODE` timed.
 
 --profile MODE:QD (e.g. sync:32): one more fio run of that kind while py-spy (next to this
-python, or on PATH) records the owner n1 and the volume's DTL peer (CPU samples, idle threads
-left out, --nolineno; --profile-flags adds py-spy flags such as --idle or --gil); the collapsed stacks stay in the work directory (kept) and the
-functions with the most samples (own and inclusive) are printed per process.
+python, or on PATH) records the owner n1 and the volume's DTL peer (--nolineno, --threads;
+--profile-flags, default --nonblocking, adds e.g. --idle for wall clock or --gil); the
+collapsed stacks stay in the work directory (then kept) and the functions with the most
+samples (own, inclusive, per thread) are printed per process.
 
 Every process started here is stopped by PID at the end, also after an error or ^C.
 """
@@ -274,7 +277,8 @@ def dtl_cost(nodes: list[Node], peer: QemuNbd | None, qds: list[int], runtime: f
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     for qd in qds:
         how = f" over {min(conns, qd)} connections" if min(conns, qd) > 1 else ""
-        print(f"== 4k randwrite QD{qd}{how}: A B C C B A (none async sync sync async none), then qemu-nbd x2",
+        print(f"== 4k randwrite QD{qd}{how}: A B C C B A (none async sync sync async none)"
+              + (", then qemu-nbd x2" if peer is not None else ""),
               flush=True)
         for mode in MODES + MODES[::-1]:
             vol = f"v{mode}"
@@ -470,8 +474,10 @@ def main() -> int:
         if not shutil.which(tool, path=SYS_ENV["PATH"]):
             print(f"{tool} is needed", file=sys.stderr)
             return 2
-    # SIGTERM as ^C: the finally below stops everything by PID either way.
+    # SIGTERM as ^C (and ^C even when started in the background, where SIGINT comes in
+    # ignored): the finally below stops everything by PID either way.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     work = Path(tempfile.mkdtemp(prefix="ovsfs-bench-cluster-", dir="/var/tmp"))
     etcd = EtcdCluster(work / "etcd", members=1)
     nodes: list[Node] = []
