@@ -62,6 +62,7 @@ INLINE_MAX = 256 << 10     # bytes: batches up to this size may run in the event
 ROOM_POLL = (0.002, 0.1)   # seconds: first and longest pause between write-room checks
 ROOM_PROBE = 1.0           # seconds without room before one writer per door goes on anyway
 MAX_BATCH_BYTES = 8 << 20  # bytes of concurrent writes of one handle joined into one writev
+WRITE_BATCHES_IN_FLIGHT = 4  # such writevs of one handle in worker threads at once
 
 
 @dataclass(slots=True, eq=False)
@@ -142,6 +143,15 @@ class Flight:
         await self._freed.wait()
 
 
+@dataclass
+class _Drain:
+    """The writes of one handle waiting to be joined into a writev, and how many worker
+    threads are writing batches of it now."""
+
+    queue: list[tuple[list[Op], trio.Event]] = field(default_factory=list)
+    active: int = 0
+
+
 class DoorIO:
     """One door's way into the engine. Sizes in bytes; counts of requests (ops)."""
 
@@ -160,7 +170,7 @@ class DoorIO:
         self.flight = Flight(max_requests, max_bytes)
         self.handle_limits = (handle_requests, handle_bytes)
         self._handles: dict[int, Flight] = {}
-        self._writers: dict[int, list[tuple[list[Op], trio.Event]]] = {}   # batched writes per handle
+        self._writers: dict[int, _Drain] = {}   # batched writes per handle
         self.inline_max = inline_max
 
     def in_flight(self, handle: Any) -> tuple[int, int]:
@@ -271,19 +281,25 @@ class DoorIO:
         await self._thread(handle, writes, reads, others)
 
     async def _write_batched(self, handle: Any, writes: list[Op]) -> None:
-        """Writes of one handle that arrive while a write of it is in a worker thread go
-        to the engine together, as one writev (one SCO append, one TLog append, one lock
-        round), instead of queueing on the volume lock in several threads. Concurrent
-        `run` calls are independent by contract, so joining them keeps every promise."""
+        """Writes of one handle that arrive while writes of it are in worker threads go to
+        the engine together, as one writev (one SCO append, one TLog append, one lock
+        round), instead of queueing on the volume lock in many threads. Up to
+        WRITE_BATCHES_IN_FLIGHT batches run at once: while one waits for its acknowledgement
+        (a sync DTL's round trip, outside the volume lock) the next is appended, and their
+        DTL entries travel together. Concurrent `run` calls are independent by contract, so
+        joining or overlapping them keeps every promise."""
         key = id(handle)
-        q = self._writers.get(key)
-        if q is not None:       # a drain is under way: it takes these too
-            done = trio.Event()
-            q.append((writes, done))
-            await done.wait()
+        drain = self._writers.get(key)
+        if drain is None:
+            drain = self._writers[key] = _Drain()
+        done = trio.Event()
+        drain.queue.append((writes, done))
+        if drain.active >= WRITE_BATCHES_IN_FLIGHT:
+            await done.wait()       # a running drain takes these
             return
-        q = self._writers[key] = [(writes, trio.Event())]
+        drain.active += 1
         try:
+            q = drain.queue
             while q:
                 batch, size = [], 0
                 while q and (not batch or size + sum(op.length for op in q[0][0]) <= MAX_BATCH_BYTES):
@@ -301,11 +317,13 @@ class DoorIO:
                                 op.error = op.error or OvsfsError("write interrupted: the door is closing")
                         ev.set()
         finally:
-            del self._writers[key]
-            for w, ev in q:       # cancelled: nobody drains these any more
-                for op in w:
-                    op.error = OvsfsError("write interrupted: the door is closing")
-                ev.set()
+            drain.active -= 1
+            if drain.active == 0:
+                del self._writers[key]
+                for w, ev in drain.queue:   # cancelled: nobody drains these any more
+                    for op in w:
+                        op.error = OvsfsError("write interrupted: the door is closing")
+                    ev.set()
 
     async def _thread(self, handle: Any, writes: list[Op], reads: list[Op], others: list[Op]) -> None:
         """Run ops in a worker thread, after waiting in trio for write room."""

@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from ovsfs.doors import EXTENTS, FLUSH, READ, TRIM, WRITE, ZEROES, DoorIO, Op
+from ovsfs.doors.adapter import WRITE_BATCHES_IN_FLIGHT
 from ovsfs.errors import OutOfRange, ReadOnly, WouldBlock
 
 
@@ -282,47 +283,52 @@ def test_try_now_is_all_or_nothing() -> None:
 
 
 def test_concurrent_writes_of_one_handle_join_into_one_writev() -> None:
+    """At most K batches of one handle in threads (one may wait for a sync DTL while the
+    next is appended); what arrives meanwhile joins into the next writev."""
+    K = WRITE_BATCHES_IN_FLIGHT
     gate = threading.Event()
     h = MemHandle("a", gate=gate)
     io = DoorIO("test")
 
     async def main() -> None:
         async with trio.open_nursery() as n:
-            for i in range(6):
+            for i in range(K + 5):
                 n.start_soon(io.run, h, [Op(WRITE, i * 4096, data=bytes([65 + i]) * 4096)])
             await trio.sleep(0.1)
-            assert io.data.borrowed_tokens == 1      # one writer in a thread, five queued
+            assert io.data.borrowed_tokens == K      # K writers in threads, five queued
             gate.set()
 
     trio.run(main)
-    assert [c for c in h.calls if c[0] == "writev"] == [("writev", 1, False), ("writev", 5, False)]
-    assert all(h.data[i * 4096] == 65 + i for i in range(6))
+    assert [c for c in h.calls if c[0] == "writev"] == [("writev", 1, False)] * K + [("writev", 5, False)]
+    assert all(h.data[i * 4096] == 65 + i for i in range(K + 5))
 
 
 def test_a_cancelled_batch_never_acknowledges_the_writes_that_joined_it() -> None:
     gate = threading.Event()
     h = MemHandle("a", gate=gate)
     io = DoorIO("test")
-    joined = [Op(WRITE, 4096, data=b"j" * 4096)]
+    joined = [Op(WRITE, 64 * 4096, data=b"j" * 4096)]
 
     async def main() -> None:
-        drain_scope = trio.CancelScope()
+        scopes = [trio.CancelScope() for _ in range(WRITE_BATCHES_IN_FLIGHT)]
         done = trio.Event()
 
-        async def drainer() -> None:
-            with drain_scope:
-                await io.run(h, [Op(WRITE, 0, data=b"d" * 4096)])
+        async def drainer(i: int) -> None:
+            with scopes[i]:
+                await io.run(h, [Op(WRITE, i * 4096, data=b"d" * 4096)])
 
         async def joiner() -> None:
             await io.run(h, joined)
             done.set()
 
         async with trio.open_nursery() as n:
-            n.start_soon(drainer)
-            await trio.sleep(0.05)          # the drainer's write is in a thread (gated)
-            n.start_soon(joiner)            # queued behind it, to join the next writev
+            for i in range(WRITE_BATCHES_IN_FLIGHT):
+                n.start_soon(drainer, i)
+            await trio.sleep(0.05)          # the drainers' writes are in threads (gated)
+            n.start_soon(joiner)            # queued behind them, to join the next writev
             await trio.sleep(0.05)
-            drain_scope.cancel()            # the drainer's client goes away
+            for scope in scopes:
+                scope.cancel()              # the drainers' clients go away
             with trio.fail_after(5):
                 await done.wait()
         gate.set()
