@@ -152,7 +152,8 @@ class Member:
                "incarnation": status.get("peer_incarnation"),
                "unsafe_bytes": status.get("unsafe_bytes"), "time": time.time()}
         try:
-            self.owners.set_dtl_record(ns, rec)
+            if not self.owners.set_dtl_record(ns, rec):
+                log.warning("DTL record of %s not written: generation %d is not the newest any more", ns, gen)
         except ClusterError as e:
             log.warning("DTL record of %s not written: %s", ns, e.message)
 
