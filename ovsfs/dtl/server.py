@@ -134,6 +134,13 @@ class DtlServer:
         try:
             if op == wire.APPEND:
                 entries = wire.decode_entries(payload)
+                # An owner already known to be stale here is refused at once: asking the
+                # cluster store first would make it wait for an etcd that may be away, time
+                # out, and take the peer for unreachable (degrade and acknowledge alone).
+                known = self.store.volumes.get(volume)
+                newest = max(known.gen_seen if known else 0, self._floors.get(volume, (0, 0))[1])
+                if gen < newest:
+                    raise Fenced(f"volume {volume}: owner generation {gen} is older than {newest}")
                 floor = await self._recheck(volume)
                 body = await trio.to_thread.run_sync(self._append, volume, gen, entries, floor)
             elif op == wire.HELLO:
