@@ -415,6 +415,35 @@ def test_stale_generation_refusals_halt_never_degrade(cluster: Cluster) -> None:
     assert dtl_rec["owner"] == "n2" and dtl_rec["gen"] == gen1 + 1, dtl_rec
 
 
+def test_owner_dtl_stays_in_sync_while_etcd_is_away(cluster: Cluster) -> None:
+    """Found with the test above: etcd away for longer than dtl.timeout must not make the
+    DTL peer hold appends (its generation recheck) until the owner degrades for nothing."""
+    n1 = cluster.node("n1")
+    n1.cli("volume", "create", "v", "--size", "64M")
+    cluster.wait_dtl("v", "ok", via="n1")
+    c = Nbd(n1.nbd_socket, "v")
+    assert c.write(0, block(1, 0)) == 0
+    etcd_pids = [p for p in cluster.etcd.pids if p]
+    mark = n1.log_path.stat().st_size
+    for pid in etcd_pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        end = time.monotonic() + 2.5      # longer than dtl.timeout (2 s in the harness)
+        i = 0
+        while time.monotonic() < end:
+            i += 1
+            assert c.write(i * KiB, block(1, i)) == 0
+            time.sleep(0.05)
+        assert c.flush() == 0
+    finally:
+        for pid in etcd_pids:
+            os.kill(pid, signal.SIGCONT)
+    c.close()
+    text = since(n1, mark)
+    assert "DTL degraded" not in text, text
+    assert cluster.wait_dtl("v", "ok", via="n1")["dtl"]["unsafe_bytes"] == 0
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "no lease guard: a node does not check that its own cluster lease is still valid before "
     "serving I/O, so the first read a thawed owner takes (before its owner watch or a refusal "
