@@ -191,7 +191,9 @@ class Member:
                "unsafe_bytes": status.get("unsafe_bytes"), "time": time.time()}
         try:
             with self._dtl_rec_lock:
-                self.owners.set_dtl_record(ns, rec)
+                written = self.owners.set_dtl_record(ns, rec)
+            if not written:
+                log.warning("DTL record of %s not written: generation %d is not the newest any more", ns, gen)
         except ClusterError as e:
             log.warning("DTL record of %s not written: %s", ns, e.message)
 

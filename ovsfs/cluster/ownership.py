@@ -67,8 +67,23 @@ class Ownership:
         """Where `volume`'s DTL lives (as last recorded by its owner), or None."""
         return self.store.get(DTL + volume)
 
-    def set_dtl_record(self, volume: str, rec: dict[str, Any]) -> None:
-        self.store.put(DTL + volume, rec)
+    def set_dtl_record(self, volume: str, rec: dict[str, Any]) -> bool:
+        """Record where `volume`'s DTL lives. A record carrying `gen` is written only while
+        neither the owner record nor the DTL record in place is of a newer generation: an old
+        owner thawed after a restart elsewhere must not overwrite the new owner's record (a
+        later restart would look for the tail at the wrong peer). True when written."""
+        gen = rec.get("gen")
+        key = DTL + volume
+        while True:
+            current, rev = self.store.get_rev(key)
+            if gen is not None:
+                own = self.owner(volume)
+                newest = max(int(own["gen"]) if own else 0,
+                             int(current.get("gen") or 0) if isinstance(current, dict) else 0)
+                if int(gen) < newest:
+                    return False
+            if self.store.cas(key, rev, rec):
+                return True
 
     def forget(self, volume: str) -> None:
         """The volume is deleted: drop its owner and DTL records."""

@@ -41,6 +41,10 @@ FETCH_REPLY_BYTES = 16 << 20    # a fetch answers at most this much; the client 
 # appends are checked against the cluster generation again at most this often (seconds), so a
 # peer the new owner never contacted fences the old one too, within about this delay.
 CLUSTER_RECHECK = 1.0
+# How long an append waits for that recheck: the cluster store being slow or away must not
+# hold appends up to the owner's dtl.timeout (it would degrade for nothing). Seconds.
+CLUSTER_RECHECK_WAIT = 0.2
+RECHECK_THREADS = 4
 
 
 def _no_cluster(volume: str) -> int:
@@ -59,6 +63,7 @@ class DtlServer:
         self.store = DtlStore(Path(path), max_bytes)
         self.host, self.port = host, port
         self.cluster_gen = cluster_gen
+        self._recheck_limiter: trio.CapacityLimiter | None = None
         self.ssl_ctx = ssl_ctx
         self.incarnation = secrets.token_hex(8)
         self.malformed = 0            # connections closed for a malformed frame
@@ -134,6 +139,13 @@ class DtlServer:
         try:
             if op == wire.APPEND:
                 entries = wire.decode_entries(payload)
+                # An owner already known to be stale here is refused at once: asking the
+                # cluster store first would make it wait for an etcd that may be away, time
+                # out, and take the peer for unreachable (degrade and acknowledge alone).
+                known = self.store.volumes.get(volume)
+                newest = max(known.gen_seen if known else 0, self._floors.get(volume, (0, 0))[1])
+                if gen < newest:
+                    raise Fenced(f"volume {volume}: owner generation {gen} is older than {newest}")
                 floor = await self._recheck(volume)
                 body = await trio.to_thread.run_sync(self._append, volume, gen, entries, floor)
             elif op == wire.HELLO:
@@ -170,7 +182,13 @@ class DtlServer:
             return floor
         self._floors[volume] = (now, floor)       # one recheck at a time
         try:
-            floor = max(floor, await trio.to_thread.run_sync(self.cluster_gen, volume))
+            if self._recheck_limiter is None:
+                # Its own threads: rechecks left behind on a dead etcd must not take the
+                # worker threads appends run on.
+                self._recheck_limiter = trio.CapacityLimiter(RECHECK_THREADS)
+            with trio.move_on_after(CLUSTER_RECHECK_WAIT):
+                floor = max(floor, await trio.to_thread.run_sync(
+                    self.cluster_gen, volume, abandon_on_cancel=True, limiter=self._recheck_limiter))
         except Exception as e:
             log.warning("dtl: cluster generation of %s not rechecked: %s", volume, e)
         self._floors[volume] = (now, floor)
