@@ -43,7 +43,10 @@ log = logging.getLogger("ovsfs.member")
 
 MODES = "/dtl_mode/"            # /dtl_mode/vpool/<vpool>, /dtl_mode/volume/<ns>: DTL mode settings
 CALL_TIMEOUT = 3600.0           # a take waits for a rebuild and uploads on the other node
-LEASE_SHARE = 0.6               # of cluster.lease_ttl: how long a renewal vouches for ownership
+# Of cluster.lease_ttl: how long after it was sent a lease renewal vouches for ownership. Below
+# 1 with a margin: etcd lets the node lease run out no sooner than a ttl after it received
+# the renewal, and only then can another node restart the volume.
+LEASE_SHARE = 0.85
 UPLOAD_TIMEOUT = 600.0          # a move or restart gives up (and changes nothing) if the backend
                                 # has not taken the volume's data by then
 

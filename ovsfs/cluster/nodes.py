@@ -139,7 +139,9 @@ class NodeRegistry:
     def _keepalive_loop(self) -> None:
         assert self.record is not None
         name = self.record.name
-        period = self.ttl / 3
+        # Every quarter ttl: the owner lease (ovsfs/member.py) lasts 0.85 ttl from a renewal,
+        # so etcd may be away for 0.6 ttl before volumes stop serving.
+        period = self.ttl / 4
         failing = False
         while not self._stop.wait(period):
             try:

@@ -473,6 +473,7 @@ class LogWriter:
         covers all of them with a single round of fsyncs (outside the volume lock).
         Raises VolumeFailed after a failed fsync, now or earlier.
         """
+        self.s.check_served()   # a volume another node serves now has nothing to flush here
         with self.s.lock:
             self._check_failed()
             target = self.s.write_seq

@@ -43,8 +43,9 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> Any:
-    c = Cluster(tmp_path, daemon_factory)
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> Any:
+    # A test may ask for a longer node lease: @pytest.mark.parametrize("cluster", [10], indirect=True)
+    c = Cluster(tmp_path, daemon_factory, lease_ttl=getattr(request, "param", 3))
     try:
         yield c.start()
     finally:
@@ -415,9 +416,12 @@ def test_stale_generation_refusals_halt_never_degrade(cluster: Cluster) -> None:
     assert dtl_rec["owner"] == "n2" and dtl_rec["gen"] == gen1 + 1, dtl_rec
 
 
+@pytest.mark.parametrize("cluster", [10], indirect=True)
 def test_owner_dtl_stays_in_sync_while_etcd_is_away(cluster: Cluster) -> None:
     """Found with the test above: etcd away for longer than dtl.timeout must not make the
-    DTL peer hold appends (its generation recheck) until the owner degrades for nothing."""
+    DTL peer hold appends (its generation recheck) until the owner degrades for nothing.
+    (Away for longer than the owner lease, 0.85 x cluster.lease_ttl after the last renewal,
+    I/O would stop instead: the owner could no longer be sure it still owns the volume.)"""
     n1 = cluster.node("n1")
     n1.cli("volume", "create", "v", "--size", "64M")
     cluster.wait_dtl("v", "ok", via="n1")
