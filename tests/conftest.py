@@ -10,11 +10,9 @@ teardown, by PID.
 from __future__ import annotations
 
 import copy
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from ovsfs.backend.node import free_ports  # noqa: F401 - tests import it from here
+from ovsfs.cli.client import UnixConnection
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,16 +71,6 @@ def to_toml(cfg: dict[str, Any]) -> str:
             lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
 
-
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path_ = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path_)
 
 
 class Daemon:
@@ -140,7 +129,7 @@ class Daemon:
 
     def api(self, method: str, path: str, body: Any = None, timeout: float = 120.0) -> tuple[int, Any]:
         """One request to the management API: (status, decoded JSON); NDJSON gives a list."""
-        conn = _Unix(self.mgmt_socket, timeout)
+        conn = UnixConnection(str(self.mgmt_socket), timeout)
         try:
             data = None if body is None else json.dumps(body).encode()
             conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})

@@ -35,12 +35,10 @@ Every process started here is stopped by PID at the end, also after an error or 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ovsfs.cluster.etcd_launch import EtcdCluster, free_ports
+from ovsfs.cli.client import UnixConnection
 
 SYS_ENV = {**os.environ, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
 MODES = ["none", "async", "sync"]
@@ -86,16 +85,6 @@ def to_toml(cfg: dict[str, Any]) -> str:
         out.append("")
     return "\n".join(out)
 
-
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path_ = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path_)
 
 
 # ---- processes -----------------------------------------------------------------------------
@@ -142,7 +131,7 @@ class Node:
             time.sleep(0.1)
 
     def api(self, method: str, path: str, timeout: float = 60.0) -> tuple[int, Any]:
-        conn = _Unix(self.state / "run" / "ovsfs.sock", timeout)
+        conn = UnixConnection(str(self.state / "run" / "ovsfs.sock"), timeout)
         try:
             conn.request(method, path)
             resp = conn.getresponse()

@@ -26,13 +26,11 @@ this block's offset and carries write number k (fio's numberio, the index of the
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import random
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -44,8 +42,11 @@ from typing import Any
 
 import crc32c
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ovsfs.cli.client import UnixConnection  # noqa: E402 - after the path above
 
 from tests.harness.control import PowerCutFS  # noqa: E402  (the harness lives with the tests)
 
@@ -76,16 +77,6 @@ def _toml(cfg: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=10)
-        self.path_ = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path_)
-
 
 class Node:
     """One `ovsfs run` on STATE; its sockets live outside STATE so a power cut cannot take them."""
@@ -114,7 +105,7 @@ class Node:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.proc.returncode} while starting:\n{self.tail()}")
             try:
-                conn = _Unix(self.mgmt)
+                conn = UnixConnection(str(self.mgmt), 10)
                 conn.request("GET", "/status")
                 st = json.loads(conn.getresponse().read())
                 conn.close()

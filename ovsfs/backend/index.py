@@ -205,14 +205,20 @@ class Index:
 
     def _merge_scan(self, asd_id: str, nss: dict[str, bytes], mans: dict[str, bytes]) -> int:
         with self.lock:
-            n = self.merge_ns_records(nss)
+            n = self.merge_ns_records(nss) + self._merge_manifests(mans)
+            self.covered.add(asd_id)
+        return n
+
+    def _merge_manifests(self, mans: dict[str, bytes]) -> int:
+        """Merge manifest records (`m/...` keys) read from an ASD; returns records taken."""
+        n = 0
+        with self.lock:
             for key, blob in mans.items():
                 try:
                     rec = decode_record(blob)
                 except DataError:
-                    continue
+                    continue  # a damaged copy: another ASD answers
                 n += self._merge_obj(*split_manifest_key(key), rec)
-            self.covered.add(asd_id)
         return n
 
     def _merge_ns(self, ns: str, rec: NsRecord) -> bool:
@@ -333,13 +339,7 @@ class Index:
                 self.ns_tombs.pop(ns, None)
                 self.tombs.pop(ns, None)
             for nss, mans in scans:
-                n += self.merge_ns_records(nss)
-                for key, blob in mans.items():
-                    try:
-                        rec = decode_record(blob)
-                    except DataError:
-                        continue
-                    n += self._merge_obj(*split_manifest_key(key), rec)
+                n += self.merge_ns_records(nss) + self._merge_manifests(mans)
         return n
 
     # -- access ----------------------------------------------------------------

@@ -17,7 +17,9 @@ class CliError(Exception):
     """One line for the user; the CLI prints it as `ovsfs: error: ...` and exits 1."""
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket: the management API's transport (tests and tools use it too)."""
+
     def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
@@ -63,7 +65,7 @@ class Client:
     def _open(self, method: str, url: str, body: Any) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         if not self.path.exists():
             raise CliError(f"daemon is not running (no socket at {self.path})")
-        conn = _UnixConnection(str(self.path), self.timeout)
+        conn = UnixConnection(str(self.path), self.timeout)
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
         try:

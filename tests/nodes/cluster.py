@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -94,3 +95,14 @@ class Cluster:
                 return info
             time.sleep(0.1)
         raise AssertionError(f"DTL of {volume} not {state} within {timeout} s: {info}")
+
+
+def qemu_io(uri: str, *cmds: str) -> str:
+    """Run qemu-io commands (`write -P 0xab 0 1M`, `read -P ...`) on an NBD URI; fails the
+    test on any error or pattern mismatch."""
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    r = subprocess.run([*args, uri], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "fail" not in r.stdout.lower() and "error" not in r.stderr.lower(), r
+    return r.stdout

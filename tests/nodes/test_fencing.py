@@ -86,15 +86,6 @@ def since(node: Daemon, mark: int) -> str:
     return node.log_path.read_bytes()[mark:].decode(errors="replace")
 
 
-def qemu_io(uri: str, *cmds: str) -> str:
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    r = subprocess.run([*args, uri], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "fail" not in r.stdout.lower() and "error" not in r.stderr.lower(), r
-    return r.stdout
-
-
 # ---- 1. fencing --------------------------------------------------------------------------------
 
 def test_frozen_owner_is_fenced_and_halts(cluster: Cluster) -> None:

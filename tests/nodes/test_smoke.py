@@ -4,7 +4,6 @@ another after its owner is lost, and moved back (the paths every cluster test bu
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +12,7 @@ import pytest
 
 from tests.conftest import Daemon
 
-from .cluster import Cluster
+from .cluster import Cluster, qemu_io
 
 
 @pytest.fixture
@@ -23,15 +22,6 @@ def cluster(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> Any:
         yield c.start()
     finally:
         c.stop()
-
-
-def qemu_io(uri: str, *cmds: str) -> str:
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    r = subprocess.run([*args, uri], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "fail" not in r.stdout.lower() and "error" not in r.stderr.lower(), r
-    return r.stdout
 
 
 def test_lost_owner_restart_and_move(cluster: Cluster) -> None:
