@@ -37,7 +37,7 @@ from ovsfs.dtl.server import DtlServer
 from ovsfs.engine import tail
 from ovsfs.engine.engine import Engine
 from ovsfs.errors import (AlreadyExists, Busy, ClusterError, DtlError, InvalidArgument, NotFound,
-                          NotOwner, OvsfsError)
+                          NotOwner, OvsfsError, VolumeFailed)
 
 log = logging.getLogger("ovsfs.member")
 
@@ -47,6 +47,7 @@ CALL_TIMEOUT = 3600.0           # a take waits for a rebuild and uploads on the 
 # 1 with a margin: etcd lets the node lease run out no sooner than a ttl after it received
 # the renewal, and only then can another node restart the volume.
 LEASE_SHARE = 0.85
+PING_TIMEOUT = 5.0              # a node that does not answer /status in this time cannot take a volume
 UPLOAD_TIMEOUT = 600.0          # a move or restart gives up (and changes nothing) if the backend
                                 # has not taken the volume's data by then
 
@@ -81,6 +82,9 @@ class ClusterRole:
 
     def dtl_sink(self, vol: Any) -> DtlSink:
         return self.m.dtl_sink(vol)
+
+    def recover(self, rec: dict[str, Any], gen: int) -> tuple[int, list[Any] | None]:
+        return self.m.recover(rec, gen)
 
     def lease(self, vol: Any) -> "NodeLease":
         return NodeLease(self.m)
@@ -147,6 +151,9 @@ class Member:
         self._stop = threading.Event()
         self._dtl_rec_lock = threading.Lock()      # DTL records written in the order read
         self._unsafe_recorded: dict[str, int] = {}  # ns -> unsafe_bytes last recorded out of sync
+        self._taking: set[str] = set()      # volumes being opened by take() now
+        self._taking_lock = threading.Lock()
+        self.watch_interval = max(0.5, cfg.cluster.lease_ttl / 5)   # seconds between owner-watch rounds
         self._http = httpx.Client(timeout=httpx.Timeout(CALL_TIMEOUT, connect=5.0), trust_env=False)
 
     # ---- the DTL ---------------------------------------------------------------------------
@@ -252,13 +259,15 @@ class Member:
                 return n
         raise NotFound(f"node {name} is not in this cluster")
 
-    def _call(self, node: str, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, node: str, method: str, path: str, body: dict[str, Any] | None = None,
+              timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
         """Another node's management API (over TCP); its errors come back as OvsfsError."""
         rec = self._node(node)
         if not rec.mgmt:
             raise ClusterError(f"node {node} has no management address (cluster.mgmt_port = 0)")
         try:
-            r = self._http.request(method, f"http://{rec.mgmt}{path}", json=body)
+            r = self._http.request(method, f"http://{rec.mgmt}{path}", json=body,
+                                   timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)))
         except httpx.HTTPError as e:
             raise ClusterError(f"node {node} ({rec.mgmt}) did not answer: {e}") from None
         data = r.json() if r.content else {}
@@ -315,21 +324,25 @@ class Member:
                 "dtl_mode": self.dtl_mode(rec), "dtl": self.owners.dtl_record(rec["ns"])}
 
     def set_dtl_mode(self, kind: str, name: str, mode: str | None) -> dict[str, Any]:
+        """Set a vPool's default or a volume's own DTL mode in the cluster store. The node that
+        serves a volume applies it at its next owner-watch round (`converge`); here at once."""
         assert self.engine is not None
         if kind == "vpool":
             if self.kv.get(f"/vpools/{name}") is None:
                 raise NotFound(f"vPool {name} does not exist")
             self.kv.put(f"{MODES}vpool/{name}", mode)
-            return {"vpool": name, "mode": mode}
-        rec = self._volume_rec(name)
-        if mode is None:
-            self.kv.delete(f"{MODES}volume/{rec['ns']}")
+            out: dict[str, Any] = {"vpool": name, "mode": mode}
         else:
-            self.kv.put(f"{MODES}volume/{rec['ns']}", mode)
-        vol = self.engine.volumes.get(name)
-        if vol is not None:
-            self._switch_dtl(vol)
-        return {"volume": name, "mode": self.dtl_mode(rec), "inherited": mode is None}
+            rec = self._volume_rec(name)
+            if mode is None:
+                self.kv.delete(f"{MODES}volume/{rec['ns']}")
+            else:
+                self.kv.put(f"{MODES}volume/{rec['ns']}", mode)
+            own = self.owners.owner(rec["ns"]) or {}
+            out = {"volume": name, "mode": self.dtl_mode(rec), "inherited": mode is None, "owner": own.get("node")}
+        self.converge()
+        out["applies_within"] = round(self.watch_interval, 1)
+        return out
 
     def _switch_dtl(self, vol: Any) -> None:
         """A new mode takes effect at once: what the old sink holds is flushed first."""
@@ -355,6 +368,13 @@ class Member:
             raise InvalidArgument(f"volume {volume} is served by {node} already")
         self._check_alone(volume)
         target = self._node(node)
+        if target.alive:
+            # Answers at all (a frozen node keeps its lease for a while): checked before the
+            # volume stops serving here, so a dead target changes nothing.
+            try:
+                self._call(node, "GET", "/status", timeout=PING_TIMEOUT)
+            except ClusterError as e:
+                raise Busy(f"node {node} cannot take volume {volume} now: {e.message}") from None
         if not target.alive:
             raise Busy(f"node {node} is not alive: it cannot take volume {volume}")
         start = time.monotonic()
@@ -387,17 +407,60 @@ class Member:
         if own is None or own["node"] != self.name or int(own["gen"]) != gen:
             raise NotOwner(f"volume {volume} is not given to {self.name} at generation {gen} (owner: {own})")
         start = time.monotonic()
-        self.engine.take_volume(volume, gen)
+        with self._taking_lock:
+            if volume in self._taking:
+                raise Busy(f"volume {volume} is being opened on {self.name} already")
+            self._taking.add(volume)
+        try:
+            if volume not in self.engine.volumes:
+                self.engine.take_volume(volume, gen)
+        finally:
+            with self._taking_lock:
+                self._taking.discard(volume)
         return {"volume": volume, "node": self.name, "gen": gen, "seconds": round(time.monotonic() - start, 3)}
+
+    def converge(self) -> None:
+        """One round of putting this node in line with the cluster store: open what was
+        handed to it and is not open (a move whose target was frozen or restarting when the
+        owner record changed: everything is on the backend then), and give each open volume
+        the DTL mode set for it (on any node, for it or its vPool)."""
+        assert self.engine is not None
+        owners = self.kv.list("/owners/")
+        modes = self.kv.list(MODES)
+        for rec in self.kv.list("/volumes/").values():
+            own = owners.get(f"/owners/{rec['ns']}")
+            if (own is None or own["node"] != self.name or rec["name"] in self.engine.volumes
+                    or rec["name"] in self.engine.failed or rec["name"] in self._taking):
+                continue
+            dtl = self.owners.dtl_record(rec["ns"]) or {}
+            if dtl.get("state") == "released" and int(dtl.get("gen", -1)) == int(own["gen"]):
+                log.info("volume %s was handed to this node (generation %s) and is not open: opening it",
+                         rec["name"], own["gen"])
+                try:
+                    self.take(rec["name"], int(own["gen"]))
+                except OvsfsError as e:
+                    log.warning("volume %s not opened: %s", rec["name"], e.message)
+        for vol in list(self.engine.volumes.values()):
+            want = (modes.get(f"{MODES}volume/{vol.ns}") or modes.get(f"{MODES}vpool/{vol.vpool}")
+                    or self.cfg.dtl.mode)
+            st = vol.state
+            if st.dtl.mode != want and st.fenced is None and st.released is None and not st.closed:
+                log.info("volume %s: DTL mode %s -> %s", vol.name, st.dtl.mode, want)
+                try:
+                    self._switch_dtl(vol)
+                except OvsfsError as e:
+                    log.warning("volume %s: DTL mode not changed: %s", vol.name, e.message)
 
     def restart(self, volume: str, on: str, force: bool) -> dict[str, Any]:
         """Take a volume from an owner that is dead or cut off, onto node `on`.
 
         Refused (Busy) while the owner is alive, and when the DTL is not in sync (what the
         owner acknowledged since is nowhere else) unless `force`: then the reply says what
-        may be lost. Order: fetch the tail at the next generation (fences the old owner at
-        the DTL), claim the owner record (the commit point), open here (fences the backend,
-        replays the tail, uploads it), drop the old tail."""
+        may be lost. Order: claim the owner record at the next generation (the commit
+        point: the DTL peer and the backend refuse the old owner from then on), fetch the
+        tail, open here (fences the backend, replays the tail, uploads it), drop the old
+        tail. A tail that cannot be read leaves the volume claimed and closed: a later
+        restart (when the peer answers) finds it where it was."""
         assert self.engine is not None
         if on != self.name:
             return self._call(on, "POST", f"/volumes/{volume}/restart", {"on": on, "force": force})
@@ -410,41 +473,84 @@ class Member:
         if volume in self.engine.volumes and own["node"] == self.name:
             raise AlreadyExists(f"volume {volume} is served by {self.name} already")
         alive = {n.name for n in self.node_registry.list_nodes() if n.alive}
-        if own["node"] in alive and own["node"] != self.name and not force:
+        owner_alive = own["node"] in alive and own["node"] != self.name
+        if owner_alive and not force:
             raise Busy(f"volume {volume}: its owner {own['node']} is alive; use `ovsfs volume move` "
                        "(or --force if it is cut off from its clients)")
-        dtl = self.owners.dtl_record(ns) or {}
-        gen = int(own["gen"]) + 1
         start = time.monotonic()
-        entries: list[Any] = []
-        lost = None
-        state = dtl.get("state")
-        if state != "released":
-            if dtl.get("mode") in (None, "none") or state != "ok" or not dtl.get("peer"):
-                lost = (f"the DTL of {volume} was {dtl.get('mode') or 'none'} / {state or 'unknown'}: writes "
-                        f"{own['node']} acknowledged since its last upload"
-                        + (f" ({dtl['unsafe_bytes']} bytes when last recorded)" if dtl.get("unsafe_bytes") else "")
-                        + " may be lost")
-                if not force:
-                    raise Busy(f"refusing to restart {volume}: {lost}; --force to restart anyway")
-            if dtl.get("peer"):
-                host, port = _hostport(dtl["peer"])
-                try:
-                    entries = fetch_tail(Peer(dtl.get("node") or "?", host, port), ns, gen, self.tls)
-                except DtlError as e:
-                    if not force:
-                        raise DtlError(f"refusing to restart {volume}: its DTL peer {dtl['peer']} "
-                                       f"cannot give the tail ({e.message}); --force to restart anyway") from e
-                    lost = f"the DTL peer {dtl['peer']} could not be read ({e.message}): writes since the last upload may be lost"
+        dtl = self.owners.dtl_record(ns) or {}
+        lost, must_force = self._tail_risk(volume, own, dtl, owner_alive)
+        if must_force and not force:
+            raise Busy(f"refusing to restart {volume}: {lost}; --force to restart anyway")
         new = self.owners.claim(ns, self.name, int(own["gen"]))
-        log.warning("volume %s: taken from %s (generation %d -> %d), %d DTL entries%s", volume,
-                    own["node"], own["gen"], new["gen"], len(entries), f"; {lost}" if lost else "")
+        log.warning("volume %s: taken from %s (generation %d -> %d)%s", volume, own["node"], own["gen"],
+                    new["gen"], f"; {lost}" if lost else "")
+        entries, fetch_lost = self._fetch(volume, ns, int(new["gen"]), dtl, force)
+        lost = fetch_lost or lost
         if volume in self.engine.volumes:   # a stale open copy of an older generation
             self.engine.drop_volume(volume, "restarted at a newer generation")
         self.engine.take_volume(volume, int(new["gen"]), entries, UPLOAD_TIMEOUT,
                                 drop_old=lambda: self._drop_tail(dtl, ns, int(new["gen"])))
         return {"volume": volume, "node": self.name, "gen": new["gen"], "dtl_entries": len(entries),
                 "may_be_lost": lost, "seconds": round(time.monotonic() - start, 3)}
+
+    def _tail_risk(self, volume: str, own: dict[str, Any], dtl: dict[str, Any],
+                   owner_alive: bool) -> tuple[str | None, bool]:
+        """What a restart may lose, from the DTL record the owner kept: (what, whether only
+        --force may accept it). (None, False): nothing."""
+        state, mode = dtl.get("state"), dtl.get("mode")
+        if own.get("node") is None or (state == "released" and int(dtl.get("gen", -1)) == int(own["gen"])):
+            return None, False   # handed over cleanly (or never owned): everything is on the backend
+        if mode in (None, "none") or state != "ok" or not dtl.get("peer"):
+            return (f"the DTL of {volume} was {mode or 'none'} / {state or 'unknown'}: writes {own['node']} "
+                    "acknowledged since its last upload"
+                    + (f" ({dtl['unsafe_bytes']} bytes when last recorded)" if dtl.get("unsafe_bytes") else "")
+                    + " may be lost"), True
+        if mode == "async":
+            return (f"the DTL of {volume} is async: up to {self.cfg.dtl.queue_bytes} bytes of the last writes "
+                    f"{own['node']} acknowledged (its queue) may be lost"
+                    + ("; its owner is alive and may acknowledge more until it learns" if owner_alive else "")), False
+        return None, False
+
+    def _fetch(self, volume: str, ns: str, gen: int, dtl: dict[str, Any], force: bool) -> tuple[list[Any], str | None]:
+        """The previous owner's tail from its DTL peer, at generation `gen` (which fences the
+        old owner there). DtlError unless `force` when the peer cannot give it whole."""
+        if dtl.get("state") == "released" or not dtl.get("peer"):
+            return [], None
+        host, port = _hostport(dtl["peer"])
+        try:
+            return fetch_tail(Peer(dtl.get("node") or "?", host, port), ns, gen, self.tls,
+                              incarnation=dtl.get("incarnation") if dtl.get("state") == "ok" else None), None
+        except DtlError as e:
+            if not force:
+                raise DtlError(f"volume {volume} is now owned by {self.name} (generation {gen}) but its DTL "
+                               f"tail could not be read from {dtl['peer']} ({e.message}): it is not served until "
+                               f"`ovsfs volume restart {volume} --on {self.name}` succeeds (when that peer "
+                               "answers), or, without what only that peer held, with --force") from e
+            return [], f"the DTL peer {dtl['peer']} could not give the tail ({e.message}): writes since the last upload may be lost"
+
+    def recover(self, rec: dict[str, Any], gen: int) -> tuple[int, list[Any] | None]:
+        """This node owns `rec` at `gen` but its local write buffer of it is gone (a lost disk,
+        or a crash before it ever opened it): restart it here at the next generation from the
+        backend and the DTL tail, as `restart` does. VolumeFailed when the DTL cannot give
+        what the lost write buffer held (then `volume restart --force` is the way out)."""
+        ns, name = rec["ns"], rec["name"]
+        own = {"node": self.name, "gen": gen}
+        dtl = self.owners.dtl_record(ns) or {}
+        if dtl.get("state") == "released" and int(dtl.get("gen", -1)) == gen:
+            return gen, None    # handed over here: everything is on the backend
+        lost, must_force = self._tail_risk(name, own, dtl, owner_alive=False)
+        if must_force:
+            raise VolumeFailed(f"its local write buffer is gone and {lost}; `ovsfs volume restart {name} "
+                               f"--on {self.name} --force` opens it from the backend alone")
+        new = self.owners.claim(ns, self.name, gen)
+        try:
+            entries, _lost = self._fetch(name, ns, int(new["gen"]), dtl, force=False)
+        except DtlError as e:
+            raise VolumeFailed(e.message) from e
+        log.warning("volume %s: local write buffer gone; restarted here at generation %d with %d DTL entries",
+                    name, new["gen"], len(entries))
+        return int(new["gen"]), entries
 
     # ---- running -------------------------------------------------------------------------
 
@@ -490,6 +596,11 @@ class Member:
             if ticks % 5 == 0:
                 try:
                     self.discover_asds()
+                except ClusterError:
+                    pass
+            if self.engine is not None:
+                try:
+                    self.converge()
                 except ClusterError:
                     pass
             if self.engine is None:
@@ -538,7 +649,7 @@ async def serve(member: Member, engine: Engine, handler: Callable[..., Any], *,
                  cfg.cluster.failure_domain or "-", record.mgmt or "-", record.dtl or "-")
         await trio.to_thread.run_sync(member.discover_asds)
         nursery.start_soon(lambda: trio.to_thread.run_sync(
-            member.watch_owners, max(0.5, cfg.cluster.lease_ttl / 5), abandon_on_cancel=True))
+            member.watch_owners, member.watch_interval, abandon_on_cancel=True))
         task_status.started()
         try:
             await trio.sleep_forever()

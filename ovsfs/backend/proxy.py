@@ -222,6 +222,10 @@ class ProxyStore:
 
     # -- several nodes: fencing and refresh -----------------------------------------
 
+    def fence_gen(self, ns: str) -> int:
+        """The highest owner generation this proxy has seen fenced in ns (0: none)."""
+        return self.fences.known.get(ns, 0)
+
     def fence(self, ns: str, gen: int) -> int:
         """Raise ns's owner generation to `gen` on the ASDs (never lower); returns the
         generation in force. Once it returns no put / put_file / delete of ns with a lower

@@ -77,13 +77,16 @@ def cmd_volume_restart(args: argparse.Namespace) -> int:
 def cmd_volume_dtl(args: argparse.Namespace) -> int:
     res = client_for(args, 60).call("PUT", f"/volumes/{q(args.name)}/dtl", {"mode": args.mode})
     out(args, res, lambda r: print(f"volume {args.name}: DTL mode {r['mode']}"
-                                   + (" (the vPool's)" if r.get("inherited") else "")))
+                                   + (" (the vPool's)" if r.get("inherited") else "")
+                                   + f"; its owner {r.get('owner') or '-'} applies it within "
+                                     f"{r['applies_within']} s"))
     return 0
 
 
 def cmd_vpool_dtl(args: argparse.Namespace) -> int:
     res = client_for(args, 60).call("PUT", f"/vpools/{q(args.name)}/dtl", {"mode": args.mode})
-    out(args, res, lambda r: print(f"vPool {args.name}: default DTL mode {r['mode']}"))
+    out(args, res, lambda r: print(f"vPool {args.name}: default DTL mode {r['mode']}; the owners of its "
+                                   f"volumes apply it within {r['applies_within']} s"))
     return 0
 
 

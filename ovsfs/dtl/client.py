@@ -108,13 +108,21 @@ def _next(pos: Pos) -> Pos:
 
 
 def fetch_tail(peer: Peer, volume: str, gen: int, tls: ssl.SSLContext | None = None,
-               timeout: float = 30.0) -> list[Entry]:
+               timeout: float = 30.0, incarnation: str | None = None) -> list[Entry]:
     """Every entry the peer holds for volume, in position order; raises the peer's gen_seen to
     gen, so the previous owner is fenced there. Fenced when gen is older than the peer has
-    seen; DtlError when the peer cannot be reached or a record is damaged."""
+    seen; DtlError when the peer cannot be reached or a record is damaged, and when it is not
+    the `incarnation` the owner last caught up (it restarted since: its copy may lack part of
+    the tail)."""
     conn = Connection(peer, timeout, tls)
     out: list[Entry] = []
     try:
+        if incarnation is not None:
+            info = wire.decode_json(conn.call(wire.HELLO, volume, gen))
+            if str(info.get("incarnation")) != incarnation:
+                raise DtlError(f"dtl peer {peer} restarted since the owner last caught it up "
+                               f"(incarnation {info.get('incarnation')}, was {incarnation}): "
+                               "its copy of the tail may be incomplete")
         start: Pos = (0, 0)
         while True:
             try:
@@ -426,8 +434,18 @@ class DtlClient:
                 if flushing:
                     job, arg = "sync", self._flush_want
                     break
-                self._cv.wait()
-        if job == "trim":
+                # Idle: ask the peer now and then whether it is still the process we caught
+                # up (a peer restarted without its state while the volume is idle must not be
+                # taken for in sync until the next write).
+                if not self._cv.wait(self.cfg.retry_seconds):
+                    job, arg = "hello", None
+                    break
+        if job == "hello":
+            info = wire.decode_json(self._conn.call(wire.HELLO, self.volume, self.gen))
+            inc = str(info.get("incarnation"))
+            if inc != self._incarnation:
+                raise DtlError(f"dtl peer {self._peer} restarted (incarnation {inc}, was {self._incarnation})")
+        elif job == "trim":
             self._conn.call(wire.TRIM, self.volume, self.gen, wire.encode_pos(arg))
             self._trim_sent = arg
         elif job == "append":

@@ -28,7 +28,7 @@ from ovsfs.engine.recovery import open_volume
 from ovsfs.engine.reopen import mark_failed, retry_failed
 from ovsfs.engine.scrub import scrub_volume
 from ovsfs.engine.names import check_size
-from ovsfs.engine.owners import NodeRole, SingleNode, check_local_state, set_aside
+from ovsfs.engine.owners import NodeRole, SingleNode, check_local_state, local_gen, set_aside
 from ovsfs.engine.volume import Volume, check_name
 from ovsfs.engine.writebuffer import WriteBuffer
 from ovsfs.fsutil import mkdir_durable
@@ -108,7 +108,7 @@ class Engine:
                     except Exception as e:  # noqa: BLE001 - recorded for the parent already
                         raise VolumeFailed(f"its parent volume {prec['name']} could not be opened "
                                            f"({_reason(e)})") from e
-                vol = self._open_record(rec, parent, gens[rec["name"]] or 0)
+                vol = self._open_record(rec, parent, gens[rec["name"]] or 0, recover=True)
             except Exception as e:  # noqa: BLE001 - any reason at all: this volume fails, not the node
                 failed[rec["ns"]] = _reason(e)
                 mark_failed(self.failed, rec, e, _reason(e), str(self.wb_root), self.cfg.engine.reopen_seconds)
@@ -212,11 +212,17 @@ class Engine:
         if gen is None:
             raise NotOwner(f"volume {rec['name']} is owned by {self.role.owner_of(rec['ns']) or 'another node'}")
         parent = self._by_ns(rec["parent"]["ns"]) if rec.get("parent") else None
-        return self._open_record(rec, parent, gen)
+        return self._open_record(rec, parent, gen, recover=True)
 
     def _open_record(self, rec: dict[str, Any], parent: Volume | None, gen: int = 0,
-                     tail_entries: list[Any] | None = None, attach_dtl: bool = True) -> Volume:
-        """Open an existing volume (recovery included); what a failed open holds is released."""
+                     tail_entries: list[Any] | None = None, attach_dtl: bool = True,
+                     recover: bool = False) -> Volume:
+        """Open an existing volume (recovery included); what a failed open holds is released.
+
+        `recover` (a start or a retry, not a handover): when this node owns the volume but its
+        write buffer of it is gone, the node decides how it may open it (role.recover)."""
+        if recover and gen and local_gen(self.wb_root / rec["ns"]) is None:
+            gen, tail_entries = self.role.recover(rec, gen)
         vol = self._volume(rec, parent, gen)
         try:
             open_volume(vol, create=False, tail_entries=tail_entries)

@@ -43,6 +43,10 @@ class NodeRole(Protocol):
         """The DTL a volume opened here ships to (`vol` is the Volume)."""
     def lease(self, vol: Any) -> Any:
         """The volume's OwnerLease (state.py), or None when no other node can take it."""
+    def recover(self, rec: dict[str, Any], gen: int) -> tuple[int, list[Any] | None]:
+        """This node owns `rec` at `gen` but has no local state of it: (generation to open it
+        with, the previous tail to replay or None). VolumeFailed when it must not be opened
+        from the backend alone."""
     def forget(self, ns: str) -> None:
         """The volume is deleted: drop its ownership and DTL records."""
     def owner_of(self, ns: str) -> str | None:
@@ -63,6 +67,9 @@ class SingleNode:
 
     def lease(self, vol: Any) -> Any:
         return None
+
+    def recover(self, rec: dict[str, Any], gen: int) -> tuple[int, list[Any] | None]:
+        return gen, None   # one node: the backend is all there is (the write buffer is gone)
 
     def forget(self, ns: str) -> None:
         return None

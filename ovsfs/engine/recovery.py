@@ -35,7 +35,7 @@ from ovsfs.engine.checkpoint import numbers as _numbers, tlogs_after_checkpoint
 from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap, check_file
 from ovsfs.engine.owners import GEN_SHIFT, gen_floor, mark_local
 from ovsfs.engine.volume import IDX_MASK, Volume, tlog_name
-from ovsfs.errors import NotFound
+from ovsfs.errors import NotFound, NotOwner
 
 log = logging.getLogger("ovsfs.engine.recovery")
 
@@ -63,6 +63,13 @@ def open_volume(vol: Volume, create: bool, preset: str | None = None,
     if vol.gen:
         vol.store.refresh(vol.ns)
         vol.store.fence(vol.ns, vol.gen)
+    elif not create:
+        held = getattr(vol.store, "fence_gen", lambda ns: 0)(vol.ns)
+        if held:
+            # A node without [cluster] etcd on a cluster's backend: serving this volume would
+            # serve stale data and acknowledge writes the backend then refuses.
+            raise NotOwner(f"volume {vol.name} belongs to a cluster (owner generation {held} in the "
+                           "backend): this node runs without [cluster] etcd and does not open it")
     if create:
         vol.store.put(vol.ns, "volume.json", json.dumps(vol.meta).encode())
     backend = set(vol.store.list(vol.ns))
