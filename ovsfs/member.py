@@ -520,6 +520,7 @@ class Member:
         host, port = _hostport(dtl["peer"])
         try:
             return fetch_tail(Peer(dtl.get("node") or "?", host, port), ns, gen, self.tls,
+                              timeout=max(10.0, 4 * self.cfg.dtl.timeout),
                               incarnation=dtl.get("incarnation") if dtl.get("state") == "ok" else None), None
         except DtlError as e:
             if not force:

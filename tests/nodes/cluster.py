@@ -74,10 +74,12 @@ class Cluster:
         assert status == 200, info
         return info
 
-    def wait_dead(self, name: str, timeout: float = 30.0) -> None:
-        """Until the other nodes see `name` as not alive (its lease expired)."""
+    def wait_dead(self, name: str, timeout: float = 30.0, via: str | None = None) -> None:
+        """Until the other nodes (`via`: that one, say when another is frozen) see `name` as
+        not alive (its lease expired)."""
         deadline = time.monotonic() + timeout
-        other = next(d for n, d in zip(self.names, self.nodes) if n != name and d.running())
+        other = self.node(via) if via else next(d for n, d in zip(self.names, self.nodes)
+                                                if n != name and d.running())
         while time.monotonic() < deadline:
             status, nodes = other.api("GET", "/nodes")
             if status == 200 and not next(n for n in nodes if n["name"] == name)["alive"]:
