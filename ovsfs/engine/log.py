@@ -32,7 +32,8 @@ from ovsfs.engine.map import SCO_SHIFT, ZERO_LOC, ClusterMap
 from ovsfs.engine.checkpoint import queue_checkpoint
 from ovsfs.engine.names import sco_name, tlog_name
 from ovsfs.engine.state import VolumeState
-from ovsfs.errors import BackendError, Busy, DataError, Fenced, FsyncError, LocalIOError, NoSpace, OvsfsError, VolumeFailed
+from ovsfs.errors import (BackendError, Busy, DataError, Fenced, FsyncError, LocalIOError, NoSpace, NotOwner,
+                          OvsfsError, VolumeFailed)
 
 
 log = logging.getLogger("ovsfs.engine.log")
@@ -48,10 +49,10 @@ class LogWriter:
         """Before any change: raises Busy (closed), VolumeFailed (failed fsync),
         NoSpace / LocalIOError (the map cannot be rebuilt yet after a full disk)."""
         self.s.check_served()
+        if self.s.released is not None:
+            raise NotOwner(f"volume {self.s.name} is {self.s.released}")
         if self.s.closed or self.s.deleted:
             raise Busy(f"volume {self.s.name} is closed")
-        if self.s.released is not None:
-            raise Busy(f"volume {self.s.name} is {self.s.released}")
         if self.s.failed is not None:
             raise VolumeFailed(f"volume {self.s.name} failed: {self.s.failed}")
         self._ensure_map()

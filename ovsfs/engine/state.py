@@ -21,7 +21,7 @@ from ovsfs.dtl import DtlSink, NoDtl
 from ovsfs.engine.fileio import FileIO
 from ovsfs.engine.map import ClusterMap
 from ovsfs.engine.writebuffer import WriteBuffer
-from ovsfs.errors import Fenced, InvalidArgument, LocalIOError, NotFound, OutOfRange, WouldBlock
+from ovsfs.errors import Fenced, InvalidArgument, LocalIOError, NotFound, NotOwner, OutOfRange, WouldBlock
 
 
 def _not_opened(_segments: Iterable[Any]) -> int:
@@ -155,6 +155,8 @@ class VolumeState:
             self.lease.confirm(self.owner)
         if self.fenced is not None:
             raise Fenced(f"volume {self.name} is served by another node now: {self.fenced}")
+        if self.released is not None and self.closed:
+            raise NotOwner(f"volume {self.name} was handed over to another node")
 
     def check_range(self, offset: int, length: int, size: int | None = None) -> None:
         """Raises InvalidArgument (negative) or OutOfRange (past `size`, default the volume's)."""

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ovsfs.doors.adapter import EXTENTS, READ, TRIM, WRITE, ZEROES, Op
+from ovsfs.errors import Fenced, NotOwner
 from ovsfs.nbd import protocol as P
 from ovsfs.nbd.limits import PART_OVERHEAD, RECV_CHUNK, ConnFlight
 from ovsfs.nbd.negotiation import CONTEXT_ID, Closed, Negotiation
@@ -70,6 +72,7 @@ class Connection(Negotiation):
         self.wake = trio.Event()
         self.drained = trio.Event()
         self.closing = False
+        self.gone: str | None = None      # why the volume is not served here any more
         self.logged: set[tuple[int, int]] = set()
         self.running: list[_Running] = []     # groups under way, in the order received
         self.limits = ctx.limits
@@ -247,7 +250,20 @@ class Connection(Negotiation):
             finally:
                 self.closing = True
                 self.wake.set()
-        return why
+        return f"the volume is served elsewhere now ({self.gone})" if self.gone else why
+
+    def _leave(self, why: str) -> None:
+        """Stop reading requests (the receive loop sees EOF); what is queued is still sent."""
+        if self.gone is not None:
+            return
+        self.gone = why
+        stream = getattr(self.stream, "transport_stream", self.stream)   # TLS wraps the socket
+        sock = getattr(stream, "socket", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
 
     def _error_reply(self, r: Request, code: int, msg: str) -> bytes:
         if self.structured:
@@ -404,6 +420,12 @@ class Connection(Negotiation):
             r = op.tag
             if op.error is not None:
                 code = P.nbd_errno(op.error, r.type)
+                if isinstance(op.error, (Fenced, NotOwner)):
+                    # Another node serves the volume now: say so (ESHUTDOWN, NBD spec
+                    # "Error values") and end the connection, so that a client reconnects
+                    # (to the new owner) instead of passing EIO after EIO to its guest.
+                    code = P.ESHUTDOWN
+                    self._leave(str(op.error))
                 self._log_once((r.type, code), "%s %d+%d failed: %s", r.name, r.offset, r.length,
                                op.error)
                 out.append(self._error_reply(r, code, str(op.error)))

@@ -23,7 +23,7 @@ from ovsfs.cluster.store import ConfigStore
 from ovsfs.engine.engine import Engine
 from ovsfs.engine import tail
 from ovsfs.engine.owners import GEN_SHIFT
-from ovsfs.errors import Busy, Fenced
+from ovsfs.errors import Fenced, NotOwner
 
 from .helpers import crash, small_config
 
@@ -187,7 +187,7 @@ def test_a_moved_volume_refuses_writes_during_the_handover(tmp_path: Path) -> No
     vol.write(0, b"m" * 3 * CS)
     ns = vol.ns
     a.release_volume("v", timeout=10)
-    with pytest.raises(Busy):
+    with pytest.raises(NotOwner):
         vol.write(0, b"late")
     a.role.gens.pop(ns)  # type: ignore[attr-defined]
     b = node(tmp_path, "b", peer, {})

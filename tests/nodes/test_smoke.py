@@ -12,7 +12,10 @@ import pytest
 
 from tests.conftest import Daemon
 
+from ovsfs.nbd.protocol import ESHUTDOWN
+
 from .cluster import Cluster, qemu_io
+from .nbd_client import Nbd
 
 
 @pytest.fixture
@@ -40,9 +43,15 @@ def test_lost_owner_restart_and_move(cluster: Cluster) -> None:
     n2.cli("volume", "restart", "v", "--on", "n2")
     qemu_io(cluster.nbd_uri("n2", "v"), "read -P 0xab 0 4k", "read -P 0xcd 4k 512", "read -P 0xab 8k 1016k")
     assert cluster.owner("v")["owner"] == {"node": "n2", "gen": 2}
-    # A clean handover to n3.
+    # A clean handover to n3. A client of n2 is told (ESHUTDOWN) and disconnected, so that it
+    # reconnects rather than getting EIO for ever.
+    client = Nbd(n2.nbd_socket, "v")
+    assert client.write(3 << 20, b"\x33" * 4096) == 0
     n2.cli("volume", "move", "v", "n3")
-    qemu_io(cluster.nbd_uri("n3", "v"), "read -P 0xcd 4k 512", "write -P 0x11 2M 4k")
+    assert client.write(3 << 20, b"\x34" * 4096) in (ESHUTDOWN, Nbd.EOF)
+    assert client.read(0, 4096)[0] == Nbd.EOF
+    client.close()
+    qemu_io(cluster.nbd_uri("n3", "v"), "read -P 0xcd 4k 512", "write -P 0x11 2M 4k", "read -P 0x33 3M 4k")
     listed = {v["name"]: v for v in n2.cli_json("volume", "list")}
     assert listed["v"]["state"] == "remote" and listed["v"]["owner"] == "n3"
 
