@@ -310,9 +310,17 @@ class Member:
         except ClusterError as e:
             nodes, vols, state = [], {}, f"unreachable: {e.message}"
         attention = []
-        for d in self.kv.list("/dtl/").values() if state == "ok" else []:
+        names = {r["ns"]: r["name"] for r in vols.values()}
+        alive = {n["name"] for n in nodes if n.get("alive")}
+        for key, d in (self.kv.list("/dtl/").items() if state == "ok" else []):
+            name = names.get(key[len("/dtl/"):], key)
             if d.get("state") not in ("ok", "released") and d.get("mode") != "none":
-                attention.append(f"volume namespace of owner {d.get('owner')}: DTL {d.get('state')}")
+                attention.append(f"volume {name} (owner {d.get('owner')}): DTL {d.get('state')}")
+        for key, own in (self.kv.list("/owners/").items() if state == "ok" else []):
+            name = names.get(key[len("/owners/"):])
+            if name and own["node"] not in alive:
+                attention.append(f"volume {name}: its owner {own['node']} is not alive "
+                                 f"(`ovsfs volume restart {name} --on NODE`)")
         owned = len(self.engine.volumes) if self.engine else 0
         return {"node": self.name, "failure_domain": self.cfg.cluster.failure_domain,
                 "etcd": self.cfg.cluster.etcd, "prefix": self.cfg.cluster.prefix, "etcd_state": state,
@@ -640,7 +648,11 @@ async def serve(member: Member, engine: Engine, handler: Callable[..., Any], *,
     async with trio.open_nursery() as nursery:
         dtl_port = 0
         if member.dtl_server is not None:
-            dtl_port = await nursery.start(member.dtl_server.serve)
+            try:
+                dtl_port = await nursery.start(member.dtl_server.serve)
+            except OSError as e:
+                raise OvsfsError(f"the DTL server cannot listen on {cfg.dtl.host}:{cfg.dtl.port} "
+                                 f"(dtl.host / dtl.port): {e.strerror or e}") from None
         mgmt_port = 0
         if cfg.cluster.mgmt_port:
             _host, mgmt_port = await nursery.start(serve_tcp, cfg.cluster.mgmt_host, cfg.cluster.mgmt_port, handler)
