@@ -137,8 +137,7 @@ class DtlServer:
     async def _request(self, op: int, rid: int, volume: str, gen: int, payload: bytes) -> bytes:
         """Run one request; the reply frame. Malformed propagates (closes the connection)."""
         try:
-            if op == wire.APPEND:
-                entries = wire.decode_entries(payload)
+            if op in (wire.APPEND, wire.HELLO):
                 # An owner already known to be stale here is refused at once: asking the
                 # cluster store first would make it wait for an etcd that may be away, time
                 # out, and take the peer for unreachable (degrade and acknowledge alone).
@@ -146,8 +145,15 @@ class DtlServer:
                 newest = max(known.gen_seen if known else 0, self._floors.get(volume, (0, 0))[1])
                 if gen < newest:
                     raise Fenced(f"volume {volume}: owner generation {gen} is older than {newest}")
+            if op == wire.APPEND:
+                entries = wire.decode_entries(payload)
                 floor = await self._recheck(volume)
                 body = await trio.to_thread.run_sync(self._append, volume, gen, entries, floor)
+            elif op == wire.HELLO and known is not None and known.gen_seen == gen:
+                # This owner has been here before (a reconnect, or an idle client asking
+                # whether this server restarted): as lenient as an append about etcd.
+                floor = await self._recheck(volume)
+                body = await trio.to_thread.run_sync(self._hello, volume, gen, floor)
             elif op == wire.HELLO:
                 floor = await trio.to_thread.run_sync(self.cluster_gen, volume)
                 self._floors[volume] = (trio.current_time(), floor)

@@ -17,6 +17,7 @@ log = logging.getLogger("ovsfs.member")
 # 1 with a margin: etcd lets the node lease run out no sooner than a ttl after it received
 # the renewal, and only then can another node restart the volume.
 LEASE_SHARE = 0.85
+CONFIRM_RETRY = 2.0   # seconds a failed confirmation answers for (etcd away: fail fast)
 
 # `member` below is the Member (ovsfs/member/core.py), which builds these: typed Any.
 
@@ -80,17 +81,24 @@ class NodeLease:
 
     def __init__(self, member: Any) -> None:
         self.m = member
+        self._failed: tuple[float, str] | None = None   # (when, why) the last confirm failed
 
     def valid(self) -> bool:
         reg = self.m.node_registry
         return time.monotonic() < reg.last_renewed + LEASE_SHARE * reg.ttl
 
     def confirm(self, vol: Any) -> None:
+        failed = self._failed
+        if failed is not None and time.monotonic() - failed[0] < CONFIRM_RETRY:
+            raise ClusterError(failed[1])   # etcd just failed: do not wait for it per request
         try:
             rec = self.m.owners.owner(vol.ns)
         except ClusterError as e:
-            raise ClusterError(f"volume {vol.name}: this node cannot confirm it still owns it "
-                               f"(its cluster lease ran out and {e.message})") from None
+            why = (f"volume {vol.name}: this node cannot confirm it still owns it "
+                   f"(its cluster lease ran out and {e.message})")
+            self._failed = (time.monotonic(), why)
+            raise ClusterError(why) from None
+        self._failed = None
         if rec is None or rec["node"] != self.m.name or int(rec["gen"]) != vol.gen:
             raise vol.log.halt(f"its owner is {rec['node'] if rec else 'nobody'} at generation "
                                f"{rec['gen'] if rec else '-'} now")
