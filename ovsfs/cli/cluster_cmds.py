@@ -1,7 +1,7 @@
 """`ovsfs` commands of a cluster: cluster status, node list, volume move / restart, DTL modes.
 
 They talk to the local node's daemon like every command; the daemon reaches the other
-nodes (ovsfs/member.py).
+nodes (ovsfs/member/).
 """
 
 from __future__ import annotations

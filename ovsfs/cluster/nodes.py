@@ -139,7 +139,7 @@ class NodeRegistry:
     def _keepalive_loop(self) -> None:
         assert self.record is not None
         name = self.record.name
-        # Every quarter ttl: the owner lease (ovsfs/member.py) lasts 0.85 ttl from a renewal,
+        # Every quarter ttl: the owner lease (ovsfs/member/role.py) lasts 0.85 ttl from a renewal,
         # so etcd may be away for 0.6 ttl before volumes stop serving.
         period = self.ttl / 4
         failing = False

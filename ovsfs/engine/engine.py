@@ -407,7 +407,7 @@ class Engine:
             shutil.rmtree(vol.dir, ignore_errors=True)
             log.info("deleted volume %s", name)
 
-    # ---- ownership changes (several nodes; ovsfs/member.py decides, handover.py does) -----
+    # ---- ownership changes (several nodes; ovsfs/member/ decides, handover.py does) -----
 
     def take_volume(self, name: str, gen: int, tail_entries: list[Any] | None = None,
                     timeout: float | None = None, drop_old: Callable[[], None] | None = None) -> Volume:

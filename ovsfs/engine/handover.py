@@ -1,4 +1,4 @@
-"""Changes of owner as the engine carries them out (ovsfs/member.py decides when): a
+"""Changes of owner as the engine carries them out (ovsfs/member/ decides when): a
 move's source releases a volume, its target or a restart takes it, a node that finds
 itself replaced drops it. See ovsfs/engine/owners.py for generations and local state.
 """

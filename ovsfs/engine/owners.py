@@ -1,6 +1,6 @@
 """Ownership as the engine sees it: which volumes this node serves, with which owner
 generation, and where their DTL goes. The node around the engine decides (one node:
-`SingleNode`; several: ovsfs/member.py on etcd); the engine only asks.
+`SingleNode`; several: ovsfs/member/ on etcd); the engine only asks.
 
 Local state and generations: a volume's write-buffer directory records the generation it
 was written under (`owner.json`). Opening with another generation means some other node

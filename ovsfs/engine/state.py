@@ -68,7 +68,7 @@ class VolumeState:
     # refusal from the backend or the DTL). Reads and writes fail with Fenced from then on.
     fenced: str | None = None
     # Several nodes: whether this node may still take itself for the owner without asking
-    # the cluster store (ovsfs/member.py; None on one node). See check_served.
+    # the cluster store (ovsfs/member/role.py; None on one node). See check_served.
     lease: "OwnerLease | None" = None
     # Set while the volume is handed over (no more writes: everything goes to the backend).
     released: str | None = None

@@ -1,6 +1,6 @@
 """Management API routes of a node in a cluster: nodes, ownership moves and restarts, DTL.
 
-The work is done by the node's cluster member (ovsfs/member.py), handed in as a
+The work is done by the node's cluster member (ovsfs/member/), handed in as a
 `ClusterOps`; this module only maps HTTP onto it. A node without `[cluster] etcd`
 answers these routes with 400 and says so. Moves and restarts wait for uploads and for
 another node: they run on worker threads of their own, never the event loop.
