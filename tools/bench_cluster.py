@@ -47,44 +47,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ovsfs.cluster.etcd_launch import EtcdCluster, free_ports
-from ovsfs.cli.client import UnixConnection
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ovsfs.cli.client import UnixConnection  # noqa: E402 - after the path above
+from ovsfs.cluster.etcd_launch import EtcdCluster, free_ports  # noqa: E402
+from ovsfs.mgmt.units import parse_size  # noqa: E402
+from tests.conftest import OVSFS, to_toml  # noqa: E402 - the node config the tests write
 
 SYS_ENV = {**os.environ, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
 MODES = ["none", "async", "sync"]
 VOL_SIZE = 1 << 30
-
-
-def _ovsfs_bin() -> str:
-    here = Path(sys.executable).with_name("ovsfs")
-    return str(here if here.exists() else Path(__file__).resolve().parents[1] / ".venv" / "bin" / "ovsfs")
-
-
-OVSFS = _ovsfs_bin()
-
-
-def parse_size(s: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    return int(s[:-1]) * units[s[-1].lower()] if s[-1].lower() in units else int(s)
-
-
-def to_toml(cfg: dict[str, Any]) -> str:
-    """Sections of scalars and lists only: all a node config needs."""
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)              # a JSON string is a valid TOML basic string
-        return "[" + ", ".join(val(x) for x in v) + "]"
-    out = []
-    for section, values in cfg.items():
-        out.append(f"[{section}]")
-        out += [f"{k} = {val(v)}" for k, v in values.items()]
-        out.append("")
-    return "\n".join(out)
-
 
 
 # ---- processes -----------------------------------------------------------------------------

@@ -25,8 +25,7 @@ import struct
 import subprocess
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -40,16 +39,6 @@ from .cluster import Cluster
 from .nbd_client import KiB, Nbd, block, connect
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def cluster(request: pytest.FixtureRequest, tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> Any:
-    # A test may ask for a longer node lease: @pytest.mark.parametrize("cluster", [10], indirect=True)
-    c = Cluster(tmp_path, daemon_factory, lease_ttl=getattr(request, "param", 3))
-    try:
-        yield c.start()
-    finally:
-        c.stop()
 
 
 # ---- the backend as seen from outside any node -----------------------------------------------
@@ -121,7 +110,7 @@ def test_frozen_owner_is_fenced_and_halts(cluster: Cluster) -> None:
     finally:
         os.kill(n1.pid, signal.SIGCONT)
 
-    magic, err, _cookie = struct.unpack(">IIQ", old._recv(16))
+    magic, err, _cookie = struct.unpack(">IIQ", old.recv(16))
     assert magic == P.SIMPLE_REPLY_MAGIC and err != 0, "a write to the fenced owner was acknowledged"
     refused = 1
     deadline = time.monotonic() + 3.0
@@ -385,7 +374,7 @@ def test_stale_generation_refusals_halt_never_degrade(cluster: Cluster) -> None:
         try:
             old.s.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, 7, 0, KiB) + block(3, 0))
             os.kill(n1.pid, signal.SIGCONT)
-            magic, err, _cookie = struct.unpack(">IIQ", old._recv(16))
+            magic, err, _cookie = struct.unpack(">IIQ", old.recv(16))
             assert err != 0, "a write to the fenced owner was acknowledged"
             for i in range(1, 40):
                 assert old.write(i * KiB, block(3, i)) != 0, f"write {i} acknowledged by the fenced owner"
@@ -461,7 +450,7 @@ def test_thawed_owner_never_serves_a_stale_read(cluster: Cluster) -> None:
         old.s.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, 7, 0, KiB))
     finally:
         os.kill(n1.pid, signal.SIGCONT)
-    _magic, err, _cookie = struct.unpack(">IIQ", old._recv(16))
-    data = old._recv(KiB) if err == 0 else b""
+    _magic, err, _cookie = struct.unpack(">IIQ", old.recv(16))
+    data = old.recv(KiB) if err == 0 else b""
     old.close()
     assert err != 0, f"the thawed owner answered a read with {'its stale copy' if data == block(1, 0) else data[:16]!r}"

@@ -21,24 +21,12 @@ from tests.conftest import Daemon
 
 from .acked import BS, AckedWriter, check_all_acked, read_blocks, visible_prefix
 from .cluster import Cluster
+from .conftest import make_cluster
 
 VOL = "v"
 BLOCKS = 2048                  # the writers' region: 8 MiB of the volume
 ROUNDS = 10
 ASYNC_QUEUE = 256 << 10        # dtl.queue_bytes of the async test: 64 writes of 4 KiB
-
-
-def make_cluster(tmp_path: Path, daemon_factory: Callable[..., Daemon], **kw: Any) -> Any:
-    c = Cluster(tmp_path, daemon_factory, **kw)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> Any:
-    yield from make_cluster(tmp_path, daemon_factory)
 
 
 @pytest.fixture

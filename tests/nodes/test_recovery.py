@@ -16,23 +16,8 @@ import os
 import shutil
 import signal
 import time
-from pathlib import Path
-from typing import Any, Callable
-
-import pytest
-
-from tests.conftest import Daemon
 
 from .cluster import Cluster, qemu_io
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> Any:
-    c = Cluster(tmp_path, daemon_factory)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
 
 
 def peer_of(cluster: Cluster, volume: str, owner: str) -> str:

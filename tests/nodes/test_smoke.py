@@ -6,9 +6,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
-
-import pytest
+from typing import Callable
 
 from tests.conftest import Daemon
 
@@ -16,15 +14,6 @@ from ovsfs.nbd.protocol import ESHUTDOWN
 
 from .cluster import Cluster, qemu_io
 from .nbd_client import Nbd
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> Any:
-    c = Cluster(tmp_path, daemon_factory)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
 
 
 def test_lost_owner_restart_and_move(cluster: Cluster) -> None:
