@@ -98,14 +98,13 @@ class Member(DtlWiring, OwnerChanges):
             raise err
         return data
 
-    def nodes_info(self) -> list[dict[str, Any]]:
+    def nodes(self, owners: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every node with `alive` and how many volumes it owns. `owners`: the /owners/
+        records, when the caller has read them already."""
         count: dict[str, int] = {}
-        for rec in self.kv.list("/owners/").values():
+        for rec in (self.kv.list("/owners/") if owners is None else owners).values():
             count[rec["node"]] = count.get(rec["node"], 0) + 1
         return [{**n.to_dict(), "volumes": count.get(n.name, 0)} for n in self.node_registry.list_nodes()]
-
-    def nodes(self) -> list[dict[str, Any]]:
-        return self.nodes_info()
 
     def remote_volumes(self, vpool: str | None) -> list[dict[str, Any]]:
         here = set(self.engine.volumes) if self.engine else set()
@@ -123,19 +122,21 @@ class Member(DtlWiring, OwnerChanges):
 
     def status(self) -> dict[str, Any]:
         try:
-            nodes = self.nodes_info()
+            owners = self.kv.list("/owners/")
+            nodes = self.nodes(owners)
             vols = self.kv.list("/volumes/")
+            dtls = self.kv.list("/dtl/")
             state = "ok"
         except ClusterError as e:
-            nodes, vols, state = [], {}, f"unreachable: {e.message}"
+            owners, nodes, vols, dtls, state = {}, [], {}, {}, f"unreachable: {e.message}"
         attention = []
         names = {r["ns"]: r["name"] for r in vols.values()}
         alive = {n["name"] for n in nodes if n.get("alive")}
-        for key, d in (self.kv.list("/dtl/").items() if state == "ok" else []):
+        for key, d in dtls.items():
             name = names.get(key[len("/dtl/"):], key)
             if d.get("state") not in ("ok", "released") and d.get("mode") != "none":
                 attention.append(f"volume {name} (owner {d.get('owner')}): DTL {d.get('state')}")
-        for key, own in (self.kv.list("/owners/").items() if state == "ok" else []):
+        for key, own in owners.items():
             name = names.get(key[len("/owners/"):])
             if name and own["node"] not in alive:
                 attention.append(f"volume {name}: its owner {own['node']} is not alive "
@@ -210,30 +211,23 @@ class Member(DtlWiring, OwnerChanges):
         ticks = 0
         while not self._stop.wait(interval):
             ticks += 1
-            if ticks % 5 == 0:
-                try:
+            try:
+                if ticks % 5 == 0:
                     self.discover_asds()
-                except ClusterError:
-                    pass
-            if self.engine is not None:
-                try:
-                    self.converge()
-                except ClusterError:
-                    pass
-            if self.engine is None:
+                if self.engine is not None:
+                    self._watch_round(self.engine)
+            except ClusterError:
+                pass   # cannot tell now: the DTL and the backend still fence
+
+    def _watch_round(self, engine: Engine) -> None:
+        owners = self.kv.list("/owners/")
+        for name, vol in list(engine.volumes.items()):
+            rec = owners.get(f"/owners/{vol.ns}")
+            if rec is not None and (rec["node"] != self.name or int(rec["gen"]) != vol.gen):
+                engine.drop_volume(name, f"its owner is {rec['node']} at generation {rec['gen']} now")
                 continue
-            for name, vol in list(self.engine.volumes.items()):
-                try:
-                    rec = self.owners.owner(vol.ns)
-                except ClusterError:
-                    break   # cannot tell: the DTL and the backend still fence
-                if rec is not None and (rec["node"] != self.name or int(rec["gen"]) != vol.gen):
-                    self.engine.drop_volume(name, f"its owner is {rec['node']} at generation {rec['gen']} now")
-                    continue
-                try:
-                    self._refresh_dtl_record(vol)
-                except ClusterError:
-                    break
+            self._refresh_dtl_record(vol)
+        self.converge(owners)
 
     def close(self) -> None:
         self._stop.set()

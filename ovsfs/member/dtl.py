@@ -23,6 +23,12 @@ def _hostport(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def released(dtl: dict[str, Any] | None, gen: int) -> bool:
+    """The DTL record says the volume was handed over cleanly at owner generation `gen`:
+    everything is on the backend and no tail is needed."""
+    return bool(dtl) and dtl.get("state") == "released" and int(dtl.get("gen", -1)) == gen  # type: ignore[union-attr]
+
+
 class DtlWiring:
     """Mixed into Member (ovsfs/member/core.py), whose attributes it uses: cfg, kv, owners,
     node_registry, name, tls, and the locks and caches made in Member.__init__."""
@@ -31,10 +37,12 @@ class DtlWiring:
         rec = self.owners.owner(ns)
         return int(rec["gen"]) if rec else 0
 
-    def dtl_mode(self, meta: dict[str, Any]) -> str:
-        """A volume's DTL mode: its own setting, else its vPool's, else `dtl.mode`."""
+    def dtl_mode(self, meta: dict[str, Any], modes: dict[str, Any] | None = None) -> str:
+        """A volume's DTL mode: its own setting, else its vPool's, else `dtl.mode`. `modes`:
+        the /dtl_mode/ records, when the caller has read them already (one read for all)."""
+        modes = self.kv.list(MODES) if modes is None else modes
         for key in (f"{MODES}volume/{meta['ns']}", f"{MODES}vpool/{meta['vpool']}"):
-            mode = self.kv.get(key)
+            mode = modes.get(key)
             if mode in ("none", "async", "sync"):
                 return mode
         return self.cfg.dtl.mode

@@ -12,7 +12,7 @@ from typing import Any
 from ovsfs.dtl import Peer
 from ovsfs.dtl.client import fetch_tail
 from ovsfs.errors import AlreadyExists, Busy, ClusterError, DtlError, InvalidArgument, NotOwner, OvsfsError, VolumeFailed
-from ovsfs.member.dtl import MODES, _hostport
+from ovsfs.member.dtl import MODES, _hostport, released
 
 log = logging.getLogger("ovsfs.member")
 
@@ -39,17 +39,15 @@ class OwnerChanges:
             return self._call(own["node"], "POST", f"/volumes/{volume}/move", {"node": node})
         if node == self.name:
             raise InvalidArgument(f"volume {volume} is served by {node} already")
-        self._check_alone(volume)
-        target = self._node(node)
-        if target.alive:
-            # Answers at all (a frozen node keeps its lease for a while): checked before the
-            # volume stops serving here, so a dead target changes nothing.
-            try:
-                self._call(node, "GET", "/status", timeout=PING_TIMEOUT)
-            except ClusterError as e:
-                raise Busy(f"node {node} cannot take volume {volume} now: {e.message}") from None
-        if not target.alive:
+        self._check_alone(rec)
+        if not self._node(node).alive:
             raise Busy(f"node {node} is not alive: it cannot take volume {volume}")
+        # Answers at all (a frozen node keeps its lease for a while): checked before the
+        # volume stops serving here, so a dead target changes nothing.
+        try:
+            self._call(node, "GET", "/status", timeout=PING_TIMEOUT)
+        except ClusterError as e:
+            raise Busy(f"node {node} cannot take volume {volume} now: {e.message}") from None
         start = time.monotonic()
         mode = self.dtl_mode(rec)
         self.engine.release_volume(volume, UPLOAD_TIMEOUT)
@@ -64,13 +62,14 @@ class OwnerChanges:
         self._call(node, "POST", f"/volumes/{volume}/take", {"gen": new["gen"]})
         return {"volume": volume, "node": node, "gen": new["gen"], "seconds": round(time.monotonic() - start, 3)}
 
-    def _check_alone(self, volume: str) -> None:
-        """Clones read through their parent's map on the same node: neither moves alone."""
-        assert self.engine is not None
-        vol = self.engine.volume(volume)
-        if vol.parent is not None or self.engine._has_clones(vol, None):
-            raise Busy(f"volume {volume} is a clone or has clones: a clone is served where its parent is, "
-                       "and they cannot change owner yet")
+    def _check_alone(self, rec: dict[str, Any]) -> None:
+        """Clones read through their parent's map on the same node: neither changes owner
+        alone (Busy). `rec`: the volume's registry record."""
+        ns = rec["ns"]
+        if rec.get("parent") or any((r.get("parent") or {}).get("ns") == ns
+                                    for r in self.kv.list("/volumes/").values()):
+            raise Busy(f"volume {rec['name']} is a clone or has clones: a clone is served where its parent "
+                       "is, and they cannot change owner yet")
 
     def take(self, volume: str, gen: int, force: bool = False) -> dict[str, Any]:
         """Node-to-node, after a move's commit point: open the volume given to this node."""
@@ -92,21 +91,21 @@ class OwnerChanges:
                 self._taking.discard(volume)
         return {"volume": volume, "node": self.name, "gen": gen, "seconds": round(time.monotonic() - start, 3)}
 
-    def converge(self) -> None:
+    def converge(self, owners: dict[str, Any] | None = None) -> None:
         """One round of putting this node in line with the cluster store: open what was
         handed to it and is not open (a move whose target was frozen or restarting when the
         owner record changed: everything is on the backend then), and give each open volume
-        the DTL mode set for it (on any node, for it or its vPool)."""
+        the DTL mode set for it (on any node, for it or its vPool). `owners`: the /owners/
+        records, when the caller has read them already."""
         assert self.engine is not None
-        owners = self.kv.list("/owners/")
+        owners = self.kv.list("/owners/") if owners is None else owners
         modes = self.kv.list(MODES)
         for rec in self.kv.list("/volumes/").values():
             own = owners.get(f"/owners/{rec['ns']}")
             if (own is None or own["node"] != self.name or rec["name"] in self.engine.volumes
                     or rec["name"] in self.engine.failed or rec["name"] in self._taking):
                 continue
-            dtl = self.owners.dtl_record(rec["ns"]) or {}
-            if dtl.get("state") == "released" and int(dtl.get("gen", -1)) == int(own["gen"]):
+            if released(self.owners.dtl_record(rec["ns"]), int(own["gen"])):
                 log.info("volume %s was handed to this node (generation %s) and is not open: opening it",
                          rec["name"], own["gen"])
                 try:
@@ -114,8 +113,7 @@ class OwnerChanges:
                 except OvsfsError as e:
                     log.warning("volume %s not opened: %s", rec["name"], e.message)
         for vol in list(self.engine.volumes.values()):
-            want = (modes.get(f"{MODES}volume/{vol.ns}") or modes.get(f"{MODES}vpool/{vol.vpool}")
-                    or self.cfg.dtl.mode)
+            want = self.dtl_mode(vol.meta, modes)
             st = vol.state
             if st.dtl.mode != want and st.fenced is None and st.released is None and not st.closed:
                 log.info("volume %s: DTL mode %s -> %s", vol.name, st.dtl.mode, want)
@@ -139,9 +137,7 @@ class OwnerChanges:
             return self._call(on, "POST", f"/volumes/{volume}/restart", {"on": on, "force": force})
         rec = self._volume_rec(volume)
         ns = rec["ns"]
-        if rec.get("parent") or any((r.get("parent") or {}).get("ns") == ns for r in self.kv.list("/volumes/").values()):
-            raise Busy(f"volume {volume} is a clone or has clones: a clone is served where its parent is, "
-                       "and they cannot change owner yet")
+        self._check_alone(rec)
         own = self.owners.owner(ns) or {"node": None, "gen": 0}
         if volume in self.engine.volumes and own["node"] == self.name:
             raise AlreadyExists(f"volume {volume} is served by {self.name} already")
@@ -172,7 +168,7 @@ class OwnerChanges:
         """What a restart may lose, from the DTL record the owner kept: (what, whether only
         --force may accept it). (None, False): nothing."""
         state, mode = dtl.get("state"), dtl.get("mode")
-        if own.get("node") is None or (state == "released" and int(dtl.get("gen", -1)) == int(own["gen"])):
+        if own.get("node") is None or released(dtl, int(own["gen"])):
             return None, False   # handed over cleanly (or never owned): everything is on the backend
         if mode in (None, "none") or state != "ok" or not dtl.get("peer"):
             return (f"the DTL of {volume} was {mode or 'none'} / {state or 'unknown'}: writes {own['node']} "
@@ -211,7 +207,7 @@ class OwnerChanges:
         ns, name = rec["ns"], rec["name"]
         own = {"node": self.name, "gen": gen}
         dtl = self.owners.dtl_record(ns) or {}
-        if dtl.get("state") == "released" and int(dtl.get("gen", -1)) == gen:
+        if released(dtl, gen):
             return gen, None    # handed over here: everything is on the backend
         lost, must_force = self._tail_risk(name, own, dtl, owner_alive=False)
         if must_force:
