@@ -29,26 +29,21 @@ class OwnedStore:
     def _owned(self) -> dict[str, int]:
         return {"gen": self.gen} if self.gen else {}
 
-    def put(self, ns: str, name: str, data: bytes | memoryview) -> None:
+    def _write(self, fn: Callable[..., None], *args: Any) -> None:
         try:
-            self.store.put(ns, name, data, **self._owned())
+            fn(*args, **self._owned())
         except Fenced as e:
             self.on_fenced(e.message)
             raise
+
+    def put(self, ns: str, name: str, data: bytes | memoryview) -> None:
+        self._write(self.store.put, ns, name, data)
 
     def put_file(self, ns: str, name: str, path: Path) -> None:
-        try:
-            self.store.put_file(ns, name, path, **self._owned())
-        except Fenced as e:
-            self.on_fenced(e.message)
-            raise
+        self._write(self.store.put_file, ns, name, path)
 
     def delete(self, ns: str, name: str) -> None:
-        try:
-            self.store.delete(ns, name, **self._owned())
-        except Fenced as e:
-            self.on_fenced(e.message)
-            raise
+        self._write(self.store.delete, ns, name)
 
     def __getattr__(self, name: str) -> Any:
         # get, get_range, list, namespaces, usage, create_namespace ...: not owner writes.
