@@ -78,6 +78,13 @@ class DtlWiring:
                "unsafe_bytes": status.get("unsafe_bytes"), "time": time.time()}
         try:
             with self._dtl_rec_lock:
+                if not rec["peer"] and rec["mode"] != "none":
+                    # The peer is lost: the record keeps naming the last one of this owner
+                    # generation, which still holds the tail up to when it was lost. A forced
+                    # restart reads that prefix from it instead of nothing.
+                    prev = self.owners.dtl_record(ns) or {}
+                    if prev.get("gen") == gen and prev.get("peer"):
+                        rec.update(node=prev.get("node"), peer=prev["peer"], incarnation=prev.get("incarnation"))
                 written = self.owners.set_dtl_record(ns, rec)
             if not written:
                 log.warning("DTL record of %s not written: generation %d is not the newest any more", ns, gen)

@@ -12,6 +12,7 @@ nodes, three etcd members and six ASDs:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -122,3 +123,38 @@ def test_restart_whose_peer_cannot_give_the_tail_is_finished_later(cluster: Clus
         os.kill(n2.pid, signal.SIGCONT)
     n3.cli("volume", "restart", "v", "--on", "n3")
     qemu_io(cluster.nbd_uri("n3", "v"), "read -P 0x5a 0 512k")
+
+
+def test_forced_restart_reads_the_tail_of_the_last_peer(cluster: Cluster) -> None:
+    """The owner's peer and the third node die (the owner goes on alone), then the owner is
+    lost with its disk: a forced restart on the node that was its peer replays the tail that
+    peer still holds (what it had when it was lost), not nothing."""
+    n1 = cluster.node("n1")
+    n1.cli("volume", "create", "v", "--size", "64M")
+    name = peer_of(cluster, "v", "n1")
+    peer = cluster.node(name)
+    third = next(d for n, d in zip(cluster.names, cluster.nodes) if n not in ("n1", name))
+    asds = list(cluster.asds.procs.values())
+    for p in asds:
+        os.kill(p.pid, signal.SIGSTOP)        # nothing reaches the backend from here on
+    try:
+        qemu_io(cluster.nbd_uri("n1", "v"), "write -P 0x5a 0 1M", "flush")
+        peer.kill()
+        third.kill()
+        qemu_io(cluster.nbd_uri("n1", "v"), "write -P 0x77 2M 64k")   # only on n1 now
+        deadline = time.monotonic() + 30
+        while n1.cli_json("volume", "info", "v")["dtl"]["state"] != "standalone":   # no peer left
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        n1.kill()
+        shutil.rmtree(n1.state / "wb")
+    finally:
+        for p in asds:
+            os.kill(p.pid, signal.SIGCONT)
+    time.sleep(cluster.lease_ttl + 1)          # every lease ran out (no node is up to ask)
+    peer.start()                               # the peer comes back with the tail it held
+    r = peer.cli("volume", "restart", "v", "--on", name, check=False)
+    assert r.returncode == 1 and "--force" in r.stderr, r.stderr
+    reply = json.loads(peer.cli("volume", "restart", "v", "--on", name, "--force", "--json").stdout)
+    assert reply["dtl_entries"] > 0 and "may be lost" in reply["may_be_lost"], reply
+    qemu_io(cluster.nbd_uri(name, "v"), "read -P 0x5a 0 1M")
