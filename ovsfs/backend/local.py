@@ -11,10 +11,11 @@ anything, in this process or another. Dot files are invisible to `list`.
 
 from __future__ import annotations
 
+
 import fcntl
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -99,7 +100,8 @@ class LocalStore:
                 os.rename(tmp, base / FENCE_FILE)
                 fsync_path(base)
             except OSError as e:
-                tmp.unlink(missing_ok=True)
+                with suppress(OSError):   # a read-only backend fails this too
+                    tmp.unlink(missing_ok=True)
                 raise BackendError(f"fence of {ns} failed: {e.strerror}") from e
             return gen
 
