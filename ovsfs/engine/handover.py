@@ -76,6 +76,7 @@ def release(engine: Any, name: str, timeout: float | None = None) -> None:
         vol.log.check_open()
         vol.seal()
         vol.state.released = "being handed over to another node"
+    log.info("volume %s: handing over: writes wait while what is not on the backend yet is uploaded", name)
     try:
         vol.flush()
         vol.commit()
