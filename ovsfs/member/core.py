@@ -64,7 +64,7 @@ class Member(DtlWiring, OwnerChanges):
         self._dtl_rec_lock = threading.Lock()      # DTL records written in the order read
         self._unsafe_recorded: dict[str, int] = {}  # ns -> unsafe_bytes last recorded out of sync
         self._taking: set[str] = set()      # volumes being opened by take() now
-        self._taking_lock = threading.Lock()
+        self._taking_lock = threading.Condition()
         self.watch_interval = max(0.5, cfg.cluster.lease_ttl / 5)   # seconds between owner-watch rounds
         self._http = httpx.Client(timeout=httpx.Timeout(CALL_TIMEOUT, connect=5.0), trust_env=False)
 

@@ -80,15 +80,19 @@ class OwnerChanges:
             raise NotOwner(f"volume {volume} is not given to {self.name} at generation {gen} (owner: {own})")
         start = time.monotonic()
         with self._taking_lock:
-            if volume in self._taking:
-                raise Busy(f"volume {volume} is being opened on {self.name} already")
+            # The move's own call and this node's watch round (converge) may both take it:
+            # the second waits for the first rather than failing the move.
+            while volume in self._taking:
+                self._taking_lock.wait()
+            if volume in self.engine.volumes:
+                return {"volume": volume, "node": self.name, "gen": gen, "seconds": 0.0}
             self._taking.add(volume)
         try:
-            if volume not in self.engine.volumes:
-                self.engine.take_volume(volume, gen)
+            self.engine.take_volume(volume, gen)
         finally:
             with self._taking_lock:
                 self._taking.discard(volume)
+                self._taking_lock.notify_all()
         return {"volume": volume, "node": self.name, "gen": gen, "seconds": round(time.monotonic() - start, 3)}
 
     def converge(self, owners: dict[str, Any] | None = None) -> None:
