@@ -190,13 +190,16 @@ class Fences:
             return None
 
 
-def take_back(clients: list[Any], key: str, restore: bytes | None, guard: tuple[str, int]) -> None:
+def take_back(clients: list[Any], key: str, restore: bytes | None, guard: tuple[str, int]) -> int:
     """Undo a refused owner write on the ASDs where it landed: put back `restore` (what the
     key held before, as this proxy knows it) or delete the key. Still guarded, so an ASD
     fenced meanwhile keeps the copy; best effort (an ASD away keeps it too, see the module
-    doc)."""
+    doc). Returns how many copies could not be undone: while any is left, what it points
+    at must stay (it may be the newest record a reader finds)."""
+    left = 0
     for c in clients:
         if c is None:
+            left += 1
             continue
         try:
             if restore is not None:
@@ -204,4 +207,5 @@ def take_back(clients: list[Any], key: str, restore: bytes | None, guard: tuple[
             else:
                 c.delete(key, guard=guard)
         except OvsfsError:
-            pass
+            left += 1
+    return left

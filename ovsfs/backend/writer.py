@@ -31,6 +31,12 @@ from ovsfs.errors import BackendError, Fenced, NoSpace, OvsfsError
 IN_FLIGHT_CHUNKS = 2  # chunks encoded ahead of the acknowledged ones: bounds memory
 
 
+class ManifestLeft(Fenced):
+    """A refused put whose manifest copy could not be taken back everywhere (an ASD fenced
+    or gone meanwhile): to the caller it is Fenced like any other; inside the writer it
+    means the put's fragments must stay."""
+
+
 class ChunkWrite:
     """The k+m fragment puts of one chunk, acknowledged once c succeed."""
 
@@ -136,6 +142,13 @@ class ObjectWriter:
             with self.proxy.obj_lock(ns, name):
                 try:
                     degraded = self.write_manifest(ns, name, man, guard=guard)
+                except ManifestLeft:
+                    # A copy of our manifest stayed on an ASD fenced meanwhile: it may be the
+                    # newest record the next owner reads, so its fragments must stay whole
+                    # (garbage for GC once a newer version replaces it).
+                    for w in writes:
+                        w.wait_all()
+                    raise
                 except Fenced:
                     for w in writes:
                         w.wait_all()
@@ -225,14 +238,17 @@ class ObjectWriter:
                 extra = spare[:want - len(ok)]
                 tried |= set(extra)
                 ok += self._copies(man, key, extra, guard, if_newer, stored)
-        except Fenced:
+        except Fenced as e:
             # A stale owner's manifest must not stay readable where it landed; put back what
             # the key held before as this proxy knows it (the version this put replaces,
             # whose copy ours overwrote there), or nothing. Still guarded: an ASD fenced
             # meanwhile keeps our copy, which then raced the fence (a put concurrent with a
             # fence may show, complete, as a crash mid-put may).
             prev = p.index.get(ns, name)
-            take_back([p.asds.get(a) for a in stored], key, prev.encode() if prev is not None else None, guard)
+            left = take_back([p.asds.get(a) for a in stored], key,
+                             prev.encode() if prev is not None else None, guard)
+            if left:
+                raise ManifestLeft(str(e)) from e
             raise
         # One copy is one ASD loss from losing the object: acknowledge only with two
         # (or every live ASD, on a backend that has fewer).

@@ -321,3 +321,50 @@ def test_fence_racing_an_old_owner_that_keeps_writing(cluster: AsdCluster, tmp_p
     finally:
         a.close()
         b.close()
+
+
+def test_fence_landing_between_a_manifest_copy_and_its_take_back(
+        cluster: AsdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window the racing test above hits once in hundreds of runs, opened on purpose:
+    the old owner's manifest copy lands on some ASDs, another ASD refuses it (fenced), and
+    the rest of the fence lands before the old owner can take its copies back. Those copies
+    are the newest records the new owner reads, so the refused put's fragments must stay:
+    the new owner reads that version whole (it raced the fence), never a manifest whose
+    fragments were deleted."""
+    import ovsfs.backend.writer as writer_mod
+
+    a = _proxy(cluster, tmp_path / "a", maintenance=False)
+    b = _proxy(cluster, tmp_path / "b", maintenance=False)
+    v1, v2 = b"1" * (100 * KiB), b"2" * (100 * KiB + 7)
+    real_copies, real_take_back = writer_mod.ObjectWriter._copies, writer_mod.take_back
+    fenced_one: list[str] = []
+
+    def copies(self, man, key, targets, guard=None, if_newer=False, stored=None):  # type: ignore[no-untyped-def]
+        if guard is not None and not fenced_one and len(targets) > 1:
+            # the new owner's fence reaches one of the targets first
+            fenced_one.append(targets[-1])
+            c = a.asds.get(targets[-1])
+            assert c is not None and c.fence("vol", 2) == 2
+        return real_copies(self, man, key, targets, guard, if_newer, stored)
+
+    def take_back(clients, key, restore, guard):  # type: ignore[no-untyped-def]
+        b.fence("vol", 2)   # ... and the rest of it before the take-back
+        return real_take_back(clients, key, restore, guard)
+
+    try:
+        a.create_namespace("vol")
+        a.put("vol", "sb", v1, gen=1)
+        monkeypatch.setattr(writer_mod.ObjectWriter, "_copies", copies)
+        monkeypatch.setattr(writer_mod, "take_back", take_back)
+        with pytest.raises(Fenced):
+            a.put("vol", "sb", v2, gen=1)
+        assert fenced_one, "the refusal came from the ASD fenced first"
+        monkeypatch.undo()
+        b.refresh("vol")
+        assert b.get("vol", "sb") == v2, "the copy left behind is read, with its fragments"
+        b.put("vol", "sb", v1, gen=2)
+        b.refresh("vol")
+        assert b.get("vol", "sb") == v1
+    finally:
+        a.close()
+        b.close()
