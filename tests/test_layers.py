@@ -41,6 +41,10 @@ LAYERS: list[tuple[str, int, str]] = [
     ("ovsfs.dtl", 30, "engine"),
     ("ovsfs.cluster", 30, "engine"),
     ("ovsfs.backend", 20, "backend"),
+    # The client library (front end of the shm door, openvstorage: URIs): for programs
+    # that are not the daemon; only the shared helpers below it.
+    ("ovsfs.client", 15, "client library"),
+    ("ovsfs.vhost", 10, "shared helpers"),
     ("ovsfs.config", 10, "shared helpers"),
     ("ovsfs.errors", 10, "shared helpers"),
     ("ovsfs.fsutil", 10, "shared helpers"),
