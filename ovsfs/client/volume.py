@@ -60,9 +60,11 @@ class Request:
             raise self.error
         return self.data
 
+    def describe(self) -> str:
+        return f"{_NAMES.get(self.kind, f'type {self.kind}')} {self.offset}+{self.length} on {self.volume.fe.path}"
+
     def __repr__(self) -> str:
-        state = "done" if self.done else "in flight"
-        return f"<Request {_NAMES.get(self.kind, self.kind)} {self.offset}+{self.length} {state}>"
+        return f"<Request {self.describe()}{'' if self.done else ' in flight'}>"
 
 
 class _Slot:
@@ -193,17 +195,20 @@ class VhostVolume:
         if write and self.read_only:
             raise ReadOnly(f"{self.fe.path} is read-only")
 
-    def submit(self, kind: str, offset: int = 0, length: int = 0, data: bytes | memoryview | None = None,
+    def submit(self, kind: str | int, offset: int = 0, length: int = 0, data: bytes | memoryview | None = None,
                *, unmap: bool = False, _collect: bool = True) -> Request:
         """Queue one request without waiting: kind is read / write / flush / trim /
-        write_zeroes / get_id; offset and length in bytes (multiples of 512; for a write
+        write_zeroes / get_id (or a raw virtio-blk type number, sent with
+        no data); offset and length in bytes (multiples of 512; for a write
         the length is len(data)); at most `max_request_bytes` of data. It reaches the
         device at the next `kick()` or `wait()`; when every slot is busy this waits for
         one. Raises InvalidArgument, OutOfRange, ReadOnly before anything is queued."""
-        try:
+        if isinstance(kind, int):
+            t = kind            # a raw request type, sent as it is (for tests of back ends)
+        elif kind in KINDS:
             t = KINDS[kind]
-        except KeyError:
-            raise InvalidArgument(f"unknown request kind {kind!r}") from None
+        else:
+            raise InvalidArgument(f"unknown request kind {kind!r}")
         if t == vp.T_OUT:
             if data is None:
                 raise InvalidArgument("a write needs data")
@@ -305,11 +310,11 @@ class VhostVolume:
                     if req.kind in (vp.T_IN, vp.T_GET_ID):
                         req.data = bytes(view[slot.buf:slot.buf + req.length])
                 elif status == vp.S_UNSUPP:
-                    req.error = InvalidArgument(f"{req!r}: the device does not support it (VIRTIO_BLK_S_UNSUPP)")
+                    req.error = InvalidArgument(f"{req.describe()}: the device does not support it (VIRTIO_BLK_S_UNSUPP)")
                 elif status == vp.S_IOERR:
-                    req.error = OvsfsError(f"{req!r}: I/O error (VIRTIO_BLK_S_IOERR)")
+                    req.error = OvsfsError(f"{req.describe()}: I/O error (VIRTIO_BLK_S_IOERR)")
                 else:
-                    req.error = VhostError(f"{req!r}: the device answered status {status}")
+                    req.error = VhostError(f"{req.describe()}: the device answered status {status}")
                 self._finish(slot)
                 done += 1
         return done
