@@ -8,6 +8,8 @@ byte) so that tests can also build what a well-behaved driver never would.
 from __future__ import annotations
 
 import os
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -88,10 +90,22 @@ def frontend(path: Path, queue_size: int = 64, start: bool = True, timeout: floa
             time.sleep(0.1)
 
 
+def lost(fe: Frontend) -> bool:
+    """Has the back end closed the connection? (Never blocks: Frontend.connection_lost
+    waits for the socket's timeout when the connection is alive.)"""
+    r, _, _ = select.select([fe.sock], [], [], 0)
+    if not r:
+        return False
+    try:
+        return fe.sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 def dropped(fe: Frontend, timeout: float = 5.0) -> bool:
     """True once the back end closed the connection (within `timeout` seconds)."""
     deadline = time.monotonic() + timeout
-    while not fe.connection_lost():
+    while not lost(fe):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
