@@ -82,17 +82,27 @@ class Frontend:
         self._closed = False
 
     def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self.path))
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            sock.close()
-            raise DaemonNotRunning(f"no vhost-user back end listens on {self.path}: {e.strerror}") from None
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        """A connected socket. A socket file that refuses connections is tried again for
+        `busy_wait` seconds (a back end between bind and listen, or re-making its socket);
+        DaemonNotRunning when there is no socket file or it keeps refusing."""
+        deadline = time.monotonic() + self.busy_wait
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(str(self.path))
+                return sock
+            except ConnectionRefusedError as e:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise DaemonNotRunning(f"no vhost-user back end listens on {self.path}: {e.strerror}") from None
+                time.sleep(0.02)
+            except FileNotFoundError as e:
+                sock.close()
+                raise DaemonNotRunning(f"no vhost-user back end listens on {self.path}: {e.strerror}") from None
+            except OSError:
+                sock.close()
+                raise
 
     # -- raw messages ------------------------------------------------------------------
 
