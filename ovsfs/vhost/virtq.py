@@ -17,21 +17,12 @@ physical address; a descriptor with F_INDIRECT points at a table of descriptors
 from __future__ import annotations
 
 import struct
-import sys
 
 MAX_QUEUE_SIZE = 32768
 
 DESC = struct.Struct("<QIHH")          # addr, len, flags, next
 USED_ELEM = struct.Struct("<II")       # id (head descriptor index), len (bytes written)
-# Ring indices and event fields (avail->idx, used->idx, used_event, avail_event) are read
-# and written by both ends at the same time, so each access must be one aligned 16-bit
-# load or store. struct's "<H" packs and unpacks byte by byte: a reader can see half an
-# update (used->idx going 0x00FF -> 0x0100 read as 0x0000, i.e. 65281 entries "used").
-# The native format "H" copies both bytes at once. Virtio is little-endian, so native is
-# right on little-endian hosts only (checked here; ovsfs runs on x86-64 and arm64).
-if sys.byteorder != "little":
-    raise ImportError("ovsfs.vhost.virtq: shared rings need a little-endian host")
-U16 = struct.Struct("H")
+U16 = struct.Struct("<H")
 
 F_NEXT = 0x1                           # the chain goes on at `next`
 F_WRITE = 0x2                          # device-writable (else device-readable)
