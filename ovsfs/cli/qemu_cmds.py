@@ -127,7 +127,8 @@ def vhost_args(u: VolumeURI, node: Node, n: int, *, queues: int = 1, dev_id: str
     chardev = f"ovsfs-c{n}"
     sock = u.socket_path(node.socket_dir)
     dev = f"vhost-user-blk-pci,chardev={chardev},num-queues={queues}" + (f",id={dev_id}" if dev_id else "")
-    return ["-chardev", f"socket,id={chardev},path={sock}" + (",reconnect=1" if reconnect else ""),
+    path = str(sock).replace(",", ",,")     # QEMU option syntax: a literal comma is doubled
+    return ["-chardev", f"socket,id={chardev},path={path}" + (",reconnect=1" if reconnect else ""),
             "-device", dev]
 
 
