@@ -90,8 +90,7 @@ class VhostVolume:
     most what the device has; default all, up to 4); `max_request_bytes`: the largest
     single request (bigger reads and writes are split); `indirect` / `event_idx`: use
     those ring features when the device offers them; `timeout`: seconds for the
-    back end's replies during set-up. Not thread-safe: one thread drives a volume (open
-    several for several threads; a back end serves one front end per socket, though)."""
+    back end's replies during set-up. Not thread-safe: drive it from one thread."""
 
     def __init__(self, socket_path: str | os.PathLike[str], *, queue_depth: int = 32,
                  num_queues: int | None = None, max_request_bytes: int = 1 << 20,

@@ -53,6 +53,8 @@ def test_raw_direct_chain_writes_the_image(qsd: StorageDaemon) -> None:
         assert sv[0] == vp.S_OK
         assert q.free_descriptors == q.num
         assert qsd.image_bytes(12288, 8192) == pattern
+        # Stopping the queue: the back end took one entry off it.
+        assert fe.get_vring_base(0) == 1
 
 
 def test_raw_indirect_chain_reads_the_image(qsd: StorageDaemon) -> None:
