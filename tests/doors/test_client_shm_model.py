@@ -66,7 +66,7 @@ def test_byte_model_against_the_daemon(shm_node, data) -> None:
         vol.flush()
     # Another front end (the door takes one at a time: after the first has gone) and the
     # NBD door see the same bytes.
-    with open_volume("openvstorage:m", shm_node.state / "run" / "vhost") as again:
+    with open_volume("openvstorage:m", state=shm_node.state) as again:
         assert again.read(0, 2 * MiB) == bytes(model.data)
     with NbdVolume(str(shm_node.nbd_socket), "m") as nbd:
         assert nbd.read(0, 2 * MiB) == bytes(model.data)
