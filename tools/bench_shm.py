@@ -149,11 +149,11 @@ def start_qsd(work: Path, size: int) -> tuple[Proc, Path]:
     return proc, sock
 
 
-def client_run(sock: Path, rw: str, bs: int, qd: int, size: int, runtime: float) -> dict:
+def client_run(sock: Path, rw: str, bs: int, qd: int, size: int, runtime: float, queues: int = 1) -> dict:
     """The library at queue depth qd for `runtime` seconds: IOPS, MiB/s, client CPU s."""
     buf = os.urandom(bs)
     blocks = size // bs
-    with VhostVolume(sock, queue_depth=qd, num_queues=1, max_request_bytes=max(bs, MiB)) as vol:
+    with VhostVolume(sock, queue_depth=qd, num_queues=queues, max_request_bytes=max(bs, MiB)) as vol:
         kind = "write" if "write" in rw else "read"
         seq = rw in ("read", "write")
         nxt = 0
@@ -201,6 +201,7 @@ def main() -> int:
     ap.add_argument("--size", default="1G", help="volume / file size")
     ap.add_argument("--runtime", type=float, default=5, help="seconds per run")
     ap.add_argument("--jobs", help="comma-separated job names (default: all)")
+    ap.add_argument("--queues", type=int, default=1, help="virtqueues the client library uses (default 1)")
     args = ap.parse_args()
     size = size_arg(args.size)
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_shm.", dir="/var/tmp"))
@@ -219,10 +220,10 @@ def main() -> int:
             vol.writev([(o, chunk) for o in range(0, size, MiB)])
             vol.flush()
         targets = {
-            "shm": (daemon.pid, lambda rw, bs, qd: client_run(vsock, rw, bs, qd, size, args.runtime)),
+            "shm": (daemon.pid, lambda rw, bs, qd: client_run(vsock, rw, bs, qd, size, args.runtime, args.queues)),
             "nbd": (daemon.pid, lambda rw, bs, qd: fio_run(f"nbd+unix:///bench?socket={nsock}", rw, bs, qd,
                                                            size, args.runtime)),
-            "qsd-vhost": (qsd.pid, lambda rw, bs, qd: client_run(qsock, rw, bs, qd, size, args.runtime)),
+            "qsd-vhost": (qsd.pid, lambda rw, bs, qd: client_run(qsock, rw, bs, qd, size, args.runtime, args.queues)),
         }
         order = list(targets)
         for name, rw, bs, qd in jobs:
