@@ -24,33 +24,6 @@ from ovsfs.vhost import virtq
 UNSET = 0xFF      # the status byte before the device writes it
 
 
-def _cells_in_client() -> None:
-    """Until the client library writes ring indexes with single 16-bit stores
-    (virtq.u16_cells; see /work/wt/notes/SHM-TO-CLIENT.md), its struct.pack_into briefly
-    publishes avail->idx = 0 and the door rightly drops it as a corrupt ring. Patched here
-    for these tests only when the client still does that."""
-    import inspect
-
-    from ovsfs.client import virtqueue as Q
-
-    if "pack_into" not in inspect.getsource(Q.DriverQueue.publish):
-        return
-
-    def publish(self: Q.DriverQueue) -> None:
-        if self.published_idx != self.avail_idx:
-            virtq.u16_cells(self.mem.view[self.avail:self.avail + 4])[virtq.AVAIL_IDX_CELL] = self.avail_idx
-            self.published_idx = self.avail_idx
-
-    def used_idx(self: Q.DriverQueue) -> int:
-        return virtq.u16_cells(self.mem.view[self.used:self.used + 4])[virtq.USED_IDX_CELL]
-
-    Q.DriverQueue.publish = publish          # type: ignore[method-assign]
-    Q.DriverQueue.used_idx = used_idx        # type: ignore[method-assign]
-
-
-_cells_in_client()
-
-
 def sock_path(daemon: Any, name: str) -> Path:
     return daemon.run_dir / "vhost" / f"{name}.sock"
 
