@@ -107,6 +107,10 @@ class GuestMemory:
     def gpa(self, addr: int, length: int) -> list[memoryview]:
         """Views of guest physical range [addr, addr + length) (length 0: one empty view).
         GuestMemoryError outside the table."""
+        for m in self.maps:       # the usual case first: inside one region (per descriptor)
+            off = addr - m.region.gpa
+            if 0 <= off and off + length <= m.region.size and length:
+                return [m.view[off:off + length]]
         if length == 0:
             return [self._find(addr, 1, False)[0][:0]]
         return self._find(addr, length, False)
