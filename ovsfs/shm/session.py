@@ -27,7 +27,7 @@ import trio
 from ovsfs.doors.adapter import DoorIO
 from ovsfs.errors import InvalidArgument
 from ovsfs.shm import blk
-from ovsfs.shm.memory import GuestMemory, GuestMemoryError
+from ovsfs.shm.memory import GuestMemory
 from ovsfs.shm.queues import QueueRunner
 from ovsfs.shm.vring import Vring
 from ovsfs.vhost import protocol as P
