@@ -99,7 +99,8 @@ def parse(chain: Chain, queue: int, handle: Any, limits: Limits, serial: bytes) 
     size = handle.size
     if kind in (P.T_IN, P.T_OUT):
         views = data_in if kind == P.T_IN else data_out
-        total = sum(len(v) for v in views)
+        # Everything writable but the status byte, or readable after the 16-byte header.
+        total = chain.in_len - 1 if kind == P.T_IN else chain.out_len - P.REQ_HEADER.size
         offset = sector * P.SECTOR
         if (total % P.SECTOR or total > limits.max_request_bytes or offset + total > size
                 or (kind == P.T_OUT and read_only)):
