@@ -117,6 +117,9 @@ class ShmSection:
 
     enabled: bool = True
     socket_dir: str = "run/vhost"     # VOL.sock and VOL@SNAP.sock (read-only) in here
+    # Who may connect: a QEMU run by libvirt is another user (Debian: group libvirt-qemu).
+    socket_mode: int = 0o660          # permissions of each socket (connecting needs write)
+    socket_group: str = ""            # group of each socket and of socket_dir; "" = the daemon's
     num_queues: int = 4               # queues offered per device (the front end may use fewer)
     queue_size: int = 1024            # largest ring accepted (entries, a power of two)
     seg_max: int = 126                # data segments per request (Linux puts seg_max + 2 in a table)
@@ -276,6 +279,14 @@ class Config:
         m = self.shm
         if not m.socket_dir:
             raise ConfigError("shm.socket_dir must name a directory")
+        if not 0 <= m.socket_mode <= 0o777:
+            raise ConfigError(f"shm.socket_mode must be permission bits (0o000..0o777), not {m.socket_mode!r}")
+        if m.socket_group:
+            import grp
+            try:
+                grp.getgrnam(m.socket_group)
+            except KeyError:
+                raise ConfigError(f"shm.socket_group: no group {m.socket_group!r} on this machine") from None
         if not 1 <= m.num_queues <= 64:
             raise ConfigError(f"shm.num_queues must be 1..64, not {m.num_queues}")
         if m.queue_size < 2 or m.queue_size > 32768 or m.queue_size & (m.queue_size - 1):
@@ -437,4 +448,6 @@ mountpoint = "mnt"
 # vhost-user-blk sockets for QEMU and the client library: socket_dir/VOL.sock
 enabled = true
 socket_dir = "run/vhost"
+# socket_mode = 0o660              # who may connect: libvirt's QEMU runs as another user,
+# socket_group = "libvirt-qemu"    # so give the sockets (and socket_dir) its group
 """

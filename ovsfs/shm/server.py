@@ -68,6 +68,10 @@ class ShmServer:
         self.refused = 0                          # second front ends closed at once
         self._refused_logged = 0.0
         self._nursery: trio.Nursery | None = None
+        self.gid: int | None = None
+        if m.socket_group:
+            import grp
+            self.gid = grp.getgrnam(m.socket_group).gr_gid
 
     def describe(self) -> str:
         m = self.cfg.shm
@@ -115,6 +119,7 @@ class ShmServer:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await sock.bind(str(path))
+            self._permit(path)
             sock.listen(4)
         except OSError as e:
             sock.close()
@@ -124,6 +129,13 @@ class ShmServer:
         self.listeners[name] = lst
         assert self._nursery is not None
         self._nursery.start_soon(self._accept_loop, name, lst)
+
+    def _permit(self, path: Path) -> None:
+        """[shm] socket_mode / socket_group on a new socket (set before listen(): no front
+        end connects through wider permissions first)."""
+        os.chmod(path, self.cfg.shm.socket_mode)
+        if self.gid is not None:
+            os.chown(path, -1, self.gid)
 
     def _remove(self, name: str) -> None:
         lst = self.listeners.pop(name)
@@ -188,6 +200,10 @@ class ShmServer:
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.gid is not None:
+            # the group must reach the sockets: search permission on their directory
+            os.chown(self.dir, -1, self.gid)
+            os.chmod(self.dir, os.stat(self.dir).st_mode & 0o7777 | 0o010)
         for p in self.dir.glob(f"*{SUFFIX}"):
             _unlink_socket(p)     # left by a daemon that was killed
         try:

@@ -268,11 +268,29 @@ def test_config_section_validated(tmp_path: Path) -> None:
     cfg = load(None, tmp_path)
     assert cfg.shm.enabled and cfg.path(cfg.shm.socket_dir) == tmp_path.absolute() / "run/vhost"
     for bad in ("queue_size = 100", "seg_max = 0", "num_queues = 0", "max_request_bytes = 4096",
-                "batches = 0", "node_bytes = 1"):
+                "batches = 0", "node_bytes = 1", "socket_mode = 0o1777",
+                'socket_group = "no-such-group-here"'):
         f = tmp_path / "c.toml"
         f.write_text(f"[shm]\n{bad}\n")
         with pytest.raises(ConfigError):
             load(f, tmp_path)
+
+
+def test_socket_mode_and_group(daemon_factory: Any) -> None:
+    """[shm] socket_mode / socket_group: libvirt's QEMU (another user) must be able to connect."""
+    import grp
+    import stat
+
+    group = "nogroup"
+    gid = grp.getgrnam(group).gr_gid
+    d = daemon_factory({"shm": {"socket_mode": 0o660, "socket_group": group}})
+    d.cli("volume", "create", "v1", "--size", "1M")
+    path = sock_path(d, "v1")
+    wait_socket(path)
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid
+    st = os.stat(path.parent)
+    assert st.st_gid == gid and st.st_mode & 0o010, "the group can reach the sockets"
 
 
 def test_door_can_be_disabled(daemon_factory: Any) -> None:
