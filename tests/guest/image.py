@@ -1,0 +1,258 @@
+"""Builds and caches the tiny Linux guest the QEMU tests boot (issue 12, TESTBED.md recipe).
+
+The guest is Debian 12's own kernel (`apt-get download linux-image-6.1.0-N-amd64`, unpacked
+like `dpkg -x` but only the files we need) and a busybox-static initramfs holding the virtio
+modules of the same package and `init.sh` as `/init`. Nothing is installed on the host.
+
+Cache: `$OVSFS_GUEST_CACHE`, else /var/cache/ovsfs-guest. Layout:
+    debs/linux-image-*.deb            the downloaded package
+    <kver>/vmlinuz                    the kernel
+    <kver>/initrd-<key>.gz            initramfs; <key> hashes init.sh, busybox, this builder
+    current.json                      {"kver", "kernel", "initrd"} of the last build
+A build holds an exclusive flock on `<cache>/.lock`, so concurrent test workers wait for one
+build instead of racing; a finished cache is found without the lock (files appear by rename).
+
+Run `python -m tests.guest.image [--refresh]` to (re)build it ahead of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+from contextlib import contextmanager
+
+HERE = Path(__file__).resolve().parent
+INIT = HERE / "init.sh"
+BUSYBOX = Path("/bin/busybox")
+# Dependency order; the init script loads them in the same order.
+MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
+           "virtio_pci", "virtio_blk"]
+BUILDER_VERSION = "1"   # bump when the initramfs layout changes
+
+
+class GuestImageError(Exception):
+    """The guest image could not be built (no package, no busybox-static, a tool failed)."""
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kver: str       # e.g. "6.1.0-57-amd64"
+    kernel: Path    # bzImage to pass as -kernel
+    initrd: Path    # gzip'ed newc cpio to pass as -initrd
+
+
+Progress = Callable[[str], None]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OVSFS_GUEST_CACHE") or "/var/cache/ovsfs-guest")
+
+
+def _run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(argv, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    if r.returncode != 0:
+        raise GuestImageError(f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip()[-500:]}")
+    return r
+
+
+def initrd_key() -> str:
+    """What the initramfs depends on besides the kernel: init.sh, busybox, this builder."""
+    h = hashlib.sha256(BUILDER_VERSION.encode())
+    h.update(INIT.read_bytes())
+    h.update(BUSYBOX.read_bytes() if BUSYBOX.exists() else b"")
+    h.update(",".join(MODULES).encode())
+    return h.hexdigest()[:16]
+
+
+def newest_kernel_package() -> str:
+    """The newest linux-image-6.1.0-*-amd64 apt knows: what the meta package depends on,
+    else the highest-numbered name in the package lists."""
+    r = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        name = line.split(":", 1)[-1].strip()
+        if line.strip().startswith("Depends:") and name.startswith("linux-image-6.1.0-") and name.endswith("-amd64"):
+            return name
+    names = _run(["apt-cache", "pkgnames", "linux-image-6.1.0-"]).stdout.split()
+    abi = [n for n in names if n.endswith("-amd64") and n.count("-") == 4
+           and n.split("-")[3].isdigit()]
+    if not abi:
+        raise GuestImageError("apt knows no linux-image-6.1.0-*-amd64 package (apt-get update?)")
+    return max(abi, key=lambda n: int(n.split("-")[3]))
+
+
+@contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cached(cache: Path) -> GuestImage | None:
+    try:
+        cur = json.loads((cache / "current.json").read_text())
+        img = GuestImage(cur["kver"], Path(cur["kernel"]), Path(cur["initrd"]))
+    except (OSError, ValueError, KeyError):
+        return None
+    if img.kernel.exists() and img.initrd.exists() and img.initrd.name == f"initrd-{initrd_key()}.gz":
+        return img
+    return None
+
+
+def ensure_image(refresh: bool = False, progress: Progress | None = None) -> GuestImage:
+    """The guest kernel and initramfs, built on first use and cached for the machine.
+
+    refresh: ask apt for the newest kernel even if one is cached.
+    Raises GuestImageError if it cannot be built (e.g. no apt, no busybox-static).
+    """
+    say = progress or (lambda msg: None)
+    cache = cache_dir()
+    if not refresh and (img := _cached(cache)):
+        return img
+    with _locked(cache):
+        if not refresh and (img := _cached(cache)):   # another worker built it meanwhile
+            say(f"guest: cached {img.kernel}")
+            return img
+        img = _build(cache, say)
+        tmp = cache / "current.json.tmp"
+        tmp.write_text(json.dumps({"kver": img.kver, "kernel": str(img.kernel), "initrd": str(img.initrd)}))
+        os.replace(tmp, cache / "current.json")
+        return img
+
+
+def _build(cache: Path, say: Progress) -> GuestImage:
+    if not BUSYBOX.exists() or "statically linked" not in _run(["file", "-L", str(BUSYBOX)]).stdout:
+        raise GuestImageError(f"{BUSYBOX} is missing or not static: apt-get install busybox-static")
+    pkg = newest_kernel_package()
+    kver = pkg.removeprefix("linux-image-")
+    say(f"guest: kernel package {pkg}")
+    debs = cache / "debs"
+    debs.mkdir(exist_ok=True)
+    deb = next(iter(sorted(debs.glob(f"{pkg}_*.deb"))), None)
+    if deb is None:
+        say(f"guest: apt-get download {pkg}")
+        with tempfile.TemporaryDirectory(dir=debs) as dl:
+            _run(["apt-get", "download", "-q", pkg], cwd=dl)
+            got = list(Path(dl).glob("*.deb"))
+            if len(got) != 1:
+                raise GuestImageError(f"apt-get download {pkg} left {got}")
+            deb = debs / got[0].name
+            os.replace(got[0], deb)
+        for old in debs.glob("linux-image-*.deb"):   # keep one package: ~70 MB each
+            if old != deb:
+                old.unlink()
+    kdir = cache / kver
+    kdir.mkdir(exist_ok=True)
+    kernel = kdir / "vmlinuz"
+    with tempfile.TemporaryDirectory(dir=kdir) as tmp:
+        work = Path(tmp)
+        say(f"guest: unpacking {deb.name} (kernel and virtio modules only)")
+        _extract(deb, kver, work / "x")
+        if not kernel.exists():
+            shutil.copyfile(work / "x" / "boot" / f"vmlinuz-{kver}", work / "vmlinuz")
+            os.replace(work / "vmlinuz", kernel)
+        initrd = kdir / f"initrd-{initrd_key()}.gz"
+        say(f"guest: packing {initrd}")
+        _pack_initrd(work / "x" / "lib" / "modules" / kver, work / "root", work / "initrd.gz")
+        os.replace(work / "initrd.gz", initrd)
+    for old in kdir.glob("initrd-*.gz"):
+        if old != initrd:
+            old.unlink()
+    say(f"guest: ready: {kernel} {initrd}")
+    return GuestImage(kver, kernel, initrd)
+
+
+def _extract(deb: Path, kver: str, dest: Path) -> None:
+    """`dpkg -x` restricted to the kernel and the virtio modules (the whole package is ~400 MB
+    unpacked; these are ~8 MB)."""
+    dest.mkdir(parents=True)
+    wanted = [f"./boot/vmlinuz-{kver}", f"./lib/modules/{kver}/kernel/drivers/virtio/*",
+              f"./lib/modules/{kver}/kernel/drivers/block/virtio_blk.ko*"]
+    tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    try:
+        r = subprocess.run(["tar", "-x", "-C", str(dest), "--wildcards", *wanted], stdin=tar.stdout,
+                           capture_output=True, text=True)
+    finally:
+        assert tar.stdout is not None
+        tar.stdout.close()
+        tar.wait()
+    if tar.returncode != 0 or r.returncode != 0:
+        raise GuestImageError(f"unpacking {deb} failed: {r.stderr.strip()[-500:]}")
+
+
+def _module_bytes(moddir: Path, name: str) -> bytes | None:
+    """The module's ELF bytes, decompressed at build time (busybox insmod reads plain .ko)."""
+    hits = [p for p in moddir.rglob(f"{name}.ko*") if p.name.split(".ko")[0] == name]
+    if not hits:
+        return None   # built into this kernel
+    p = hits[0]
+    if p.name.endswith(".ko"):
+        return p.read_bytes()
+    if p.name.endswith(".ko.xz"):
+        return lzma.decompress(p.read_bytes())
+    if p.name.endswith(".ko.gz"):
+        return gzip.decompress(p.read_bytes())
+    if p.name.endswith(".ko.zst"):
+        return _run(["zstd", "-dc", str(p)], text=False).stdout  # type: ignore[return-value]
+    raise GuestImageError(f"unknown module compression: {p}")
+
+
+def _pack_initrd(moddir: Path, root: Path, out: Path) -> None:
+    for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "lib/modules"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(BUSYBOX, root / "bin" / "busybox")
+    (root / "bin" / "busybox").chmod(0o755)
+    os.symlink("busybox", root / "bin" / "sh")
+    shutil.copyfile(INIT, root / "init")
+    (root / "init").chmod(0o755)
+    found = []
+    for m in MODULES:
+        data = _module_bytes(moddir, m)
+        if data is not None:
+            (root / "lib" / "modules" / f"{m}.ko").write_bytes(data)
+            found.append(m)
+    if "virtio_blk" not in found or "virtio_pci" not in found:
+        raise GuestImageError(f"virtio_blk / virtio_pci modules not found under {moddir}")
+    if os.geteuid() == 0:
+        # The kernel opens /dev/console before running /init; without the node the first
+        # lines (before init mounts devtmpfs) would go nowhere.
+        os.mknod(root / "dev" / "console", 0o600 | 0o020000, os.makedev(5, 1))
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root,
+                          input="\n".join(files).encode() + b"\n", capture_output=True)
+    if cpio.returncode != 0:
+        raise GuestImageError(f"cpio failed: {cpio.stderr.decode(errors='replace')[-500:]}")
+    with gzip.open(out, "wb", compresslevel=6) as f:
+        f.write(cpio.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.guest.image", description=__doc__.split("\n")[0])
+    ap.add_argument("--refresh", action="store_true", help="look for a newer kernel package even if cached")
+    args = ap.parse_args(argv)
+    try:
+        img = ensure_image(refresh=args.refresh, progress=lambda m: print(m, flush=True))
+    except GuestImageError as e:
+        print(f"guest: {e}", file=sys.stderr)
+        return 1
+    print(f"guest: kernel {img.kernel}\nguest: initrd {img.initrd}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+#!/bin/sh
+# /init of the ovsfs test guest (busybox sh; PID 1 of a busybox-static initramfs).
+#
+# The job comes from the kernel command line (/proc/cmdline):
+#   ovsfs.job=write|verify|writeloop|info  ovsfs.seed=S  ovsfs.mib=N  [ovsfs.count=K]
+# Every result is one line on the serial console starting with "OVSFS " (or "ACKED n"),
+# parsed by tests/guest/boot.py; tests/guest/pattern.py makes the same bytes on the host.
+# Every path ends with `poweroff -f` (and -no-reboot + panic=-1 turn a crash of this script
+# into a QEMU exit too), so a boot never outlives its job.
+
+/bin/busybox mkdir -p /proc /sys /dev /tmp
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+/bin/busybox --install -s /bin
+
+say() { echo "OVSFS $*"; }
+t() { echo "T $(cut -d" " -f1 /proc/uptime) $*"; }
+finish() {
+    say "DONE rc=$1"
+    sync
+    sleep 0.2   # let the UART drain the last lines before the power goes
+    poweroff -f
+}
+
+job=info; seed=1; mib=4; count=0
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        ovsfs.job=*) job=${arg#ovsfs.job=} ;;
+        ovsfs.seed=*) seed=${arg#ovsfs.seed=} ;;
+        ovsfs.mib=*) mib=${arg#ovsfs.mib=} ;;
+        ovsfs.count=*) count=${arg#ovsfs.count=} ;;
+    esac
+done
+say "JOB job=$job seed=$seed mib=$mib count=$count"
+
+# Module order = dependency order (virtio_blk needs virtio and virtio_ring; virtio_pci needs
+# both pci helpers). A module the kernel has built in is simply missing here: skip it.
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko
+done
+
+# The disk shows up asynchronously after virtio_blk's probe.
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+if [ ! -b /dev/vda ]; then say "ERROR no /dev/vda"; finish 2; fi
+
+# What the back end's config space told the guest (GET_CONFIG): tests compare these.
+q=/sys/block/vda/queue
+rd() { cat "$1" 2>/dev/null || echo -; }
+say "DEV size=$(( $(cat /sys/block/vda/size) * 512 )) ro=$(rd /sys/block/vda/ro)" \
+    "lbs=$(rd $q/logical_block_size) pbs=$(rd $q/physical_block_size)" \
+    "min_io=$(rd $q/minimum_io_size) opt_io=$(rd $q/optimal_io_size)" \
+    "discard_max=$(rd $q/discard_max_bytes) discard_gran=$(rd $q/discard_granularity)" \
+    "wz_max=$(rd $q/write_zeroes_max_bytes) max_segments=$(rd $q/max_segments)" \
+    "max_hw_kb=$(rd $q/max_hw_sectors_kb) queues=$(ls /sys/block/vda/mq | wc -l)" \
+    "serial=$(rd /sys/block/vda/serial)"
+
+# The pattern, made in a file on the RAM root (awk straight into a pipe costs seconds under
+# TCG: 64-byte writes, each waking the reader): 64-byte lines "ovsfs seed=S line=L" (L = byte offset / 64), space padded,
+# newline ended; writeloop chunk n (64 KiB at slot n mod (16 * mib)) has "chunk=n" in its lines.
+pattern() {  # pattern MIB > /tmp/pattern
+    awk -v s="$seed" -v n="$1" 'BEGIN { for (i = 0; i < n * 16384; i++)
+        printf("%-63s\n", "ovsfs seed=" s " line=" i) }' > /tmp/pattern
+}
+chunk() {  # chunk N > /tmp/chunk
+    awk -v s="$seed" -v c="$1" 'BEGIN { for (i = 0; i < 1024; i++)
+        printf("%-63s\n", "ovsfs seed=" s " chunk=" c " line=" i) }' > /tmp/chunk
+}
+sum() { sha256sum "$@" | cut -d' ' -f1; }
+disk_sum() {
+    dd if=/dev/vda bs=1M count="$mib" iflag=direct status=none | sum
+}
+
+case "$job" in
+info)
+    finish 0 ;;
+write)
+    # O_DIRECT writes, then fsync (a virtio-blk FLUSH): the bytes are on the back end's
+    # durable path before the checksum line is printed.
+    pattern "$mib"
+    if ! dd if=/tmp/pattern of=/dev/vda bs=1M oflag=direct conv=fsync,notrunc status=none; then
+        say "ERROR write failed"; finish 1
+    fi
+    say "WRITE sha256=$(sum /tmp/pattern)"
+    say "READBACK sha256=$(disk_sum)"
+    finish 0 ;;
+verify)
+    pattern "$mib"
+    want=$(sum /tmp/pattern)
+    got=$(disk_sum)
+    if [ "$want" = "$got" ]; then ok=yes; else ok=no; fi
+    say "VERIFY sha256=$got want=$want ok=$ok"
+    finish 0 ;;
+writeloop)
+    slots=$((mib * 16)); n=0
+    say "LOOP slots=$slots chunk=65536"
+    while [ "$count" = 0 ] || [ $n -lt "$count" ]; do
+        chunk $n
+        if ! dd if=/tmp/chunk of=/dev/vda bs=65536 seek=$((n % slots)) count=1 \
+                oflag=direct conv=fsync,notrunc status=none; then
+            say "ERROR chunk $n failed"; finish 1
+        fi
+        echo "ACKED $n"
+        n=$((n + 1))
+    done
+    finish 0 ;;
+*)
+    say "ERROR unknown job $job"; finish 2 ;;
+esac
