@@ -111,6 +111,27 @@ class FuseSection:
 
 
 @dataclass
+class ShmSection:
+    """The vhost-user-blk door (ovsfs/shm/): a unix socket per volume for QEMU and the
+    client library. Limits are printed when the door starts."""
+
+    enabled: bool = True
+    socket_dir: str = "run/vhost"     # VOL.sock and VOL@SNAP.sock (read-only) in here
+    num_queues: int = 4               # queues offered per device (the front end may use fewer)
+    queue_size: int = 1024            # largest ring accepted (entries, a power of two)
+    seg_max: int = 126                # data segments per request (Linux puts seg_max + 2 in a table)
+    size_max: int = 256 << 10         # bytes per segment
+    max_request_bytes: int = 32 << 20  # bytes of one IN / OUT request (>= seg_max * size_max)
+    batches: int = 4                  # batches (DoorIO.run calls) in flight per queue
+    threads: int = 16                 # worker threads for reads, writes, trims of all connections
+    flush_threads: int = 4            # worker threads for FLUSH
+    connection_requests: int = 4096   # requests (segments) in flight per connection
+    connection_bytes: int = 64 << 20  # bytes of data in flight per connection
+    node_requests: int = 1 << 16      # requests in flight for all connections together
+    node_bytes: int = 512 << 20       # bytes in flight for all connections together
+
+
+@dataclass
 class ClusterSection:
     # etcd client URLs; empty = one node with the embedded store (the default).
     etcd: list[str] = field(default_factory=list)
@@ -147,6 +168,7 @@ class Config:
     mgmt: MgmtSection = field(default_factory=MgmtSection)
     nbd: NbdSection = field(default_factory=NbdSection)
     fuse: FuseSection = field(default_factory=FuseSection)
+    shm: ShmSection = field(default_factory=ShmSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     dtl: DtlSection = field(default_factory=DtlSection)
     state_dir: Path = Path("var")
@@ -188,6 +210,7 @@ class Config:
             raise ConfigError("engine.write_buffer must name a directory")
         self._validate_backend()
         self._validate_nbd()
+        self._validate_shm()
         self._validate_cluster()
 
     def _validate_cluster(self) -> None:
@@ -249,6 +272,28 @@ class Config:
         if n.threads < 1 or n.flush_threads < 1:
             raise ConfigError("nbd.threads and nbd.flush_threads must be at least 1")
 
+    def _validate_shm(self) -> None:
+        m = self.shm
+        if not m.socket_dir:
+            raise ConfigError("shm.socket_dir must name a directory")
+        if not 1 <= m.num_queues <= 64:
+            raise ConfigError(f"shm.num_queues must be 1..64, not {m.num_queues}")
+        if m.queue_size < 2 or m.queue_size > 32768 or m.queue_size & (m.queue_size - 1):
+            raise ConfigError(f"shm.queue_size must be a power of two in 2..32768, not {m.queue_size}")
+        if not 1 <= m.seg_max <= 1022:
+            # An indirect table holds seg_max + 2 descriptors; the door accepts up to 1024.
+            raise ConfigError(f"shm.seg_max must be 1..1022, not {m.seg_max}")
+        if m.size_max < 4096 or m.max_request_bytes < m.seg_max * m.size_max:
+            # A guest builds requests of up to seg_max segments of size_max bytes: a smaller
+            # max_request_bytes would fail its large requests with I/O errors.
+            raise ConfigError("shm.size_max must be at least 4096 and shm.max_request_bytes at least "
+                              "shm.seg_max * shm.size_max")
+        if m.batches < 1 or m.threads < 1 or m.flush_threads < 1:
+            raise ConfigError("shm.batches, shm.threads and shm.flush_threads must be at least 1")
+        if (m.connection_requests < 1 or m.connection_bytes < 1 or m.node_requests < m.connection_requests
+                or m.node_bytes < m.connection_bytes):
+            raise ConfigError("shm.connection_requests / connection_bytes must be positive and "
+                              "shm.node_requests / node_bytes at least as large")
 
     def _validate_backend(self) -> None:
         b = self.backend
@@ -387,4 +432,9 @@ tcp_port = 10809
 [fuse]
 enabled = true
 mountpoint = "mnt"
+
+[shm]
+# vhost-user-blk sockets for QEMU and the client library: socket_dir/VOL.sock
+enabled = true
+socket_dir = "run/vhost"
 """

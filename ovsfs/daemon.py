@@ -31,6 +31,7 @@ log = logging.getLogger("ovsfs.daemon")
 DOORS: list[tuple[str, str, Callable[[Config], bool]]] = [
     ("nbd", "ovsfs.nbd.server", lambda cfg: cfg.nbd.enabled),
     ("fuse", "ovsfs.fuse.mount", lambda cfg: cfg.fuse.enabled),
+    ("shm", "ovsfs.shm.server", lambda cfg: cfg.shm.enabled),
 ]
 
 
@@ -72,6 +73,8 @@ def _door_addresses(name: str, cfg: Config) -> tuple[str, str]:
         return where, "nbd.socket / nbd.tcp_host / nbd.tcp_port"
     if name == "fuse":
         return f"mount point {cfg.path(cfg.fuse.mountpoint)}", "fuse.mountpoint"
+    if name == "shm":
+        return f"unix sockets in {cfg.path(cfg.shm.socket_dir)}", "shm.socket_dir"
     return "?", f"[{name}]"
 
 

@@ -1,0 +1,138 @@
+"""Serving one started virtqueue: wait for kicks, pop what is available, run it in batches.
+
+Everything a kick made available (up to BATCH_REQUESTS requests or BATCH_BYTES of data)
+becomes one `DoorIO.run(handle, ops)` call. virtio-blk promises no order between requests
+in flight (virtio 1.1 section 5.2.6.4: a driver that needs order waits for completion,
+and FLUSH covers the writes completed before it was submitted), so the requests of one
+batch may run together and several batches of one queue may be in flight at once (at
+most `batches`, then the queue waits). A small batch of only reads and writes first tries
+`DoorIO.try_now` in the event loop (queue depth 1 saves the task and thread hops).
+
+Each finished request goes to the used ring at once, in completion order (section 2.6.8
+allows any order), then the call eventfd is signalled unless suppressed.
+
+Stopping (GET_VRING_BASE, vhost-user.rst "Ring states"): the kick loop stops taking
+requests and the batches in flight drain (bounded by DRAIN_SECONDS, then cancelled: a
+cancelled request is never put in the used ring), so that the index returned is that of
+a ring with nothing in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import trio
+
+from ovsfs.doors.adapter import DoorIO, Op
+from ovsfs.shm import blk
+from ovsfs.shm.vring import ChainError, Vring
+
+log = logging.getLogger("ovsfs.shm")
+
+BATCH_REQUESTS = 128          # requests in one DoorIO.run at most
+BATCH_BYTES = 8 << 20         # bytes of data in one DoorIO.run at most
+DRAIN_SECONDS = 30.0          # a stopping queue waits this long for its requests in flight
+
+
+class QueueRunner:
+    """The task serving one Vring of one session."""
+
+    def __init__(self, vring: Vring, io: DoorIO, handle: Any, limits: blk.Limits, serial: bytes,
+                 batches: int, label: str) -> None:
+        self.vring = vring
+        self.io = io
+        self.handle = handle
+        self.limits = limits
+        self.serial = serial
+        self.slots = trio.Semaphore(max(1, batches))
+        self.label = label
+        self.scope = trio.CancelScope()       # everything, batches included
+        self.kick_scope = trio.CancelScope()  # the kick loop only
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+    async def run(self) -> None:
+        """Serve until stopped; ChainError (malformed ring) and OSError (kick fd) go out to
+        the session, which drops the connection."""
+        try:
+            with self.scope:
+                async with trio.open_nursery() as batches:
+                    with self.kick_scope:
+                        await self._kick_loop(batches)
+        finally:
+            self.done.set()
+
+    async def stop(self) -> None:
+        """Stop taking requests, let those in flight finish (DRAIN_SECONDS at most)."""
+        self.kick_scope.cancel()
+        with trio.move_on_after(DRAIN_SECONDS):
+            await self.done.wait()
+            return
+        log.warning("%s: queue %d: requests still in flight after %.0f s: abandoned",
+                    self.label, self.vring.index, DRAIN_SECONDS)
+        self.scope.cancel()
+        await self.done.wait()
+
+    async def _kick_loop(self, batches: trio.Nursery) -> None:
+        r = self.vring
+        while True:
+            while True:
+                await self.slots.acquire()
+                reqs = self._pop()
+                if not reqs:
+                    self.slots.release()
+                    if r.publish():
+                        continue
+                    break
+                self._start(reqs, batches)
+            await self._wait_kick()
+
+    async def _wait_kick(self) -> None:
+        fd = self.vring.kick_fd
+        assert fd is not None
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            got = os.read(fd, 8)
+        except BlockingIOError:
+            return
+        if len(got) != 8:
+            # A file at its end is always readable: it would spin this loop.
+            raise ChainError(f"queue {self.vring.index}: kick fd is not an eventfd")
+
+    def _pop(self) -> list[blk.Request]:
+        """Pop up to a batch worth of requests (parsed; failed ones carry their status)."""
+        reqs: list[blk.Request] = []
+        nbytes = 0
+        while len(reqs) < BATCH_REQUESTS and nbytes < BATCH_BYTES:
+            chain = self.vring.pop()
+            if chain is None:
+                break
+            req = blk.parse(chain, self.vring.index, self.handle, self.limits, self.serial)
+            reqs.append(req)
+            nbytes += sum(op.nbytes for op in req.ops)
+        return reqs
+
+    def _start(self, reqs: list[blk.Request], batches: trio.Nursery) -> None:
+        ops: list[Op] = [op for req in reqs for op in req.ops]
+        if not ops or self.io.try_now(self.handle, ops):
+            self._finish(reqs)
+            self.slots.release()
+            return
+        batches.start_soon(self._batch, reqs, ops)
+
+    async def _batch(self, reqs: list[blk.Request], ops: list[Op]) -> None:
+        try:
+            await self.io.run(self.handle, ops)
+            self._finish(reqs)
+        finally:
+            self.slots.release()
+
+    def _finish(self, reqs: list[blk.Request]) -> None:
+        r = self.vring
+        if r.used is None:          # unmapped meanwhile (the session is ending)
+            return
+        for req in reqs:
+            r.push(req.chain.head, blk.complete(req))
+        r.notify()

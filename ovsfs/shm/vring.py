@@ -1,0 +1,215 @@
+"""The device side of one split virtqueue (virtio 1.1 section 2.6) in the front end's memory.
+
+`pop()` takes the next available descriptor chain (section 2.6.6) with its indirect table
+(2.6.5.3) as lists of device-readable and device-writable memoryviews; `push()` puts a
+used element (2.6.8); `notify()` signals the call eventfd unless the driver suppressed it
+(2.6.7: AVAIL_F_NO_INTERRUPT, or with EVENT_IDX used_event, 2.6.7.2); with EVENT_IDX
+`publish()` writes avail_event (2.6.10.2) so the driver kicks for the next entries.
+
+Everything the driver wrote is checked before use: a head or `next` index past the ring,
+a chain longer than the ring (or than its indirect table: a loop), an indirect table
+inside an indirect table or with a bad length, a writable descriptor before a readable
+one (2.6.4.2), an address outside the memory table, or more entries made available than
+the ring has are a `ChainError`. The device cannot trust such a ring any more (it cannot
+even tell where the status byte is): the session drops the connection, as libvhost-user
+does ("device needs reset"), and the daemon serves on.
+
+Ordering: the rings are shared with another process without locks. On x86 (TSO) stores
+are seen in order and loads are not reordered with loads, so the used element before the
+used index, and the descriptors after the available index, need nothing. A store followed
+by a load of another location can pass, though: where the protocol needs a full barrier
+(avail_event then the available index; the used index then used_event) `fence()` takes
+and gives back a lock, a locked read-modify-write instruction, which is one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from ovsfs.shm.memory import GuestMemory, GuestMemoryError
+from ovsfs.vhost import virtq
+from ovsfs.vhost.protocol import U64
+from ovsfs.vhost.virtq import DESC, U16, USED_ELEM
+
+MAX_INDIRECT = 1024          # descriptors in one indirect table (Linux uses seg_max + 2)
+
+_FENCE = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier (see the module docstring)."""
+    _FENCE.acquire()
+    _FENCE.release()
+
+
+class ChainError(GuestMemoryError):
+    """The driver's ring is malformed: the connection cannot be trusted any more."""
+
+
+@dataclass(slots=True)
+class Chain:
+    """One available descriptor chain: its head index, and the memory it names."""
+
+    head: int
+    out: list[memoryview] = field(default_factory=list)    # device-readable, in order
+    into: list[memoryview] = field(default_factory=list)   # device-writable, in order
+    out_len: int = 0
+    in_len: int = 0
+
+
+class Vring:
+    """One queue of one connection. Sizes: `num` entries; addresses are the front end's
+    user addresses of SET_VRING_ADDR; indexes are free-running u16."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.num = 0
+        self.addrs: tuple[int, int, int] | None = None      # desc, avail, used
+        self.last_avail = 0        # SET_VRING_BASE / GET_VRING_BASE
+        self.used_idx = 0
+        self.checked_used = 0      # used index at the last notify decision
+        self.event_idx = False
+        self.enabled = False
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.desc: memoryview | None = None
+        self.avail: memoryview | None = None
+        self.used: memoryview | None = None
+        self.mem: GuestMemory | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Everything needed to serve it: size, mapped rings, a kick fd."""
+        return self.desc is not None and self.kick_fd is not None
+
+    def map(self, mem: GuestMemory | None) -> None:
+        """(Re)resolve the ring addresses in `mem` (after SET_VRING_ADDR or a new memory
+        table). ChainError when they fall outside it; nothing when not all is known."""
+        self.desc = self.avail = self.used = None
+        self.mem = mem
+        if mem is None or self.addrs is None or not self.num:
+            return
+        d, a, u = self.addrs
+        n = self.num
+        if d % virtq.ALIGN_DESC or a % virtq.ALIGN_AVAIL or u % virtq.ALIGN_USED:
+            raise ChainError(f"queue {self.index}: ring addresses are not aligned (section 2.6)")
+        self.desc = mem.uaddr(d, virtq.desc_bytes(n))
+        self.avail = mem.uaddr(a, virtq.avail_bytes(n))
+        self.used = mem.uaddr(u, virtq.used_bytes(n))
+        self.used_idx = self.checked_used = U16.unpack_from(self.used, virtq.USED_IDX)[0]
+
+    def unmap(self) -> None:
+        self.desc = self.avail = self.used = None
+        self.mem = None
+
+    # ---- available ring ----------------------------------------------------------------
+
+    def pending(self) -> int:
+        """Entries made available and not yet popped. ChainError when more than the ring."""
+        assert self.avail is not None
+        idx = U16.unpack_from(self.avail, virtq.AVAIL_IDX)[0]
+        n = (idx - self.last_avail) & 0xFFFF
+        if n > self.num:
+            raise ChainError(f"queue {self.index}: {n} entries available in a ring of {self.num}")
+        return n
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None. ChainError (see the module docstring)."""
+        if not self.pending():
+            return None
+        assert self.avail is not None and self.desc is not None and self.mem is not None
+        slot = virtq.AVAIL_RING + 2 * (self.last_avail % self.num)
+        head = U16.unpack_from(self.avail, slot)[0]
+        if head >= self.num:
+            raise ChainError(f"queue {self.index}: head {head} past a ring of {self.num}")
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return self._walk(head)
+
+    def _walk(self, head: int) -> Chain:
+        mem = self.mem
+        assert mem is not None and self.desc is not None
+        chain = Chain(head)
+        table: memoryview | bytes = self.desc
+        size, i, count, indirect = self.num, head, 0, False
+        while True:
+            addr, length, flags, nxt = DESC.unpack_from(table, DESC.size * i)
+            count += 1
+            if count > size:
+                raise ChainError(f"queue {self.index}: chain from {head} is longer than its table "
+                                 f"({size}): a loop")
+            if flags & virtq.F_INDIRECT:
+                if indirect or count != 1 or flags & virtq.F_NEXT:
+                    raise ChainError(f"queue {self.index}: indirect descriptor inside a chain or an "
+                                     "indirect table (section 2.6.5.3.1)")
+                if not length or length % DESC.size or length // DESC.size > MAX_INDIRECT:
+                    raise ChainError(f"queue {self.index}: indirect table of {length} bytes")
+                # A private copy: the driver cannot change the table while it is walked.
+                table = b"".join(mem.gpa(addr, length))
+                size, i, count, indirect = length // DESC.size, 0, 0, True
+                continue
+            views = mem.gpa(addr, length)
+            if flags & virtq.F_WRITE:
+                chain.into.extend(views)
+                chain.in_len += length
+            else:
+                if chain.into:
+                    raise ChainError(f"queue {self.index}: a readable descriptor after a writable "
+                                     "one (section 2.6.4.2)")
+                chain.out.extend(views)
+                chain.out_len += length
+            if not flags & virtq.F_NEXT:
+                return chain
+            if nxt >= size:
+                raise ChainError(f"queue {self.index}: next {nxt} past a table of {size}")
+            i = nxt
+
+    def publish(self) -> bool:
+        """With EVENT_IDX: ask for a kick at the next entry (avail_event = last_avail),
+        then look again. True when entries are available (pop again before waiting)."""
+        if self.event_idx and self.used is not None:
+            U16.pack_into(self.used, virtq.avail_event_offset(self.num), self.last_avail)
+            fence()
+        return self.pending() > 0
+
+    # ---- used ring ---------------------------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        """Return chain `head` with `written` bytes written into its writable part."""
+        assert self.used is not None
+        USED_ELEM.pack_into(self.used, virtq.USED_RING + USED_ELEM.size * (self.used_idx % self.num),
+                            head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        U16.pack_into(self.used, virtq.USED_IDX, self.used_idx)
+
+    def notify(self) -> None:
+        """Signal the call eventfd for the used elements pushed since the last call, unless
+        the driver asked not to be (section 2.6.7)."""
+        if self.used_idx == self.checked_used or self.avail is None:
+            return
+        old, self.checked_used = self.checked_used, self.used_idx
+        fence()
+        if self.event_idx:
+            used_event = U16.unpack_from(self.avail, virtq.used_event_offset(self.num))[0]
+            if not virtq.need_event(used_event, self.used_idx, old):
+                return
+        elif U16.unpack_from(self.avail, virtq.AVAIL_FLAGS)[0] & virtq.AVAIL_F_NO_INTERRUPT:
+            return
+        if self.call_fd is not None:
+            try:
+                os.write(self.call_fd, U64.pack(1))
+            except BlockingIOError:
+                pass      # the counter is full: the driver has a wake-up pending anyway
+
+    def close_fds(self) -> None:
+        """Close kick, call and err fds (the kick task must be stopped first)."""
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
