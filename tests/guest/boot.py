@@ -25,7 +25,7 @@ from typing import Any
 from tests.guest.image import GuestImage, ensure_image
 
 QEMU = "qemu-system-x86_64"
-KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1 mitigations=off"
+KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 
 
 def tcg_args(mem_mib: int = 256) -> list[str]:
@@ -110,6 +110,7 @@ class Guest:
         self.argv = [*qemu_argv, *kernel_args(self.image, job, seed, mib, count)]
         self._lines: list[str] = []
         self._err: list[str] = []
+        self._times: list[float] = []
         self._cond = threading.Condition()
         self.started = time.monotonic()
         self.timed_out = False
@@ -129,8 +130,28 @@ class Guest:
         for raw in iter(stream.readline, b""):
             with self._cond:
                 into.append(raw.decode(errors="replace"))
+                if into is self._lines:
+                    self._times.append(time.monotonic())
                 self._cond.notify_all()
         stream.close()
+
+    def timeline(self) -> list[tuple[float, str]]:
+        """(monotonic arrival time, line) of every console line so far."""
+        with self._cond:
+            return list(zip(self._times, self._lines))
+
+    def write_seconds(self) -> float:
+        """Median host-seen time from "WRITING n" to "ACKED n" in a writeloop so far: how long
+        one chunk's write + fsync takes (0.0 before the first ACK)."""
+        seen: dict[str, float] = {}
+        took = []
+        for t, line in self.timeline():
+            word, _, n = line.strip().partition(" ")
+            if word == "WRITING":
+                seen[n] = t
+            elif word == "ACKED" and n in seen:
+                took.append(t - seen[n])
+        return sorted(took)[len(took) // 2] if took else 0.0
 
     def console(self) -> str:
         with self._cond:

@@ -6,7 +6,7 @@ modules of the same package and `init.sh` as `/init`. Nothing is installed on th
 
 Cache: `$OVSFS_GUEST_CACHE`, else /var/cache/ovsfs-guest. Layout:
     debs/linux-image-*.deb            the downloaded package
-    <kver>/vmlinuz                    the kernel
+    <kver>/vmlinux                    the kernel, uncompressed for a PVH boot (else vmlinuz)
     <kver>/initrd-<key>.gz            initramfs; <key> hashes init.sh, busybox, this builder
     current.json                      {"kver", "kernel", "initrd"} of the last build
 A build holds an exclusive flock on `<cache>/.lock`, so concurrent test workers wait for one
@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,7 +40,7 @@ BUSYBOX = Path("/bin/busybox")
 # Dependency order; the init script loads them in the same order.
 MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
            "virtio_pci", "virtio_blk"]
-BUILDER_VERSION = "1"   # bump when the initramfs layout changes
+BUILDER_VERSION = "2"   # bump when the initramfs layout changes
 
 
 class GuestImageError(Exception):
@@ -49,7 +50,7 @@ class GuestImageError(Exception):
 @dataclass(frozen=True)
 class GuestImage:
     kver: str       # e.g. "6.1.0-57-amd64"
-    kernel: Path    # bzImage to pass as -kernel
+    kernel: Path    # vmlinux (PVH ELF) or bzImage, to pass as -kernel
     initrd: Path    # gzip'ed newc cpio to pass as -initrd
 
 
@@ -158,14 +159,11 @@ def _build(cache: Path, say: Progress) -> GuestImage:
                 old.unlink()
     kdir = cache / kver
     kdir.mkdir(exist_ok=True)
-    kernel = kdir / "vmlinuz"
     with tempfile.TemporaryDirectory(dir=kdir) as tmp:
         work = Path(tmp)
         say(f"guest: unpacking {deb.name} (kernel and virtio modules only)")
         _extract(deb, kver, work / "x")
-        if not kernel.exists():
-            shutil.copyfile(work / "x" / "boot" / f"vmlinuz-{kver}", work / "vmlinuz")
-            os.replace(work / "vmlinuz", kernel)
+        kernel = _kernel(work / "x" / "boot", kver, kdir, work, say)
         initrd = kdir / f"initrd-{initrd_key()}.gz"
         say(f"guest: packing {initrd}")
         _pack_initrd(work / "x" / "lib" / "modules" / kver, work / "root", work / "initrd.gz")
@@ -177,11 +175,49 @@ def _build(cache: Path, say: Progress) -> GuestImage:
     return GuestImage(kver, kernel, initrd)
 
 
+def _kernel(boot: Path, kver: str, kdir: Path, work: Path, say: Progress) -> Path:
+    """The kernel QEMU loads: the bare ELF vmlinux when the kernel can boot by PVH (Debian's
+    can: CONFIG_PVH=y). QEMU then enters it directly, skipping the BIOS real-mode setup and
+    the in-guest XZ decompression: under TCG that takes a boot from ~8 s to ~4 s.
+    Else the bzImage as packaged."""
+    vmlinux, vmlinuz = kdir / "vmlinux", kdir / "vmlinuz"
+    if vmlinux.exists():
+        return vmlinux
+    bz = (boot / f"vmlinuz-{kver}").read_bytes()
+    config = (boot / f"config-{kver}").read_text(errors="replace")
+    elf = _unpack_bzimage(bz) if "CONFIG_PVH=y" in config.splitlines() else None
+    if elf is None:
+        say("guest: no PVH entry or unknown compression: booting the bzImage")
+        (work / "k").write_bytes(bz)
+        os.replace(work / "k", vmlinuz)
+        return vmlinuz
+    say(f"guest: vmlinux for a PVH boot ({len(elf) >> 20} MiB)")
+    (work / "k").write_bytes(elf)
+    os.replace(work / "k", vmlinux)
+    return vmlinux
+
+
+def _unpack_bzimage(bz: bytes) -> bytes | None:
+    """The ELF vmlinux inside a bzImage compressed with XZ or gzip, or None."""
+    for magic, unpack in ((b"\xfd7zXZ\x00", lambda b: lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(b)),
+                          (b"\x1f\x8b\x08\x00", lambda b: zlib.decompressobj(31).decompress(b))):
+        at = bz.find(magic)
+        while at >= 0:
+            try:
+                out = unpack(bz[at:])
+            except (lzma.LZMAError, zlib.error):
+                out = b""
+            if out.startswith(b"\x7fELF"):
+                return out
+            at = bz.find(magic, at + 1)
+    return None
+
+
 def _extract(deb: Path, kver: str, dest: Path) -> None:
     """`dpkg -x` restricted to the kernel and the virtio modules (the whole package is ~400 MB
     unpacked; these are ~8 MB)."""
     dest.mkdir(parents=True)
-    wanted = [f"./boot/vmlinuz-{kver}", f"./lib/modules/{kver}/kernel/drivers/virtio/*",
+    wanted = [f"./boot/vmlinuz-{kver}", f"./boot/config-{kver}", f"./lib/modules/{kver}/kernel/drivers/virtio/*",
               f"./lib/modules/{kver}/kernel/drivers/block/virtio_blk.ko*"]
     tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
     try:

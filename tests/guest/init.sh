@@ -3,7 +3,8 @@
 #
 # The job comes from the kernel command line (/proc/cmdline):
 #   ovsfs.job=write|verify|writeloop|info  ovsfs.seed=S  ovsfs.mib=N  [ovsfs.count=K]
-# Every result is one line on the serial console starting with "OVSFS " (or "ACKED n"),
+# Every result is one line on the serial console starting with "OVSFS " (or, in a writeloop,
+# "WRITING n" just before chunk n's write and "ACKED n" after its fsync returned),
 # parsed by tests/guest/boot.py; tests/guest/pattern.py makes the same bytes on the host.
 # Every path ends with `poweroff -f` (and -no-reboot + panic=-1 turn a crash of this script
 # into a QEMU exit too), so a boot never outlives its job.
@@ -98,6 +99,7 @@ writeloop)
     say "LOOP slots=$slots chunk=65536"
     while [ "$count" = 0 ] || [ $n -lt "$count" ]; do
         chunk $n
+        echo "WRITING $n"   # the host may SIGKILL the back end now, with this chunk in flight
         if ! dd if=/tmp/chunk of=/dev/vda bs=65536 seek=$((n % slots)) count=1 \
                 oflag=direct conv=fsync,notrunc status=none; then
             say "ERROR chunk $n failed"; finish 1

@@ -5,6 +5,7 @@ harness bug cannot pass for an ovsfs bug (or hide one) in test_guest_ovsfs.py.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from tests.guest.boot import Guest, boot, memfd_args, tcg_args, vhost_args, QEMU
@@ -35,9 +36,10 @@ def test_write_then_verify_across_two_boots(guest_image: GuestImage,
     v = boot(_argv(exp), "verify", seed=11, mib=PATTERN_MIB, image=guest_image)
     assert v.done, v.explain()
     assert v.results["VERIFY"] == {"sha256": want, "want": want, "ok": "yes"}
-    # A verify with another seed must fail: the check is not vacuous.
+    # A verify with another seed must fail: the guest's own comparison is not vacuous.
     other = boot(_argv(exp), "verify", seed=12, mib=PATTERN_MIB, image=guest_image)
     assert other.done and other.results["VERIFY"]["ok"] == "no", other.explain()
+    assert other.results["VERIFY"]["want"] == pattern_sha256(12, PATTERN_MIB)
 
     exp.stop()
     data = exp.image.read_bytes()
@@ -51,7 +53,9 @@ def test_writeloop_survives_a_sigkilled_back_end(guest_image: GuestImage,
     saw acknowledged (fsync returned) is on the image after the server was killed mid-loop."""
     exp = qsd_export(SIZE)
     with Guest(_argv(exp, reconnect=1), "writeloop", seed=5, mib=LOOP_MIB, image=guest_image) as g:
-        assert g.wait_for(r"^ACKED 8\b", timeout=60), g.wait(1).explain()
+        assert g.wait_for(r"^WRITING 8\b", timeout=60), g.wait(1).explain()
+        # Aim at the middle of chunk 8's write + fsync (as long as chunks 0-7 took).
+        time.sleep(g.write_seconds() / 2)
         exp.kill()
         exp.start()
         # QEMU reconnects within ~1 s; the loop may go on or stall (requests in flight at the
@@ -61,7 +65,7 @@ def test_writeloop_survives_a_sigkilled_back_end(guest_image: GuestImage,
         g.kill()
         res = g.wait(30)
     exp.stop()
-    assert len(res.acked) >= 9, res.explain()
+    assert len(res.acked) >= 8, res.explain()
     assert alive or res.returncode >= 0, res.explain()   # QEMU did not crash
     problems = check_writeloop(exp.image.read_bytes()[:LOOP_MIB * MIB], 5, LOOP_MIB, res.acked)
     assert not problems, problems
