@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ovsfs.cli import backend_cmds, cluster_cmds
+from ovsfs.cli import backend_cmds, cluster_cmds, qemu_cmds
 from ovsfs.cli.client import CliError, q, state_dir
 from ovsfs.cli.common import client_for as _client
 from ovsfs.cli.common import out as _out
@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("volume")
     backend_cmds.register(sub, vo, cmd)
     cluster_cmds.register(sub, vp, vo, cmd)
+    qemu_cmds.register(sub, cmd)
     return p
 
 

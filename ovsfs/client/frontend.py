@@ -20,6 +20,7 @@ import array
 import errno
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -61,22 +62,16 @@ class Frontend:
 
     `memory_bytes`: size of the memfd (sparse: only what is touched costs memory).
     `timeout`: seconds to wait for the back end's replies (VhostError past it).
+    `busy_wait`: seconds to keep trying while the back end still serves a previous front
+    end (it closes a second connection at once).
     Raises DaemonNotRunning when nothing listens on the socket."""
 
     def __init__(self, socket_path: str | os.PathLike[str], *, memory_bytes: int = 64 << 20,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, busy_wait: float = 3.0) -> None:
         self.path = Path(socket_path)
         self.timeout = timeout
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(self.path))
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            self.sock.close()
-            raise DaemonNotRunning(f"no vhost-user back end listens on {self.path}: {e.strerror}") from None
-        except OSError:
-            self.sock.close()
-            raise
+        self.busy_wait = busy_wait
+        self.sock = self._connect()
         self.mem = SharedMemory(memory_bytes)
         self.device_features = 0
         self.features = 0               # negotiated (what SET_FEATURES said)
@@ -85,6 +80,29 @@ class Frontend:
         self.config = b""               # GET_CONFIG's bytes
         self.queues: dict[int, DriverQueue] = {}
         self._closed = False
+
+    def _connect(self) -> socket.socket:
+        """A connected socket. A socket file that refuses connections is tried again for
+        `busy_wait` seconds (a back end between bind and listen, or re-making its socket);
+        DaemonNotRunning when there is no socket file or it keeps refusing."""
+        deadline = time.monotonic() + self.busy_wait
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(str(self.path))
+                return sock
+            except ConnectionRefusedError as e:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise DaemonNotRunning(f"no vhost-user back end listens on {self.path}: {e.strerror}") from None
+                time.sleep(0.02)
+            except FileNotFoundError as e:
+                sock.close()
+                raise DaemonNotRunning(f"no vhost-user back end listens on {self.path}: {e.strerror}") from None
+            except OSError:
+                sock.close()
+                raise
 
     # -- raw messages ------------------------------------------------------------------
 
@@ -169,7 +187,7 @@ class Frontend:
         """GET/SET features and protocol features, GET_QUEUE_NUM, SET_OWNER, GET_CONFIG.
         `features`: the device features we accept (those offered are kept).
         VhostError if the back end lacks VERSION_1."""
-        self.device_features = self.call(vp.GET_FEATURES).u64()  # type: ignore[union-attr]
+        self.device_features = self._first_features()
         if not self.device_features >> vp.F_VERSION_1 & 1:
             raise VhostError(f"{self.path}: the back end offers no VIRTIO_F_VERSION_1")
         if self.device_features >> vp.F_PROTOCOL_FEATURES & 1 and features >> vp.F_PROTOCOL_FEATURES & 1:
@@ -184,6 +202,22 @@ class Frontend:
             self.config = self.get_config(0, vp.BLK_CONFIG.size)
         self.features = self.device_features & features
         self.call(vp.SET_FEATURES, vp.U64.pack(self.features))
+
+    def _first_features(self) -> int:
+        """GET_FEATURES, the first exchange. A back end serves one front end at a time and
+        closes any other connection at once; the previous front end (ours, just closed,
+        or a QEMU restarting) may still be going away, so for `busy_wait` seconds a
+        connection closed before this answer is made again."""
+        deadline = time.monotonic() + self.busy_wait
+        while True:
+            try:
+                return self.call(vp.GET_FEATURES).u64()  # type: ignore[union-attr]
+            except VhostError:
+                if time.monotonic() > deadline or not self.connection_lost():
+                    raise
+            time.sleep(0.02)
+            self.sock.close()
+            self.sock = self._connect()
 
     def get_config(self, offset: int, size: int) -> bytes:
         """GET_CONFIG: `size` bytes of the device config from `offset`."""

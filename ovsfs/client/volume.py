@@ -301,8 +301,9 @@ class VhostVolume:
             for head, _written in q.reap(free=False):
                 slot = heads.get(head)
                 if slot is None or slot.req is None:
-                    self._fail_all(VhostError(f"{self.fe.path}: the device used descriptor {head}, "
-                                              "which is no request in flight"))
+                    self._fail_all(VhostError(f"{self.fe.path}: the device used descriptor {head} of queue "
+                                              f"{qi}, which is no request in flight (used->idx now "
+                                              f"{q.used_idx()}, avail->idx {q.avail_idx})"))
                     return done
                 req = slot.req
                 status = view[slot.status]

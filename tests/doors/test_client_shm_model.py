@@ -1,0 +1,87 @@
+"""The client library against the daemon's shm door (issue 12: "client-library tests at
+queue depth 1 to 64, with a byte model, against the daemon"): VhostVolume on
+STATE/run/vhost/VOL.sock, batches of requests in flight together, checked against a byte
+array, also across a reconnect and through the NBD door afterwards."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ovsfs.client.nbd import NbdVolume
+from ovsfs.client.uri import open_volume
+from ovsfs.client.volume import VhostVolume
+from ovsfs.errors import ReadOnly
+from tests.client.model import Model, batches
+
+# The door is helper "shm"'s part of issue 12: until it is merged there is nothing to test.
+pytest.importorskip("ovsfs.shm.server")
+
+MiB = 1 << 20
+
+
+def _socket(daemon, name: str, timeout: float = 20.0) -> Path:
+    """The volume's vhost-user socket, once the door's reconcile loop made it."""
+    path = daemon.state / "run" / "vhost" / f"{name}.sock"
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"no {path}:\n{daemon.log()}"
+        time.sleep(0.05)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shm_node(tmp_path_factory):
+    """One daemon for the module's examples (a daemon start is the slow part)."""
+    from tests.conftest import TEST_CONFIG, Daemon
+
+    d = Daemon(tmp_path_factory.mktemp("shm"), TEST_CONFIG).start()
+    try:
+        assert d.api("POST", "/volumes", {"name": "m", "size": 2 * MiB, "vpool": "default"})[0] in (200, 201)
+        _socket(d, "m")
+        yield d
+    finally:
+        d.teardown()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_byte_model_against_the_daemon(shm_node, data) -> None:
+    depth = data.draw(st.sampled_from([1, 3, 8, 32, 64]), "queue depth")
+    queues = data.draw(st.sampled_from([1, 2, 4]), "queues")
+    indirect = data.draw(st.booleans(), "indirect")
+    event_idx = data.draw(st.booleans(), "event_idx")
+    sock = _socket(shm_node, "m")
+    with VhostVolume(sock, queue_depth=depth, num_queues=queues, indirect=indirect, event_idx=event_idx,
+                     max_request_bytes=512 << 10) as vol:
+        assert vol.size == 2 * MiB
+        model = Model(vol.read(0, vol.size))
+        for batch in data.draw(batches(vol.size, max_batch=2 * depth, max_sectors=1024), "batches"):
+            model.run(vol, batch)
+        vol.flush()
+    # Another front end (the door takes one at a time: after the first has gone) and the
+    # NBD door see the same bytes.
+    with open_volume("openvstorage:m", shm_node.state / "run" / "vhost") as again:
+        assert again.read(0, 2 * MiB) == bytes(model.data)
+    with NbdVolume(str(shm_node.nbd_socket), "m") as nbd:
+        assert nbd.read(0, 2 * MiB) == bytes(model.data)
+
+
+def test_snapshot_socket_is_read_only(shm_node) -> None:
+    shm_node.api("POST", "/volumes", {"name": "sn", "size": MiB, "vpool": "default"})
+    pattern = os.urandom(64 << 10)
+    with VhostVolume(_socket(shm_node, "sn")) as vol:
+        vol.write(4096, pattern)
+        vol.flush()
+        assert vol.get_id() == "sn"
+    assert shm_node.api("POST", "/volumes/sn/snapshots", {"name": "s1"})[0] in (200, 201)
+    with VhostVolume(_socket(shm_node, "sn@s1")) as snap:
+        assert snap.read_only
+        assert snap.read(4096, len(pattern)) == pattern
+        with pytest.raises(ReadOnly):
+            snap.write(0, bytes(512))
