@@ -11,14 +11,14 @@ The harness itself is validated on qemu-storage-daemon in test_guest_qsd.py.
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
 from tests.conftest import OVSFS, Daemon
-from tests.guest.boot import QEMU, Guest, boot, memfd_args, tcg_args, vhost_args
+from tests.guest.boot import QEMU, Guest, boot, tcg_args
 from tests.guest.image import GuestImage
 from tests.guest.pattern import MIB, check_writeloop, pattern, pattern_sha256
 
@@ -26,11 +26,6 @@ VOL = "gvol"
 SIZE = 32 * MIB
 PATTERN_MIB = 4
 LOOP_MIB = 2       # 32 slots of 64 KiB: a loop of 60 chunks wraps around
-# `ovsfs qemu` (the CLI part of issue 12) when this tree has it; else the same stock QEMU
-# arguments `ovsfs qemu-args openvstorage:VOL` prints, so the door is tested either way.
-HAVE_OVSFS_QEMU = importlib.util.find_spec("ovsfs.cli.qemu_cmds") is not None
-
-
 def _socket(d: Daemon, vol: str = VOL) -> Path:
     return d.state / "run" / "vhost" / f"{vol}.sock"
 
@@ -45,11 +40,18 @@ def _wait_socket(d: Daemon, vol: str = VOL, timeout: float = 15.0) -> Path:
     return sock
 
 
-def _argv(d: Daemon, *, reconnect: int = 0, via_cli: bool = HAVE_OVSFS_QEMU) -> list[str]:
-    if via_cli and not reconnect:
-        return [OVSFS, "--state", str(d.state), "qemu", "--", *tcg_args(), "-machine", "q35",
-                "-drive", f"file=openvstorage:{VOL},if=virtio,cache=none,format=raw"]
-    return [QEMU, *tcg_args(), *memfd_args(), *vhost_args(_socket(d), reconnect=reconnect)]
+def _ovsfs_qemu(d: Daemon) -> list[str]:
+    """`ovsfs qemu -- ... -drive file=openvstorage:VOL,...`: the CLI adds the shared memfd
+    RAM (merged into -machine), and the vhost-user-blk device on the volume's socket with
+    `reconnect=1`; it execs QEMU, so the PID we hold is QEMU's."""
+    return [OVSFS, "--state", str(d.state), "qemu", "--", *tcg_args(), "-machine", "q35",
+            "-drive", f"file=openvstorage:{VOL},if=virtio,cache=none,format=raw"]
+
+
+def _qemu_args(d: Daemon) -> list[str]:
+    """Stock QEMU with what `ovsfs qemu-args openvstorage:VOL` prints."""
+    printed = json.loads(d.cli("qemu-args", f"openvstorage:{VOL}", "--memory", "256M", "--json").stdout)
+    return [QEMU, *tcg_args(), "-machine", "q35", *printed]
 
 
 def _make_volume(d: Daemon) -> None:
@@ -75,7 +77,8 @@ def _check_write(res, seed: int) -> None:  # type: ignore[no-untyped-def]
     assert res.done, res.explain()
     # The config the shm door sent (GET_CONFIG) and its GET_ID serial, as the guest saw them.
     assert int(res.dev["size"]) == SIZE and res.dev["ro"] == "0", res.dev
-    assert res.dev["serial"] == VOL, res.dev
+    assert res.dev["serial"] == VOL, res.dev                       # GET_ID
+    assert int(res.dev["discard_max"]) > 0 and int(res.dev["wz_max"]) > 0, res.dev   # DISCARD, WRITE_ZEROES
     want = pattern_sha256(seed, PATTERN_MIB)
     assert res.results["WRITE"]["sha256"] == want
     assert res.results["READBACK"]["sha256"] == want
@@ -98,8 +101,8 @@ def test_guest_writes_powers_off_and_verifies(guest_image: GuestImage,
                                               daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory({"fuse": {"enabled": True}})
     _make_volume(d)
-    _check_write(boot(_argv(d), "write", seed=21, mib=PATTERN_MIB, image=guest_image), 21)
-    _check_verify(boot(_argv(d), "verify", seed=21, mib=PATTERN_MIB, image=guest_image), 21)
+    _check_write(boot(_ovsfs_qemu(d), "write", seed=21, mib=PATTERN_MIB, image=guest_image), 21)
+    _check_verify(boot(_ovsfs_qemu(d), "verify", seed=21, mib=PATTERN_MIB, image=guest_image), 21)
     _check_doors(d, 21)
 
 
@@ -107,11 +110,12 @@ def test_guest_verifies_after_a_daemon_restart(guest_image: GuestImage,
                                                daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory({"fuse": {"enabled": True}})
     _make_volume(d)
-    _check_write(boot(_argv(d), "write", seed=22, mib=PATTERN_MIB, image=guest_image), 22)
+    _check_write(boot(_ovsfs_qemu(d), "write", seed=22, mib=PATTERN_MIB, image=guest_image), 22)
     d.stop()
     d.start()
     _wait_socket(d)
-    _check_verify(boot(_argv(d), "verify", seed=22, mib=PATTERN_MIB, image=guest_image), 22)
+    # The second boot runs stock QEMU on what `ovsfs qemu-args` prints (no ovsfs in between).
+    _check_verify(boot(_qemu_args(d), "verify", seed=22, mib=PATTERN_MIB, image=guest_image), 22)
     _check_doors(d, 22)
 
 
@@ -121,7 +125,7 @@ def test_guest_acked_writes_survive_a_sigkilled_daemon(guest_image: GuestImage,
     # which is another test's subject.
     d = daemon_factory()
     _make_volume(d)
-    with Guest(_argv(d, reconnect=1), "writeloop", seed=23, mib=LOOP_MIB, image=guest_image) as g:
+    with Guest(_ovsfs_qemu(d), "writeloop", seed=23, mib=LOOP_MIB, image=guest_image) as g:
         # Kill with chunk 8 in flight: half-way through its write + fsync, as long as the
         # writes of chunks 0-7 took (the guest prints WRITING just before each write).
         assert g.wait_for(r"^WRITING 8\b", timeout=60), g.wait(1).explain()
@@ -131,7 +135,7 @@ def test_guest_acked_writes_survive_a_sigkilled_daemon(guest_image: GuestImage,
         killed_at = len(g.console().splitlines())   # console lines before the kill
         d.start()
         _wait_socket(d)
-        # QEMU reconnects (reconnect=1) and the loop goes on, or the request that was in
+        # QEMU reconnects (`ovsfs qemu` sets reconnect=1) and the loop goes on, or the request that was in
         # flight is lost and the guest stalls: either is clean. What counts is below.
         g.wait_for(r"^ACKED 60\b", timeout=15)
         alive = g.proc.poll() is None
