@@ -8,7 +8,7 @@ Cache: `$OVSFS_GUEST_CACHE`, else /var/cache/ovsfs-guest. Layout:
     debs/linux-image-*.deb            the downloaded package
     <kver>/vmlinux                    the kernel, uncompressed for a PVH boot (else vmlinuz)
     <kver>/initrd-<key>.gz            initramfs; <key> hashes init.sh, busybox, this builder
-    current.json                      {"kver", "kernel", "initrd"} of the last build
+    current.json                      {"kver"}: the kernel in use
 A build holds an exclusive flock on `<cache>/.lock`, so concurrent test workers wait for one
 build instead of racing; a finished cache is found without the lock (files appear by rename).
 
@@ -104,42 +104,54 @@ def _locked(cache: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _cached(cache: Path) -> GuestImage | None:
+def _current_kver(cache: Path) -> str | None:
     try:
-        cur = json.loads((cache / "current.json").read_text())
-        img = GuestImage(cur["kver"], Path(cur["kernel"]), Path(cur["initrd"]))
+        return str(json.loads((cache / "current.json").read_text())["kver"])
     except (OSError, ValueError, KeyError):
         return None
-    if img.kernel.exists() and img.initrd.exists() and img.initrd.name == f"initrd-{initrd_key()}.gz":
-        return img
+
+
+def _cached(cache: Path, kver: str | None) -> GuestImage | None:
+    """The image of kernel `kver` with this checkout's initramfs, if both are built."""
+    if kver is None:
+        return None
+    kdir = cache / kver
+    initrd = kdir / f"initrd-{initrd_key()}.gz"
+    for kernel in (kdir / "vmlinux", kdir / "vmlinuz"):
+        if kernel.exists() and initrd.exists():
+            return GuestImage(kver, kernel, initrd)
     return None
 
 
 def ensure_image(refresh: bool = False, progress: Progress | None = None) -> GuestImage:
     """The guest kernel and initramfs, built on first use and cached for the machine.
 
-    refresh: ask apt for the newest kernel even if one is cached.
-    Raises GuestImageError if it cannot be built (e.g. no apt, no busybox-static).
+    The kernel is the one recorded in current.json (the newest apt offered when it was
+    first built); refresh: ask apt for the newest again. Initramfs images are kept per key,
+    so checkouts with different init.sh versions share the cache without rebuilding each
+    other's. Raises GuestImageError if it cannot be built (e.g. no apt, no busybox-static).
     """
     say = progress or (lambda msg: None)
     cache = cache_dir()
-    if not refresh and (img := _cached(cache)):
+    if not refresh and (img := _cached(cache, _current_kver(cache))):
         return img
     with _locked(cache):
-        if not refresh and (img := _cached(cache)):   # another worker built it meanwhile
-            say(f"guest: cached {img.kernel}")
+        kver = _current_kver(cache)
+        if not refresh and (img := _cached(cache, kver)):   # another worker built it meanwhile
             return img
-        img = _build(cache, say)
+        pkg = newest_kernel_package() if refresh or kver is None else f"linux-image-{kver}"
+        img = _build(cache, pkg, say)
         tmp = cache / "current.json.tmp"
-        tmp.write_text(json.dumps({"kver": img.kver, "kernel": str(img.kernel), "initrd": str(img.initrd)}))
+        tmp.write_text(json.dumps({"kver": img.kver}))
         os.replace(tmp, cache / "current.json")
+        if kver is not None and kver != img.kver:          # a newer kernel replaced it
+            shutil.rmtree(cache / kver, ignore_errors=True)
         return img
 
 
-def _build(cache: Path, say: Progress) -> GuestImage:
+def _build(cache: Path, pkg: str, say: Progress) -> GuestImage:
     if not BUSYBOX.exists() or "statically linked" not in _run(["file", "-L", str(BUSYBOX)]).stdout:
         raise GuestImageError(f"{BUSYBOX} is missing or not static: apt-get install busybox-static")
-    pkg = newest_kernel_package()
     kver = pkg.removeprefix("linux-image-")
     say(f"guest: kernel package {pkg}")
     debs = cache / "debs"
@@ -168,9 +180,10 @@ def _build(cache: Path, say: Progress) -> GuestImage:
         say(f"guest: packing {initrd}")
         _pack_initrd(work / "x" / "lib" / "modules" / kver, work / "root", work / "initrd.gz")
         os.replace(work / "initrd.gz", initrd)
-    for old in kdir.glob("initrd-*.gz"):
-        if old != initrd:
-            old.unlink()
+    # Other checkouts' initramfs stay (1 MB each, maybe in use by a QEMU right now); only
+    # the oldest beyond a handful go.
+    for old in sorted(kdir.glob("initrd-*.gz"), key=lambda p: p.stat().st_mtime)[:-8]:
+        old.unlink(missing_ok=True)
     say(f"guest: ready: {kernel} {initrd}")
     return GuestImage(kver, kernel, initrd)
 

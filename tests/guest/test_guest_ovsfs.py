@@ -149,5 +149,7 @@ def test_guest_acked_writes_survive_a_sigkilled_daemon(guest_image: GuestImage,
           f"guest acknowledged {len(res.acked)} chunks, {len(after)} after the SIGKILL; "
           f"guest errors {res.errors}; qemu stderr: {res.stderr.strip()[-300:]!r}")
     # The loop wraps around its slots (32 here), so later chunks overwrite earlier ones.
-    problems = check_writeloop(_nbd_bytes(d)[:LOOP_MIB * MIB], 23, LOOP_MIB, res.acked)
+    data = _nbd_bytes(d)
+    problems = check_writeloop(data[:LOOP_MIB * MIB], 23, LOOP_MIB, res.acked)
     assert not problems, problems
+    assert data[LOOP_MIB * MIB:] == bytes(SIZE - LOOP_MIB * MIB)   # nothing landed elsewhere

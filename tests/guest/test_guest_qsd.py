@@ -67,5 +67,7 @@ def test_writeloop_survives_a_sigkilled_back_end(guest_image: GuestImage,
     exp.stop()
     assert len(res.acked) >= 8, res.explain()
     assert alive or res.returncode >= 0, res.explain()   # QEMU did not crash
-    problems = check_writeloop(exp.image.read_bytes()[:LOOP_MIB * MIB], 5, LOOP_MIB, res.acked)
+    data = exp.image.read_bytes()
+    problems = check_writeloop(data[:LOOP_MIB * MIB], 5, LOOP_MIB, res.acked)
     assert not problems, problems
+    assert data[LOOP_MIB * MIB:] == bytes(SIZE - LOOP_MIB * MIB)   # nothing landed elsewhere
