@@ -3,6 +3,7 @@ served by the shm door (vhost-user-blk over shared memory) of a real daemon.
 
 - write a pattern in the guest, power off, boot again to verify it, and check the same bytes
   through NBD (nbdcopy on the daemon's NBD socket) and FUSE (the volume's file in the mount);
+  a snapshot taken after the write boots read-only (`openvstorage:VOL@SNAP`) with its bytes;
 - the same with the daemon restarted between the two boots;
 - the daemon SIGKILLed while the guest writes: QEMU reconnects or fails cleanly, the daemon
   restarts, and every chunk the guest saw acknowledged (fsync returned) is on the volume.
@@ -40,12 +41,12 @@ def _wait_socket(d: Daemon, vol: str = VOL, timeout: float = 15.0) -> Path:
     return sock
 
 
-def _ovsfs_qemu(d: Daemon) -> list[str]:
+def _ovsfs_qemu(d: Daemon, target: str = VOL) -> list[str]:
     """`ovsfs qemu -- ... -drive file=openvstorage:VOL,...`: the CLI adds the shared memfd
     RAM (merged into -machine), and the vhost-user-blk device on the volume's socket with
     `reconnect=1`; it execs QEMU, so the PID we hold is QEMU's."""
     return [OVSFS, "--state", str(d.state), "qemu", "--", *tcg_args(), "-machine", "q35",
-            "-drive", f"file=openvstorage:{VOL},if=virtio,cache=none,format=raw"]
+            "-drive", f"file=openvstorage:{target},if=virtio,cache=none,format=raw"]
 
 
 def _qemu_args(d: Daemon) -> list[str]:
@@ -97,13 +98,25 @@ def _check_doors(d: Daemon, seed: int) -> None:
     assert _fuse_bytes(d) == want, "FUSE sees other bytes than the guest wrote"
 
 
-def test_guest_writes_powers_off_and_verifies(guest_image: GuestImage,
+def test_guest_writes_powers_off_verifies_and_reads_its_snapshot(guest_image: GuestImage,
                                               daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory({"fuse": {"enabled": True}})
     _make_volume(d)
     _check_write(boot(_ovsfs_qemu(d), "write", seed=21, mib=PATTERN_MIB, image=guest_image), 21)
+    d.cli("snapshot", "create", VOL, "s1")
     _check_verify(boot(_ovsfs_qemu(d), "verify", seed=21, mib=PATTERN_MIB, image=guest_image), 21)
     _check_doors(d, 21)
+
+    # The snapshot's socket (VOL@SNAP) serves the bytes of the snapshot, read-only, after
+    # the volume was overwritten through NBD.
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0xab 0 1M",
+                        f"nbd+unix:///{VOL}?socket={d.nbd_socket}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    _wait_socket(d, f"{VOL}@s1")
+    snap = boot(_ovsfs_qemu(d, f"{VOL}@s1"), "verify", seed=21, mib=PATTERN_MIB, image=guest_image)
+    _check_verify(snap, 21)
+    assert snap.dev["ro"] == "1" and int(snap.dev["size"]) == SIZE, snap.dev
+    assert _nbd_bytes(d)[:MIB] == b"\xab" * MIB
 
 
 def test_guest_verifies_after_a_daemon_restart(guest_image: GuestImage,
