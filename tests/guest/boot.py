@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tests.guest.image import GuestImage, ensure_image
 
@@ -207,3 +207,53 @@ def boot(qemu_argv: list[str], job: str, seed: int = 1, mib: int = 4, timeout: f
     The guest powers itself off; after `timeout` seconds QEMU is SIGKILLed by PID."""
     with Guest(qemu_argv, job, seed=seed, mib=mib, count=count, image=image) as g:
         return g.wait(timeout)
+
+
+@dataclass
+class CrashRun:
+    """A writeloop whose back end was killed and restarted while the guest wrote."""
+
+    result: BootResult
+    acked_before: list[int]     # ACKED before the kill
+    acked_after: list[int]      # ACKED after it: the guest resumed on the restarted back end
+    chunk_seconds: float        # one chunk's write + fsync, as the host saw it before the kill
+    qemu_alive: bool            # QEMU still ran when we stopped it
+
+    @property
+    def clean(self) -> bool:
+        """The guest resumed, or it failed visibly: an I/O error reported by the guest or QEMU
+        exiting by itself with an error code. A guest stuck on I/O, or QEMU dying by a
+        signal, is not clean."""
+        if self.acked_after:
+            return True
+        return bool(self.result.errors) or (not self.qemu_alive and (self.result.returncode or 0) > 0)
+
+    def summary(self) -> str:
+        r = self.result
+        return (f"one chunk's write + fsync took {self.chunk_seconds * 1000:.0f} ms; ACKED "
+                f"{len(self.acked_before)} chunks before the kill, {len(self.acked_after)} after; "
+                f"guest errors {r.errors}; qemu alive={self.qemu_alive} rc={r.returncode}; "
+                f"qemu stderr {r.stderr.strip()[-300:]!r}")
+
+
+def writeloop_with_crash(qemu_argv: list[str], kill: Callable[[], None], restart: Callable[[], None],
+                         seed: int, mib: int, image: GuestImage | None = None, kill_at: int = 8,
+                         resume_to: int = 60, resume_timeout: float = 15.0) -> CrashRun:
+    """Boot a writeloop, `kill()` the back end while chunk `kill_at` is in flight (half-way
+    through a write + fsync, as long as the previous chunks took: the guest prints WRITING n
+    just before each write), `restart()` it, give the guest `resume_timeout` s to go on to
+    ACKED `resume_to`, then stop QEMU (SIGKILL by PID)."""
+    with Guest(qemu_argv, "writeloop", seed=seed, mib=mib, image=image) as g:
+        if not g.wait_for(rf"^WRITING {kill_at}\b", timeout=60):
+            raise AssertionError(f"the writeloop never reached chunk {kill_at}:\n{g.wait(1).explain()}")
+        chunk_s = g.write_seconds()
+        time.sleep(chunk_s / 2)
+        kill()
+        killed_at = len(g.timeline())
+        restart()
+        g.wait_for(rf"^ACKED {resume_to}\b", timeout=resume_timeout)
+        alive = g.proc.poll() is None
+        g.kill()
+        res = g.wait(30)
+    before = BootResult.parse("".join(res.console.splitlines(keepends=True)[:killed_at]), "", None, False, 0).acked
+    return CrashRun(res, before, res.acked[len(before):], chunk_s, alive)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from tests.conftest import OVSFS, Daemon
-from tests.guest.boot import QEMU, Guest, boot, tcg_args
+from tests.guest.boot import QEMU, BootResult, boot, tcg_args, writeloop_with_crash
 from tests.guest.image import GuestImage
 from tests.guest.pattern import MIB, check_writeloop, pattern, pattern_sha256
 
@@ -74,7 +74,7 @@ def _fuse_bytes(d: Daemon) -> bytes:
         return f.read()
 
 
-def _check_write(res, seed: int) -> None:  # type: ignore[no-untyped-def]
+def _check_write(res: BootResult, seed: int) -> None:
     assert res.done, res.explain()
     # The config the shm door sent (GET_CONFIG) and its GET_ID serial, as the guest saw them.
     assert int(res.dev["size"]) == SIZE and res.dev["ro"] == "0", res.dev
@@ -85,7 +85,7 @@ def _check_write(res, seed: int) -> None:  # type: ignore[no-untyped-def]
     assert res.results["READBACK"]["sha256"] == want
 
 
-def _check_verify(res, seed: int) -> None:  # type: ignore[no-untyped-def]
+def _check_verify(res: BootResult, seed: int) -> None:
     assert res.done, res.explain()
     want = pattern_sha256(seed, PATTERN_MIB)
     assert res.results["VERIFY"] == {"sha256": want, "want": want, "ok": "yes"}, res.explain()
@@ -138,29 +138,17 @@ def test_guest_acked_writes_survive_a_sigkilled_daemon(guest_image: GuestImage,
     # which is another test's subject.
     d = daemon_factory()
     _make_volume(d)
-    with Guest(_ovsfs_qemu(d), "writeloop", seed=23, mib=LOOP_MIB, image=guest_image) as g:
-        # Kill with chunk 8 in flight: half-way through its write + fsync, as long as the
-        # writes of chunks 0-7 took (the guest prints WRITING just before each write).
-        assert g.wait_for(r"^WRITING 8\b", timeout=60), g.wait(1).explain()
-        chunk_s = g.write_seconds()
-        time.sleep(chunk_s / 2)
-        d.kill()
-        killed_at = len(g.console().splitlines())   # console lines before the kill
+    # `ovsfs qemu` sets reconnect=1: QEMU reconnects to the restarted door and the loop
+    # goes on (requests in flight at the kill are replayed from the ring), or it fails visibly.
+    def restart() -> None:
         d.start()
         _wait_socket(d)
-        # QEMU reconnects (`ovsfs qemu` sets reconnect=1) and the loop goes on, or the request that was in
-        # flight is lost and the guest stalls: either is clean. What counts is below.
-        g.wait_for(r"^ACKED 60\b", timeout=15)
-        alive = g.proc.poll() is None
-        g.kill()
-        res = g.wait(30)
-    assert len(res.acked) >= 8, res.explain()
-    # Clean: QEMU was still running, or it exited by itself (an error exit, not a crash).
-    assert alive or res.returncode >= 0, res.explain()
-    after = [ln for ln in res.console.splitlines()[killed_at:] if ln.startswith("ACKED ")]
-    print(f"one chunk's write + fsync took {chunk_s * 1000:.0f} ms; "
-          f"guest acknowledged {len(res.acked)} chunks, {len(after)} after the SIGKILL; "
-          f"guest errors {res.errors}; qemu stderr: {res.stderr.strip()[-300:]!r}")
+
+    run = writeloop_with_crash(_ovsfs_qemu(d), d.kill, restart, seed=23, mib=LOOP_MIB, image=guest_image)
+    res = run.result
+    print(run.summary())
+    assert len(run.acked_before) >= 8, res.explain()
+    assert run.clean, f"{run.summary()}\n{res.explain()}"
     # The loop wraps around its slots (32 here), so later chunks overwrite earlier ones.
     data = _nbd_bytes(d)
     problems = check_writeloop(data[:LOOP_MIB * MIB], 23, LOOP_MIB, res.acked)

@@ -5,10 +5,9 @@ harness bug cannot pass for an ovsfs bug (or hide one) in test_guest_ovsfs.py.
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
-from tests.guest.boot import Guest, boot, memfd_args, tcg_args, vhost_args, QEMU
+from tests.guest.boot import QEMU, boot, memfd_args, tcg_args, vhost_args, writeloop_with_crash
 from tests.guest.conftest import QsdExport
 from tests.guest.image import GuestImage
 from tests.guest.pattern import MIB, check_writeloop, pattern, pattern_sha256
@@ -52,21 +51,14 @@ def test_writeloop_survives_a_sigkilled_back_end(guest_image: GuestImage,
     """The SIGKILL recipe of the ovsfs test, on the reference server: every chunk the guest
     saw acknowledged (fsync returned) is on the image after the server was killed mid-loop."""
     exp = qsd_export(SIZE)
-    with Guest(_argv(exp, reconnect=1), "writeloop", seed=5, mib=LOOP_MIB, image=guest_image) as g:
-        assert g.wait_for(r"^WRITING 8\b", timeout=60), g.wait(1).explain()
-        # Aim at the middle of chunk 8's write + fsync (as long as chunks 0-7 took).
-        time.sleep(g.write_seconds() / 2)
-        exp.kill()
-        exp.start()
-        # QEMU reconnects within ~1 s; the loop may go on or stall (requests in flight at the
-        # kill are lost without INFLIGHT_SHMFD): both are clean, only ACKED data counts.
-        g.wait_for(r"^ACKED 40\b", timeout=10)
-        alive = g.proc.poll() is None
-        g.kill()
-        res = g.wait(30)
+    # QEMU (reconnect=1) reconnects within ~1 s and the loop goes on: the request in flight
+    # at the kill is replayed from the ring (last_avail_idx falls back to the used index).
+    run = writeloop_with_crash(_argv(exp, reconnect=1), exp.kill, exp.start, seed=5, mib=LOOP_MIB,
+                               image=guest_image, resume_to=40, resume_timeout=10)
     exp.stop()
-    assert len(res.acked) >= 8, res.explain()
-    assert alive or res.returncode >= 0, res.explain()   # QEMU did not crash
+    res = run.result
+    assert len(run.acked_before) >= 8, res.explain()
+    assert run.clean, f"{run.summary()}\n{res.explain()}"
     data = exp.image.read_bytes()
     problems = check_writeloop(data[:LOOP_MIB * MIB], 5, LOOP_MIB, res.acked)
     assert not problems, problems
