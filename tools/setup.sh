@@ -37,5 +37,8 @@ fi
 # initramfs, built once per machine under ${OVSFS_GUEST_CACHE:-/var/cache/ovsfs-guest}
 # (about 5 s and a 70 MB download the first time; a file check when cached).
 if ! .venv/bin/python -m tests.guest.image; then
-  echo "setup: warning: the test guest could not be built; tests/guest will fail until it is" >&2
+  # A fresh machine may have no package lists yet: fetch them once and try again.
+  if ! { apt-get update -qq && .venv/bin/python -m tests.guest.image; }; then
+    echo "setup: warning: the test guest could not be built; tests/guest will fail until it is" >&2
+  fi
 fi
