@@ -203,7 +203,7 @@ class Guest:
 
 def boot(qemu_argv: list[str], job: str, seed: int = 1, mib: int = 4, timeout: float = 90.0,
          count: int = 0, image: GuestImage | None = None) -> BootResult:
-    """Boot the guest with `job` (write | verify | writeloop | info) and return what it printed.
+    """Boot the guest with `job` (write | verify | trim | writeloop | info) and return what it printed.
     The guest powers itself off; after `timeout` seconds QEMU is SIGKILLed by PID."""
     with Guest(qemu_argv, job, seed=seed, mib=mib, count=count, image=image) as g:
         return g.wait(timeout)

@@ -2,7 +2,7 @@
 # /init of the ovsfs test guest (busybox sh; PID 1 of a busybox-static initramfs).
 #
 # The job comes from the kernel command line (/proc/cmdline):
-#   ovsfs.job=write|verify|writeloop|info  ovsfs.seed=S  ovsfs.mib=N  [ovsfs.count=K]
+#   ovsfs.job=write|verify|trim|writeloop|info  ovsfs.seed=S  ovsfs.mib=N  [ovsfs.count=K]
 # Every result is one line on the serial console starting with "OVSFS " (or, in a writeloop,
 # "WRITING n" just before chunk n's write and "ACKED n" after its fsync returned),
 # parsed by tests/guest/boot.py; tests/guest/pattern.py makes the same bytes on the host.
@@ -93,6 +93,11 @@ verify)
     got=$(disk_sum)
     if [ "$want" = "$got" ]; then ok=yes; else ok=no; fi
     say "VERIFY sha256=$got want=$want ok=$ok"
+    finish 0 ;;
+trim)
+    # DISCARD (BLKDISCARD) of the pattern's second MiB: the door's trim makes it read zeros.
+    if ! blkdiscard -o 1048576 -l 1048576 /dev/vda; then say "ERROR discard failed"; finish 1; fi
+    say "TRIM sha256=$(disk_sum)"
     finish 0 ;;
 writeloop)
     slots=$((mib * 16)); n=0

@@ -28,6 +28,12 @@ def pattern_sha256(seed: int, mib: int) -> str:
     return hashlib.sha256(pattern(seed, mib)).hexdigest()
 
 
+def trimmed(seed: int, mib: int) -> bytes:
+    """The pattern after the guest's `trim` job discarded its second MiB (read as zeros)."""
+    p = pattern(seed, mib)
+    return p[:MIB] + bytes(MIB) + p[2 * MIB:]
+
+
 def chunk(seed: int, n: int) -> bytes:
     """Writeloop chunk n (64 KiB)."""
     return b"".join(_line(f"ovsfs seed={seed} chunk={n} line={i}") for i in range(CHUNK // LINE))

@@ -4,7 +4,7 @@ served by the shm door (vhost-user-blk over shared memory) of a real daemon.
 - write a pattern in the guest, power off, boot again to verify it, and check the same bytes
   through NBD (nbdcopy on the daemon's NBD socket) and FUSE (the volume's file in the mount);
   a snapshot taken after the write boots read-only (`openvstorage:VOL@SNAP`) with its bytes;
-- the same with the daemon restarted between the two boots;
+- the same with the daemon restarted between the two boots, then a DISCARD from the guest;
 - the daemon SIGKILLed while the guest writes: QEMU reconnects or fails cleanly, the daemon
   restarts, and every chunk the guest saw acknowledged (fsync returned) is on the volume
   (read through NBD; FUSE sees the same bytes).
@@ -14,6 +14,7 @@ The harness itself is validated on qemu-storage-daemon in test_guest_qsd.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import time
@@ -23,7 +24,7 @@ from typing import Callable
 from tests.conftest import OVSFS, Daemon
 from tests.guest.boot import QEMU, BootResult, boot, tcg_args, writeloop_with_crash
 from tests.guest.image import GuestImage
-from tests.guest.pattern import MIB, check_writeloop, pattern, pattern_sha256
+from tests.guest.pattern import MIB, check_writeloop, pattern, pattern_sha256, trimmed
 
 VOL = "gvol"
 SIZE = 32 * MIB
@@ -93,9 +94,10 @@ def _check_verify(res: BootResult, seed: int) -> None:
     assert res.results["VERIFY"] == {"sha256": want, "want": want, "ok": "yes"}, res.explain()
 
 
-def _check_doors(d: Daemon, seed: int) -> None:
-    """The guest's bytes, seen through the other doors; nothing past them was touched."""
-    want = pattern(seed, PATTERN_MIB) + bytes(SIZE - PATTERN_MIB * MIB)
+def _check_doors(d: Daemon, seed: int, head: bytes | None = None) -> None:
+    """The guest's bytes (`head`, else the pattern), seen through the other doors; nothing
+    past them was touched."""
+    want = (head or pattern(seed, PATTERN_MIB)) + bytes(SIZE - PATTERN_MIB * MIB)
     assert _nbd_bytes(d) == want, "NBD sees other bytes than the guest wrote"
     assert _fuse_bytes(d) == want, "FUSE sees other bytes than the guest wrote"
 
@@ -121,7 +123,7 @@ def test_guest_writes_powers_off_verifies_and_reads_its_snapshot(guest_image: Gu
     assert _nbd_bytes(d)[:MIB] == b"\xab" * MIB
 
 
-def test_guest_verifies_after_a_daemon_restart(guest_image: GuestImage,
+def test_guest_verifies_and_discards_after_a_daemon_restart(guest_image: GuestImage,
                                                daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory({"fuse": {"enabled": True}})
     _make_volume(d)
@@ -132,6 +134,11 @@ def test_guest_verifies_after_a_daemon_restart(guest_image: GuestImage,
     # The second boot runs stock QEMU on what `ovsfs qemu-args` prints (no ovsfs in between).
     _check_verify(boot(_qemu_args(d), "verify", seed=22, mib=PATTERN_MIB, image=guest_image), 22)
     _check_doors(d, 22)
+    # A DISCARD from the guest's own driver (BLKDISCARD of the second MiB) reads back as zeros.
+    t = boot(_ovsfs_qemu(d), "trim", seed=22, mib=PATTERN_MIB, image=guest_image)
+    assert t.done, t.explain()
+    assert t.results["TRIM"]["sha256"] == hashlib.sha256(trimmed(22, PATTERN_MIB)).hexdigest()
+    _check_doors(d, 22, trimmed(22, PATTERN_MIB))
 
 
 def _clear_stale_mount(d: Daemon) -> None:
