@@ -58,6 +58,17 @@ say "DEV size=$(( $(cat /sys/block/vda/size) * 512 )) ro=$(rd /sys/block/vda/ro)
     "max_hw_kb=$(rd $q/max_hw_sectors_kb) queues=$(ls /sys/block/vda/mq | wc -l)" \
     "serial=$(rd /sys/block/vda/serial)"
 
+# How often blk-mq ran each hardware queue (= virtqueue) to dispatch requests, from its
+# debugfs ("run"; 6.1 has no per-queue request counts any more).
+queue_counts() {
+    mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+    line=""
+    for h in /sys/kernel/debug/block/vda/hctx*; do
+        [ -f "$h/run" ] && line="$line ${h##*/}=$(cat "$h/run")"
+    done
+    say "QUEUES$line"
+}
+
 # The pattern, made in a file on the RAM root (awk straight into a pipe costs seconds under
 # TCG: 64-byte writes, each waking the reader): 64-byte lines "ovsfs seed=S line=L" (L = byte offset / 64), space padded,
 # newline ended; writeloop chunk n (64 KiB at slot n mod (16 * mib)) has "chunk=n" in its lines.
@@ -80,11 +91,21 @@ info)
 write)
     # O_DIRECT writes, then fsync (a virtio-blk FLUSH): the bytes are on the back end's
     # durable path before the checksum line is printed.
+    # With several CPUs, one writer per CPU on its own MiB range at the same time: blk-mq
+    # gives each CPU its own virtqueue, so every queue carries requests.
     pattern "$mib"
-    if ! dd if=/tmp/pattern of=/dev/vda bs=1M oflag=direct conv=fsync,notrunc status=none; then
-        say "ERROR write failed"; finish 1
-    fi
-    say "WRITE sha256=$(sum /tmp/pattern)"
+    cpus=$(nproc); per=$(( (mib + cpus - 1) / cpus )); pids=""; c=0
+    while [ $c -lt "$cpus" ] && [ $((c * per)) -lt "$mib" ]; do
+        at=$((c * per)); n=$per; [ $((at + n)) -gt "$mib" ] && n=$((mib - at))
+        taskset -c $c dd if=/tmp/pattern of=/dev/vda bs=1M skip=$at seek=$at count=$n \
+            oflag=direct conv=fsync,notrunc status=none &
+        pids="$pids $!"; c=$((c + 1))
+    done
+    rc=0
+    for p in $pids; do wait $p || rc=1; done
+    if [ $rc != 0 ]; then say "ERROR write failed"; finish 1; fi
+    say "WRITE sha256=$(sum /tmp/pattern) writers=$c"
+    queue_counts
     say "READBACK sha256=$(disk_sum)"
     finish 0 ;;
 verify)

@@ -44,12 +44,16 @@ def _wait_socket(d: Daemon, vol: str = VOL, timeout: float = 15.0) -> Path:
     return sock
 
 
-def _ovsfs_qemu(d: Daemon, target: str = VOL) -> list[str]:
+def _ovsfs_qemu(d: Daemon, target: str = VOL, cpus: int = 1) -> list[str]:
     """`ovsfs qemu -- ... -drive file=openvstorage:VOL,...`: the CLI adds the shared memfd
     RAM (merged into -machine), and the vhost-user-blk device on the volume's socket with
-    `reconnect=1`; it execs QEMU, so the PID we hold is QEMU's."""
-    return [OVSFS, "--state", str(d.state), "qemu", "--", *tcg_args(), "-machine", "q35",
-            "-drive", f"file=openvstorage:{target},if=virtio,cache=none,format=raw"]
+    `reconnect=1`; it execs QEMU, so the PID we hold is QEMU's. `cpus` > 1 also asks for
+    as many virtqueues (the guest uses one per CPU)."""
+    machine = tcg_args()
+    machine[machine.index("-smp") + 1] = str(cpus)
+    queues = f",queues={cpus}" if cpus > 1 else ""
+    return [OVSFS, "--state", str(d.state), "qemu", "--", *machine, "-machine", "q35",
+            "-drive", f"file=openvstorage:{target},if=virtio,cache=none,format=raw{queues}"]
 
 
 def _qemu_args(d: Daemon) -> list[str]:
@@ -106,7 +110,12 @@ def test_guest_writes_powers_off_verifies_and_reads_its_snapshot(guest_image: Gu
                                               daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory({"fuse": {"enabled": True}})
     _make_volume(d)
-    _check_write(boot(_ovsfs_qemu(d), "write", seed=21, mib=PATTERN_MIB, image=guest_image), 21)
+    # Two vCPUs and two virtqueues: the guest writes with one writer per CPU at once.
+    w = boot(_ovsfs_qemu(d, cpus=2), "write", seed=21, mib=PATTERN_MIB, image=guest_image)
+    _check_write(w, 21)
+    assert w.dev["queues"] == "2" and w.results["WRITE"]["writers"] == "2", w.results
+    # blk-mq ran both hardware queues (its debugfs "run" counters), so both rings carried I/O.
+    assert len(w.results["QUEUES"]) == 2 and all(int(n) > 0 for n in w.results["QUEUES"].values()), w.results
     d.cli("snapshot", "create", VOL, "s1")
     _check_verify(boot(_ovsfs_qemu(d), "verify", seed=21, mib=PATTERN_MIB, image=guest_image), 21)
     _check_doors(d, 21)
