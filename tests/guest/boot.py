@@ -28,10 +28,12 @@ QEMU = "qemu-system-x86_64"
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 
 
-def tcg_args(mem_mib: int = 256) -> list[str]:
-    """Machine-independent options: TCG (KVM guests hang on these machines), one CPU, the
-    serial console on stdout, nothing else; `-no-reboot` turns a guest panic into an exit."""
-    return ["-accel", "tcg", "-m", f"{mem_mib}M", "-smp", "1", "-nodefaults", "-display", "none",
+def tcg_args(mem_mib: int | None = 256, cpus: int = 1) -> list[str]:
+    """Machine-independent options: TCG (KVM guests hang on these machines), `cpus` vCPUs,
+    `mem_mib` MiB of RAM (None: no -m, e.g. when `ovsfs qemu-args` gives it), the serial
+    console on stdout, nothing else; `-no-reboot` turns a guest panic into an exit."""
+    mem = ["-m", f"{mem_mib}M"] if mem_mib is not None else []
+    return ["-accel", "tcg", *mem, "-smp", str(cpus), "-nodefaults", "-display", "none",
             "-serial", "stdio", "-no-reboot"]
 
 

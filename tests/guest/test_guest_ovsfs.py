@@ -30,6 +30,8 @@ VOL = "gvol"
 SIZE = 32 * MIB
 PATTERN_MIB = 4
 LOOP_MIB = 2       # 32 slots of 64 KiB: a loop of 60 chunks wraps around
+
+
 def _socket(d: Daemon, vol: str = VOL) -> Path:
     return d.state / "run" / "vhost" / f"{vol}.sock"
 
@@ -49,17 +51,15 @@ def _ovsfs_qemu(d: Daemon, target: str = VOL, cpus: int = 1) -> list[str]:
     RAM (merged into -machine), and the vhost-user-blk device on the volume's socket with
     `reconnect=1`; it execs QEMU, so the PID we hold is QEMU's. `cpus` > 1 also asks for
     as many virtqueues (the guest uses one per CPU)."""
-    machine = tcg_args()
-    machine[machine.index("-smp") + 1] = str(cpus)
     queues = f",queues={cpus}" if cpus > 1 else ""
-    return [OVSFS, "--state", str(d.state), "qemu", "--", *machine, "-machine", "q35",
+    return [OVSFS, "--state", str(d.state), "qemu", "--", *tcg_args(cpus=cpus), "-machine", "q35",
             "-drive", f"file=openvstorage:{target},if=virtio,cache=none,format=raw{queues}"]
 
 
 def _qemu_args(d: Daemon) -> list[str]:
     """Stock QEMU with what `ovsfs qemu-args openvstorage:VOL` prints."""
     printed = json.loads(d.cli("qemu-args", f"openvstorage:{VOL}", "--memory", "256M", "--json").stdout)
-    return [QEMU, *tcg_args(), "-machine", "q35", *printed]
+    return [QEMU, *tcg_args(mem_mib=None), "-machine", "q35", *printed]
 
 
 def _make_volume(d: Daemon) -> None:
@@ -106,8 +106,8 @@ def _check_doors(d: Daemon, seed: int, head: bytes | None = None) -> None:
     assert _fuse_bytes(d) == want, "FUSE sees other bytes than the guest wrote"
 
 
-def test_guest_writes_powers_off_verifies_and_reads_its_snapshot(guest_image: GuestImage,
-                                              daemon_factory: Callable[..., Daemon]) -> None:
+def test_guest_writes_powers_off_verifies_and_reads_its_snapshot(
+        guest_image: GuestImage, daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory({"fuse": {"enabled": True}})
     _make_volume(d)
     # Two vCPUs and two virtqueues: the guest writes with one writer per CPU at once.
@@ -132,8 +132,8 @@ def test_guest_writes_powers_off_verifies_and_reads_its_snapshot(guest_image: Gu
     assert _nbd_bytes(d)[:MIB] == b"\xab" * MIB
 
 
-def test_guest_verifies_and_discards_after_a_daemon_restart(guest_image: GuestImage,
-                                               daemon_factory: Callable[..., Daemon]) -> None:
+def test_guest_verifies_and_discards_after_a_daemon_restart(
+        guest_image: GuestImage, daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory({"fuse": {"enabled": True}})
     _make_volume(d)
     _check_write(boot(_ovsfs_qemu(d), "write", seed=22, mib=PATTERN_MIB, image=guest_image), 22)
@@ -159,8 +159,8 @@ def _clear_stale_mount(d: Daemon) -> None:
         subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
 
 
-def test_guest_acked_writes_survive_a_sigkilled_daemon(guest_image: GuestImage,
-                                                       daemon_factory: Callable[..., Daemon]) -> None:
+def test_guest_acked_writes_survive_a_sigkilled_daemon(
+        guest_image: GuestImage, daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory({"fuse": {"enabled": True}})
     _make_volume(d)
 
