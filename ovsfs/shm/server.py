@@ -24,6 +24,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ class ShmServer:
         self.listeners: dict[str, Listener] = {}
         self.active: dict[str, int] = {}          # volume name -> front end pid
         self.too_long: set[str] = set()           # names whose socket path cannot be bound (logged)
+        self.refused = 0                          # second front ends closed at once
+        self._refused_logged = 0.0
         self._nursery: trio.Nursery | None = None
 
     def describe(self) -> str:
@@ -141,8 +144,13 @@ class ShmServer:
                         continue
                     pid = _peer_pid(conn)
                     if name in self.active:
-                        log.warning("shm[%s]: refused a second front end (pid %s): pid %s is connected "
-                                    "(vhost-user has one front end per device)", name, pid, self.active[name])
+                        self.refused += 1
+                        now = time.monotonic()
+                        if now - self._refused_logged >= 1.0:   # one line a second under a flood
+                            self._refused_logged = now
+                            log.warning("shm[%s]: refused a second front end (pid %s): pid %s is connected "
+                                        "(vhost-user has one front end per device; %d refused so far)",
+                                        name, pid, self.active[name], self.refused)
                         conn.close()
                         continue
                     self.active[name] = pid

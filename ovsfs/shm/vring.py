@@ -14,6 +14,9 @@ the ring has are a `ChainError`. The device cannot trust such a ring any more (i
 even tell where the status byte is): the session drops the connection, as libvhost-user
 does ("device needs reset"), and the daemon serves on.
 
+Indexes and flags are read and written through u16 cells (`virtq.u16_cells`): single
+16-bit accesses, never struct (which zeroes first and goes byte by byte: torn indexes).
+
 Ordering: the rings are shared with another process without locks. On x86 (TSO) stores
 are seen in order and loads are not reordered with loads, so the used element before the
 used index, and the descriptors after the available index, need nothing. A store followed
@@ -28,10 +31,12 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+import trio
+
 from ovsfs.shm.memory import GuestMemory, GuestMemoryError
 from ovsfs.vhost import virtq
 from ovsfs.vhost.protocol import U64
-from ovsfs.vhost.virtq import DESC, U16, USED_ELEM
+from ovsfs.vhost.virtq import DESC, USED_ELEM
 
 MAX_INDIRECT = 1024          # descriptors in one indirect table (Linux uses seg_max + 2)
 
@@ -76,8 +81,9 @@ class Vring:
         self.call_fd: int | None = None
         self.err_fd: int | None = None
         self.desc: memoryview | None = None
-        self.avail: memoryview | None = None
-        self.used: memoryview | None = None
+        self.avail: memoryview | None = None      # u16 cells of the available ring
+        self.used: memoryview | None = None       # bytes of the used ring (elements)
+        self.used16: memoryview | None = None     # u16 cells of the used ring
         self.mem: GuestMemory | None = None
 
     @property
@@ -88,7 +94,7 @@ class Vring:
     def map(self, mem: GuestMemory | None) -> None:
         """(Re)resolve the ring addresses in `mem` (after SET_VRING_ADDR or a new memory
         table). ChainError when they fall outside it; nothing when not all is known."""
-        self.desc = self.avail = self.used = None
+        self.unmap()
         self.mem = mem
         if mem is None or self.addrs is None or not self.num:
             return
@@ -97,12 +103,18 @@ class Vring:
         if d % virtq.ALIGN_DESC or a % virtq.ALIGN_AVAIL or u % virtq.ALIGN_USED:
             raise ChainError(f"queue {self.index}: ring addresses are not aligned (section 2.6)")
         self.desc = mem.uaddr(d, virtq.desc_bytes(n))
-        self.avail = mem.uaddr(a, virtq.avail_bytes(n))
+        self.avail = virtq.u16_cells(mem.uaddr(a, virtq.avail_bytes(n)))
         self.used = mem.uaddr(u, virtq.used_bytes(n))
-        self.used_idx = self.checked_used = U16.unpack_from(self.used, virtq.USED_IDX)[0]
+        self.used16 = virtq.u16_cells(self.used)
+        self.used_idx = self.checked_used = self.used16[virtq.USED_IDX_CELL]
 
     def unmap(self) -> None:
-        self.desc = self.avail = self.used = None
+        """Drop the views (the mapping can then be closed)."""
+        for name in ("desc", "avail", "used16", "used"):
+            view = getattr(self, name)
+            setattr(self, name, None)
+            if view is not None:
+                view.release()
         self.mem = None
 
     # ---- available ring ----------------------------------------------------------------
@@ -110,10 +122,11 @@ class Vring:
     def pending(self) -> int:
         """Entries made available and not yet popped. ChainError when more than the ring."""
         assert self.avail is not None
-        idx = U16.unpack_from(self.avail, virtq.AVAIL_IDX)[0]
+        idx = self.avail[virtq.AVAIL_IDX_CELL]
         n = (idx - self.last_avail) & 0xFFFF
         if n > self.num:
-            raise ChainError(f"queue {self.index}: {n} entries available in a ring of {self.num}")
+            raise ChainError(f"queue {self.index}: {n} entries available in a ring of {self.num} "
+                             f"(avail idx {idx}, {self.last_avail} taken)")
         return n
 
     def pop(self) -> Chain | None:
@@ -121,8 +134,7 @@ class Vring:
         if not self.pending():
             return None
         assert self.avail is not None and self.desc is not None and self.mem is not None
-        slot = virtq.AVAIL_RING + 2 * (self.last_avail % self.num)
-        head = U16.unpack_from(self.avail, slot)[0]
+        head = self.avail[virtq.AVAIL_RING_CELL + self.last_avail % self.num]
         if head >= self.num:
             raise ChainError(f"queue {self.index}: head {head} past a ring of {self.num}")
         self.last_avail = (self.last_avail + 1) & 0xFFFF
@@ -169,8 +181,8 @@ class Vring:
     def publish(self) -> bool:
         """With EVENT_IDX: ask for a kick at the next entry (avail_event = last_avail),
         then look again. True when entries are available (pop again before waiting)."""
-        if self.event_idx and self.used is not None:
-            U16.pack_into(self.used, virtq.avail_event_offset(self.num), self.last_avail)
+        if self.event_idx and self.used16 is not None:
+            self.used16[virtq.avail_event_cell(self.num)] = self.last_avail
             fence()
         return self.pending() > 0
 
@@ -178,11 +190,12 @@ class Vring:
 
     def push(self, head: int, written: int) -> None:
         """Return chain `head` with `written` bytes written into its writable part."""
-        assert self.used is not None
+        assert self.used is not None and self.used16 is not None
+        # The element is not the driver's until the index moves: struct may write it.
         USED_ELEM.pack_into(self.used, virtq.USED_RING + USED_ELEM.size * (self.used_idx % self.num),
                             head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        U16.pack_into(self.used, virtq.USED_IDX, self.used_idx)
+        self.used16[virtq.USED_IDX_CELL] = self.used_idx
 
     def notify(self) -> None:
         """Signal the call eventfd for the used elements pushed since the last call, unless
@@ -192,10 +205,10 @@ class Vring:
         old, self.checked_used = self.checked_used, self.used_idx
         fence()
         if self.event_idx:
-            used_event = U16.unpack_from(self.avail, virtq.used_event_offset(self.num))[0]
+            used_event = self.avail[virtq.used_event_cell(self.num)]
             if not virtq.need_event(used_event, self.used_idx, old):
                 return
-        elif U16.unpack_from(self.avail, virtq.AVAIL_FLAGS)[0] & virtq.AVAIL_F_NO_INTERRUPT:
+        elif self.avail[virtq.AVAIL_FLAGS_CELL] & virtq.AVAIL_F_NO_INTERRUPT:
             return
         if self.call_fd is not None:
             try:
@@ -209,6 +222,11 @@ class Vring:
             fd = getattr(self, name)
             if fd is not None:
                 setattr(self, name, None)
+                if name == "kick_fd":
+                    try:      # trio may still hold an epoll registration for it
+                        trio.lowlevel.notify_closing(fd)
+                    except RuntimeError:
+                        pass  # not in a trio thread (tests)
                 try:
                     os.close(fd)
                 except OSError:

@@ -17,6 +17,7 @@ physical address; a descriptor with F_INDIRECT points at a table of descriptors
 from __future__ import annotations
 
 import struct
+import sys
 
 MAX_QUEUE_SIZE = 32768
 
@@ -36,6 +37,35 @@ AVAIL_FLAGS, AVAIL_IDX, AVAIL_RING = 0, 2, 4
 USED_FLAGS, USED_IDX, USED_RING = 0, 2, 4
 
 ALIGN_DESC, ALIGN_AVAIL, ALIGN_USED = 16, 2, 4
+
+
+def u16_cells(view: memoryview) -> memoryview:
+    """`view` (2-aligned, an even number of bytes) as u16 cells: `cells[i]` loads and
+    `cells[i] = v` stores with ONE 16-bit access. Use it for every field the other side
+    reads while it may change: avail->idx / flags / ring / used_event, used->idx / flags /
+    avail_event. struct's pack_into / unpack_from must not be used for those: CPython's
+    pack_into first zeroes the destination (s_pack_internal's memset) and writes byte by
+    byte, and unpack_from reads byte by byte, so the other side can see a zero or torn
+    index (seen here: the device read avail->idx 0 mid-write and took the ring as
+    corrupt). Aligned 16-bit accesses are single-copy atomic on x86 and arm64."""
+    if sys.byteorder != "little":    # the ring is little-endian (virtio 1.1 section 2.6)
+        raise NotImplementedError("virtqueue cells need a little-endian host")
+    return view.cast("H")
+
+
+# Cell numbers (u16 units) in the available ring / used ring areas, for u16_cells views.
+AVAIL_FLAGS_CELL, AVAIL_IDX_CELL, AVAIL_RING_CELL = 0, 1, 2
+USED_FLAGS_CELL, USED_IDX_CELL = 0, 1
+
+
+def used_event_cell(num: int) -> int:
+    """Cell of used_event in the available ring area."""
+    return used_event_offset(num) // 2
+
+
+def avail_event_cell(num: int) -> int:
+    """Cell of avail_event in the used ring area."""
+    return avail_event_offset(num) // 2
 
 
 def check_size(num: int) -> None:

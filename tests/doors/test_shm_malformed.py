@@ -1,0 +1,347 @@
+"""Issue 12 item 2: bad input from the front end never hurts the daemon.
+
+Each case misbehaves on volume `bad`'s socket while a second front end keeps writing and
+reading volume `good` (Traffic, a byte model) on its own socket. After each case: the
+daemon runs, `good` saw no error, and `bad`'s socket takes a new front end that reads and
+writes correctly. The request fails with VIRTIO_BLK_S_IOERR / S_UNSUPP when the device
+can still report it, else the connection is dropped (and the daemon logs a line).
+
+One daemon serves the whole module (a start costs about a second).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Iterator
+
+import pytest
+
+from ovsfs.client.frontend import Frontend, VhostError
+from ovsfs.vhost import protocol as P
+from ovsfs.vhost import virtq
+from tests.conftest import TEST_CONFIG, Daemon
+from tests.doors.shm_helpers import (UNSET, Traffic, connect, dropped, frontend, header, request,
+                                     run_chain, segment, sock_path, wait_socket)
+
+SIZE = 16 << 20
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("shm-malformed"), TEST_CONFIG)
+    try:
+        d.start()
+        d.cli("volume", "create", "bad", "--size", str(SIZE))
+        d.cli("volume", "create", "good", "--size", str(SIZE))
+        wait_socket(sock_path(d, "bad"))
+        wait_socket(sock_path(d, "good"))
+        yield d
+    finally:
+        d.teardown()
+
+
+@pytest.fixture
+def traffic(node: Daemon) -> Iterator[Traffic]:
+    with Traffic(sock_path(node, "good")) as t:
+        deadline = time.monotonic() + 10
+        while t.ops < 4 and not t.errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield t
+    assert not t.errors, t.errors
+    assert t.ops >= 4
+
+
+def still_serving(node: Daemon, traffic: Traffic) -> None:
+    """The daemon lives, the other volume served meanwhile, and `bad` takes a new front end."""
+    assert node.running(), node.log()
+    before = traffic.ops
+    vol = connect(sock_path(node, "bad"))
+    try:
+        data = os.urandom(8192)
+        vol.write(40960, data)
+        assert vol.read(40960, 8192) == data
+    finally:
+        vol.close()
+    deadline = time.monotonic() + 10
+    while traffic.ops == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert traffic.ops > before, "the other volume stopped serving"
+
+
+def must_drop(node: Daemon, fe: Frontend, what: str) -> None:
+    try:
+        assert dropped(fe), f"{what}: the connection was not dropped"
+    finally:
+        fe.close()
+    assert "dropping the front end" in node.log(200), node.log()
+
+
+@pytest.fixture
+def fe(node: Daemon) -> Iterator[Frontend]:
+    f = frontend(sock_path(node, "bad"))
+    yield f
+    f.close()
+
+
+# ---- descriptors ---------------------------------------------------------------------
+
+
+def test_descriptor_outside_memory_table(node: Daemon, traffic: Traffic, fe: Frontend) -> None:
+    q = fe.queue(0)
+    hdr = header(fe, P.T_IN, 0)
+    st, _ = fe.buffer(1)
+    q.add_chain([(hdr, 16, 0), (fe.mem.size + (1 << 20), 4096, virtq.F_WRITE), (st, 1, virtq.F_WRITE)])
+    q.kick(force=True)
+    must_drop(node, fe, "data descriptor past the memory table")
+    still_serving(node, traffic)
+
+
+def test_descriptor_crossing_end_of_memory(node: Daemon, traffic: Traffic, fe: Frontend) -> None:
+    q = fe.queue(0)
+    hdr = header(fe, P.T_IN, 0)
+    st, _ = fe.buffer(1)
+    q.add_chain([(hdr, 16, 0), (fe.mem.size - 4096, 0xFFFFF000, virtq.F_WRITE), (st, 1, virtq.F_WRITE)])
+    q.kick(force=True)
+    must_drop(node, fe, "a 4 GiB descriptor running off the end of memory")
+    still_serving(node, traffic)
+
+
+def test_length_past_end_of_volume(node: Daemon, traffic: Traffic, fe: Frontend) -> None:
+    q = fe.queue(0)
+    last = SIZE // 512 - 4       # 2 KiB before the end, 8 KiB asked
+    reqs = [request(fe, q, P.T_IN, last, 8192), request(fe, q, P.T_OUT, last, payload=bytes(8192)),
+            request(fe, q, P.T_DISCARD, payload=segment(last, 16)),
+            request(fe, q, P.T_WRITE_ZEROES, payload=segment(1 << 40, 8)),
+            request(fe, q, P.T_IN, (1 << 64) // 512 - 1, 512)]
+    used = {}
+    deadline = time.monotonic() + 10
+    while len(used) < len(reqs) and time.monotonic() < deadline:
+        used.update(run_chain(q, timeout=1))
+    assert set(used) == {r.head for r in reqs}
+    assert [r.status[0] for r in reqs] == [P.S_IOERR] * len(reqs)
+    # Then the same connection still serves a good request.
+    ok = request(fe, q, P.T_IN, 0, 4096)
+    assert run_chain(q) and ok.status[0] == P.S_OK
+    fe.close()
+    still_serving(node, traffic)
+
+
+def test_bad_requests_get_a_status(node: Daemon, traffic: Traffic, fe: Frontend) -> None:
+    q = fe.queue(0)
+    cases = {
+        "unknown type": (request(fe, q, 99, 0, 0), P.S_UNSUPP),
+        "data not whole sectors": (request(fe, q, P.T_IN, 0, 1000), P.S_IOERR),
+        "discard with unmap": (request(fe, q, P.T_DISCARD, payload=segment(0, 8, P.SEGMENT_F_UNMAP)), P.S_UNSUPP),
+        "zeroes with unknown flags": (request(fe, q, P.T_WRITE_ZEROES, payload=segment(0, 8, 0x80)), P.S_UNSUPP),
+        "half a segment": (request(fe, q, P.T_DISCARD, payload=segment(0, 8)[:10]), P.S_IOERR),
+        "too many segments": (request(fe, q, P.T_DISCARD, payload=segment(0, 8) * 100), P.S_IOERR),
+        "request too large": (request(fe, q, P.T_IN, 0, (32 << 20) + 512), P.S_IOERR),
+    }
+    short = fe.buffer(8)[0]
+    st, stv = fe.buffer(1)
+    stv[0] = UNSET
+    short_head = q.add_chain([(short, 8, 0), (st, 1, virtq.F_WRITE)])
+    got: dict[int, int] = {}
+    deadline = time.monotonic() + 10
+    while len(got) < len(cases) + 1 and time.monotonic() < deadline:
+        got.update(run_chain(q, timeout=1))
+    for what, (raw, status) in cases.items():
+        assert raw.head in got, what
+        assert raw.status[0] == status, what
+    assert short_head in got and stv[0] == P.S_IOERR, "a header shorter than 16 bytes"
+    fe.close()
+    still_serving(node, traffic)
+
+
+def test_no_status_byte(node: Daemon, traffic: Traffic, fe: Frontend) -> None:
+    q = fe.queue(0)
+    hdr = header(fe, P.T_FLUSH, 0)
+    q.add_chain([(hdr, 16, 0)])          # nothing writable: no place for the status
+    q.kick(force=True)
+    must_drop(node, fe, "a chain without a status byte")
+    still_serving(node, traffic)
+
+
+def test_readable_after_writable(node: Daemon, traffic: Traffic, fe: Frontend) -> None:
+    q = fe.queue(0)
+    hdr = header(fe, P.T_IN, 0)
+    buf, _ = fe.buffer(4096)
+    st, _ = fe.buffer(1)
+    q.add_chain([(buf, 4096, virtq.F_WRITE), (hdr, 16, 0), (st, 1, virtq.F_WRITE)])
+    q.kick(force=True)
+    must_drop(node, fe, "a readable descriptor after a writable one")
+    still_serving(node, traffic)
+
+
+def test_loop_in_descriptor_chain(node: Daemon, traffic: Traffic, fe: Frontend) -> None:
+    q = fe.queue(0)
+    hdr = header(fe, P.T_IN, 0)
+    buf, _ = fe.buffer(512)
+    [a, b] = q.alloc_desc(2)
+    q.write_desc(a, hdr, 16, virtq.F_NEXT, b)
+    q.write_desc(b, buf, 512, virtq.F_NEXT, a)     # b -> a -> b ...
+    q.make_available(a)
+    q.kick(force=True)
+    must_drop(node, fe, "a loop in a descriptor chain")
+    still_serving(node, traffic)
+
+
+def test_loop_in_indirect_table(node: Daemon, traffic: Traffic, fe: Frontend) -> None:
+    q = fe.queue(0)
+    hdr = header(fe, P.T_IN, 0)
+    table, tv = fe.buffer(3 * 16, align=16)
+    virtq.DESC.pack_into(tv, 0, hdr, 16, virtq.F_NEXT, 1)
+    virtq.DESC.pack_into(tv, 16, hdr, 16, virtq.F_NEXT, 2)
+    virtq.DESC.pack_into(tv, 32, hdr, 16, virtq.F_NEXT, 0)       # back to the start
+    [d] = q.alloc_desc(1)
+    q.write_desc(d, table, 48, virtq.F_INDIRECT)
+    q.make_available(d)
+    q.kick(force=True)
+    must_drop(node, fe, "a loop in an indirect table")
+    still_serving(node, traffic)
+
+
+def test_indirect_inside_indirect(node: Daemon, traffic: Traffic, fe: Frontend) -> None:
+    q = fe.queue(0)
+    inner, iv = fe.buffer(16, align=16)
+    outer, ov = fe.buffer(16, align=16)
+    virtq.DESC.pack_into(iv, 0, outer, 16, virtq.F_INDIRECT, 0)
+    virtq.DESC.pack_into(ov, 0, inner, 16, virtq.F_INDIRECT, 0)
+    [d] = q.alloc_desc(1)
+    q.write_desc(d, outer, 16, virtq.F_INDIRECT)
+    q.make_available(d)
+    q.kick(force=True)
+    must_drop(node, fe, "an indirect table inside an indirect table")
+    still_serving(node, traffic)
+
+
+def test_head_and_next_past_the_ring(node: Daemon, traffic: Traffic) -> None:
+    for case in ("head", "next", "avail"):
+        f = frontend(sock_path(node, "bad"))
+        q = f.queue(0)
+        if case == "head":
+            q.make_available(q.num + 3)
+        elif case == "next":
+            [d] = q.alloc_desc(1)
+            q.write_desc(d, header(f, P.T_IN, 0), 16, virtq.F_NEXT, q.num + 1)
+            q.make_available(d)
+        else:
+            q.set_avail_idx(q.num + 5)   # more entries available than the ring holds
+        q.kick(force=True)
+        must_drop(node, f, f"{case} index past the ring")
+    still_serving(node, traffic)
+
+
+# ---- messages ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num", [100, 0, 2048, 65535])
+def test_ring_size_not_accepted(node: Daemon, traffic: Traffic, num: int) -> None:
+    f = frontend(sock_path(node, "bad"), start=False)
+    f.negotiate()
+    f.set_mem_table()
+    with pytest.raises(VhostError):
+        f.call(P.SET_VRING_NUM, P.VRING_STATE.pack(0, num))
+        f.call(P.GET_FEATURES)       # without an ack the refusal shows as a closed connection
+    must_drop(node, f, f"ring size {num}")
+    still_serving(node, traffic)
+
+
+def _raw_cases(mem_fd: int, pipe_r: int) -> dict[str, tuple[bytes, list[int]]]:
+    region = P.Region(gpa=0, size=8 << 20, uaddr=0x7F0000000000, offset=0)
+    return {
+        "bad version": (P.HEADER.pack(P.GET_FEATURES, 0x2, 0), []),
+        "oversized payload": (P.HEADER.pack(P.SET_MEM_TABLE, 1, 1 << 20) + bytes(4096), []),
+        "unknown request": (P.encode(200, bytes(8)), []),
+        "short payload": (P.encode(P.SET_VRING_NUM, b"\0\0"), []),
+        "regions without fds": (P.encode(P.SET_MEM_TABLE, P.encode_mem_table([region, region])), [mem_fd]),
+        "region past its file": (P.encode(P.SET_MEM_TABLE, P.encode_mem_table(
+            [P.Region(0, 1 << 30, 0x7F0000000000, 0)])), [mem_fd]),
+        "region fd not a file": (P.encode(P.SET_MEM_TABLE, P.encode_mem_table([region])), [pipe_r]),
+        "queue index past num_queues": (P.encode(P.SET_VRING_NUM, P.VRING_STATE.pack(200, 16)), []),
+        "log base (not offered)": (P.encode(P.SET_LOG_BASE, bytes(16)), []),
+        "kick without fd": (P.encode(P.SET_VRING_KICK, P.U64.pack(0)), []),
+    }
+
+
+@pytest.mark.parametrize("case", list(_raw_cases(-1, -1)))
+def test_malformed_message(node: Daemon, traffic: Traffic, case: str) -> None:
+    f = frontend(sock_path(node, "bad"), start=False)
+    r, w = os.pipe()
+    try:
+        data, fds = _raw_cases(f.mem.fd, r)[case]
+        f.send_raw(data, fds)
+        must_drop(node, f, case)
+    finally:
+        os.close(r)
+        os.close(w)
+    still_serving(node, traffic)
+
+
+def test_kick_fd_not_an_eventfd(node: Daemon, traffic: Traffic) -> None:
+    f = frontend(sock_path(node, "bad"), start=False)
+    f.negotiate()
+    f.set_mem_table()
+    q = f.setup_queue(0, 16)
+    r, w = os.pipe()
+    os.close(w)          # read end at EOF: always readable, never 8 bytes
+    f.call(P.SET_VRING_KICK, P.U64.pack(0), [r])
+    os.close(r)
+    assert q is not None
+    must_drop(node, f, "a kick fd at end of file")
+    still_serving(node, traffic)
+
+
+# ---- the front end vanishing ---------------------------------------------------------
+
+
+def test_front_end_vanishes_mid_request(node: Daemon, traffic: Traffic) -> None:
+    path = sock_path(node, "bad")
+    vol = connect(path, queue_depth=32, max_request_bytes=1 << 20)
+    data = os.urandom(1 << 20)
+    for i in range(32):
+        vol.submit("write", i * (1 << 20) % SIZE, len(data), data=data)
+    vol.kick()
+    vol.close()               # gone with every request in flight
+    # Half a message, then gone.
+    s = socket.socket(socket.AF_UNIX)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            s.connect(str(path))
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    s.sendall(P.HEADER.pack(P.SET_VRING_NUM, 1, 8)[:7])
+    s.close()
+    still_serving(node, traffic)
+    # The holds went with the connections.
+    assert wait_no_holders(node, "bad"), node.api("GET", "/volumes/bad")[1]
+
+
+def wait_no_holders(node: Daemon, name: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st, info = node.api("GET", f"/volumes/{name}")
+        if st == 200 and not [h for h in info["holders"] if h.startswith("shm")]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_second_front_end_refused(node: Daemon, traffic: Traffic) -> None:
+    path = sock_path(node, "bad")
+    first = connect(path)
+    try:
+        with pytest.raises(Exception):
+            Frontend(path, timeout=3.0).start(1, 16)
+        data = os.urandom(4096)
+        first.write(0, data)       # the first one is not disturbed
+        assert first.read(0, 4096) == data
+    finally:
+        first.close()
+    assert "refused a second front end" in node.log(200)
+    still_serving(node, traffic)
