@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ovsfs.cli.client import CliError, q, state_dir
+from ovsfs.cli.client import CliError, state_dir
 from ovsfs.cli.common import client_for
 from ovsfs.client.uri import VolumeURI, is_uri, parse_uri
 from ovsfs.errors import OvsfsError
@@ -127,7 +127,8 @@ def vhost_args(u: VolumeURI, node: Node, n: int, *, queues: int = 1, dev_id: str
     chardev = f"ovsfs-c{n}"
     sock = u.socket_path(node.socket_dir)
     dev = f"vhost-user-blk-pci,chardev={chardev},num-queues={queues}" + (f",id={dev_id}" if dev_id else "")
-    return ["-chardev", f"socket,id={chardev},path={sock}" + (",reconnect=1" if reconnect else ""),
+    path = str(sock).replace(",", ",,")     # QEMU option syntax: a literal comma is doubled
+    return ["-chardev", f"socket,id={chardev},path={path}" + (",reconnect=1" if reconnect else ""),
             "-device", dev]
 
 
@@ -265,12 +266,8 @@ def _ensure_target(args: argparse.Namespace, argv: list[str]) -> None:
     if u.remote or u.snapshot:
         return
     cli = client_for(args)
-    try:
-        cli.call("GET", f"/volumes/{q(u.volume)}")
+    if any(v.get("name") == u.volume for v in cli.call("GET", "/volumes")):
         return
-    except CliError as e:
-        if "not exist" not in str(e) and "not found" not in str(e).lower():
-            raise
     sources = [a for a in argv[1:-1] if not a.startswith("-")]
     if not sources:
         raise CliError("qemu-img convert: no source")

@@ -251,6 +251,18 @@ class Frontend:
             self.call(vp.SET_VRING_ENABLE, vp.VRING_STATE.pack(index, 1))
         return q
 
+    def get_vring_base(self, index: int) -> int:
+        """GET_VRING_BASE: stops queue `index` and returns the back end's next available
+        index for it (how many entries it took off the ring, mod 65536)."""
+        reply = self.call(vp.GET_VRING_BASE, vp.VRING_STATE.pack(index, 0))
+        assert reply is not None
+        if len(reply.payload) < vp.VRING_STATE.size:
+            raise VhostError(f"{self.path}: GET_VRING_BASE reply of {len(reply.payload)} bytes")
+        got_index, num = vp.VRING_STATE.unpack_from(reply.payload)
+        if got_index != index:
+            raise VhostError(f"{self.path}: GET_VRING_BASE answered for queue {got_index}, not {index}")
+        return num
+
     def start(self, num_queues: int = 1, queue_size: int = 128, *, features: int = WANTED_FEATURES,
               protocol_features: int = WANTED_PROTOCOL) -> "Frontend":
         """Negotiate, share the memory and set up `num_queues` queues (fewer if the device

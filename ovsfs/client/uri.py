@@ -103,11 +103,26 @@ def parse_uri(text: str) -> VolumeURI:
     return VolumeURI(n.group("vol"), n.group("snap"), host, port)
 
 
-def open_volume(uri: str | VolumeURI, socket_dir: str | os.PathLike[str] = "var/run/vhost", **options: Any) -> Any:
-    """Open a volume by URI: a VhostVolume for this node's volumes (its shm door socket
-    under `socket_dir`), an NbdVolume for another node's. Both have read / write / flush /
-    trim / write_zeroes / readv / writev, size, block_size, read_only, close. `options` go
-    to the class (e.g. queue_depth). Raises InvalidArgument for a bad URI,
+def socket_dir_of(state: str | os.PathLike[str]) -> Path:
+    """The shm door's socket directory of the node whose state directory is `state`:
+    `[shm] socket_dir` of STATE/ovsfs.toml (run/vhost by default), under `state` unless
+    absolute. ConfigError when that file is not a valid node config."""
+    from ovsfs import config
+
+    state = Path(state)
+    path = state / "ovsfs.toml"
+    cfg = config.load(path if path.exists() else None, state)
+    shm = getattr(cfg, "shm", None)
+    return cfg.path(shm.socket_dir if shm is not None else "run/vhost")
+
+
+def open_volume(uri: str | VolumeURI, socket_dir: str | os.PathLike[str] | None = None, *,
+                state: str | os.PathLike[str] | None = None, **options: Any) -> Any:
+    """Open a volume by URI: a VhostVolume for this node's volumes (the shm door's socket
+    under `socket_dir`, or under the socket directory of the node whose state directory is
+    `state`, default ./var), an NbdVolume for another node's. Both have read / write /
+    flush / trim / write_zeroes / readv / writev, size, block_size, read_only, close.
+    `options` go to the class (e.g. queue_depth). Raises InvalidArgument for a bad URI,
     DaemonNotRunning when nothing listens, and what the classes raise."""
     u = parse_uri(uri) if isinstance(uri, str) else uri
     if u.remote:
@@ -117,4 +132,6 @@ def open_volume(uri: str | VolumeURI, socket_dir: str | os.PathLike[str] = "var/
         return NbdVolume((u.host, u.port), u.name, **options)
     from ovsfs.client.volume import VhostVolume
 
+    if socket_dir is None:
+        socket_dir = socket_dir_of(state if state is not None else "var")
     return VhostVolume(u.socket_path(socket_dir), **options)

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from ovsfs.errors import InvalidArgument, NoSpace
 from ovsfs.vhost import virtq
-from ovsfs.vhost.virtq import DESC, U16, USED_ELEM
+from ovsfs.vhost.virtq import DESC, USED_ELEM
 
 UADDR_BASE = 0x7F5A_0000_0000   # user address of gpa 0 as the back end is told (never dereferenced here)
 PAGE = 4096
@@ -96,6 +96,11 @@ class DriverQueue:
         desc, avail, used, end = virtq.layout(num)
         base = mem.alloc(end, align=PAGE)
         self.desc, self.avail, self.used = base + desc, base + avail, base + used
+        # Every field the device may read or write meanwhile goes through u16 cells: one
+        # 16-bit load or store each (struct's pack_into zeroes the field first, so the
+        # device could read avail->idx 0; see virtq.u16_cells).
+        self.avail_cells = virtq.u16_cells(mem.view[self.avail:self.avail + virtq.avail_bytes(num)])
+        self.used_cells = virtq.u16_cells(mem.view[self.used:self.used + virtq.used_bytes(num)])
         self.avail_idx = 0          # our shadow of avail->idx (entries added, maybe unpublished)
         self.published_idx = 0      # what avail->idx says
         self.kicked_idx = 0         # avail->idx at the last kick (for EVENT_IDX suppression)
@@ -181,28 +186,27 @@ class DriverQueue:
 
     def make_available(self, head: int) -> None:
         """Put `head` in the next available slot; invisible to the device until `publish`."""
-        U16.pack_into(self.mem.view, self.avail + virtq.AVAIL_RING + 2 * (self.avail_idx % self.num),
-                      head & 0xFFFF)
+        self.avail_cells[virtq.AVAIL_RING_CELL + self.avail_idx % self.num] = head & 0xFFFF
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
 
     def publish(self) -> None:
         """Write avail->idx: every entry made available so far becomes the device's."""
         if self.published_idx != self.avail_idx:
-            U16.pack_into(self.mem.view, self.avail + virtq.AVAIL_IDX, self.avail_idx)
+            self.avail_cells[virtq.AVAIL_IDX_CELL] = self.avail_idx
             self.published_idx = self.avail_idx
 
     def set_avail_idx(self, value: int) -> None:
         """Raw: write any avail->idx (e.g. far past the entries there are)."""
-        U16.pack_into(self.mem.view, self.avail + virtq.AVAIL_IDX, value & 0xFFFF)
+        self.avail_cells[virtq.AVAIL_IDX_CELL] = value & 0xFFFF
         self.avail_idx = self.published_idx = value & 0xFFFF
 
     def needs_kick(self) -> bool:
         """Whether the device asked to be notified of what was published since the last
         kick: avail_event with EVENT_IDX, else the used ring's NO_NOTIFY flag."""
         if self.event_idx:
-            event = U16.unpack_from(self.mem.view, self.used + virtq.avail_event_offset(self.num))[0]
+            event = self.used_cells[virtq.avail_event_cell(self.num)]
             return virtq.need_event(event, self.published_idx, self.kicked_idx)
-        flags = U16.unpack_from(self.mem.view, self.used + virtq.USED_FLAGS)[0]
+        flags = self.used_cells[virtq.USED_FLAGS_CELL]
         return not flags & virtq.USED_F_NO_NOTIFY
 
     def kick(self, force: bool = False) -> bool:
@@ -220,7 +224,7 @@ class DriverQueue:
     # -- used ring ---------------------------------------------------------------------
 
     def used_idx(self) -> int:
-        return U16.unpack_from(self.mem.view, self.used + virtq.USED_IDX)[0]
+        return self.used_cells[virtq.USED_IDX_CELL]
 
     def pending_used(self) -> int:
         return (self.used_idx() - self.last_used) & 0xFFFF
@@ -229,7 +233,7 @@ class DriverQueue:
         """Every used element the device added since the last reap: (head id, bytes written).
         With `free`, chains from `add_chain` / `track_chain` give their descriptors back."""
         view, used, num = self.mem.view, self.used, self.num
-        end = U16.unpack_from(view, used + virtq.USED_IDX)[0]
+        end = self.used_cells[virtq.USED_IDX_CELL]
         out = []
         i = self.last_used
         while i != end:
@@ -238,7 +242,7 @@ class DriverQueue:
         self.last_used = end
         if self.event_idx:
             # Ask for a call as soon as the next element is used.
-            U16.pack_into(view, self.avail + virtq.used_event_offset(num), end)
+            self.avail_cells[virtq.used_event_cell(num)] = end
         if free:
             for head, _ in out:
                 if head in self._chains:
@@ -263,6 +267,8 @@ class DriverQueue:
         return bool(r) or self.pending_used() > 0
 
     def close(self) -> None:
+        self.avail_cells.release()
+        self.used_cells.release()
         for fd in (self.kick_fd, self.call_fd):
             if fd >= 0:
                 os.close(fd)

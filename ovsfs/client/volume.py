@@ -24,7 +24,7 @@ from ovsfs.client.frontend import WANTED_FEATURES, Frontend, VhostError
 from ovsfs.errors import InvalidArgument, OutOfRange, OvsfsError, ReadOnly
 from ovsfs.vhost import protocol as vp
 from ovsfs.vhost import virtq
-from ovsfs.vhost.virtq import DESC, U16
+from ovsfs.vhost.virtq import DESC
 
 __all__ = ["VhostVolume", "Request", "KINDS"]
 
@@ -90,7 +90,7 @@ class VhostVolume:
     most what the device has; default all, up to 4); `max_request_bytes`: the largest
     single request (bigger reads and writes are split); `indirect` / `event_idx`: use
     those ring features when the device offers them; `timeout`: seconds for the
-    back end's replies during set-up."""
+    back end's replies during set-up. Not thread-safe: drive it from one thread."""
 
     def __init__(self, socket_path: str | os.PathLike[str], *, queue_depth: int = 32,
                  num_queues: int | None = None, max_request_bytes: int = 1 << 20,
@@ -269,7 +269,7 @@ class VhostVolume:
             for k, (gpa, ln, fl) in enumerate(segs, 1):
                 DESC.pack_into(view, qd + 16 * d[k], gpa, ln, fl | virtq.F_NEXT, d[k + 1])
             DESC.pack_into(view, qd + 16 * d[n + 1], slot.status, 1, virtq.F_WRITE, 0)
-        U16.pack_into(view, q.avail + virtq.AVAIL_RING + 2 * (q.avail_idx % q.num), slot.head)
+        q.avail_cells[virtq.AVAIL_RING_CELL + q.avail_idx % q.num] = slot.head
         q.avail_idx = (q.avail_idx + 1) & 0xFFFF
         self._dirty[slot.queue] = True
         self._in_flight += 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ovsfs.client.frontend import Frontend, VhostError
-from ovsfs.client.virtqueue import UADDR_BASE
+from ovsfs.client.virtqueue import UADDR_BASE, DriverQueue, SharedMemory
 from ovsfs.errors import DaemonNotRunning, InvalidArgument
 from ovsfs.vhost import protocol as vp
 from ovsfs.vhost import virtq
@@ -53,6 +53,8 @@ def test_raw_direct_chain_writes_the_image(qsd: StorageDaemon) -> None:
         assert sv[0] == vp.S_OK
         assert q.free_descriptors == q.num
         assert qsd.image_bytes(12288, 8192) == pattern
+        # Stopping the queue: the back end took one entry off it.
+        assert fe.get_vring_base(0) == 1
 
 
 def test_raw_indirect_chain_reads_the_image(qsd: StorageDaemon) -> None:
@@ -137,3 +139,38 @@ def test_back_end_gone_is_a_vhost_error(qsd: StorageDaemon) -> None:
         assert fe.connection_lost()
         with pytest.raises(VhostError):
             fe.set_mem_table()
+
+
+def test_published_index_is_never_seen_half_written() -> None:
+    """avail->idx as another process sees it while we publish: only values we wrote. With
+    struct.pack_into (which zeroes the field before writing it) a few reads in 100,000
+    saw 0 here, and the device took the ring for corrupt (N entries in a ring of 32)."""
+    mem = SharedMemory(1 << 20)
+    q = DriverQueue(mem, 0, 32, event_idx=True)
+    values = (0x00FF, 0x0100)             # a carry into the high byte
+    q.set_avail_idx(values[0])
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                           # the reader (a device): any other value is a failure
+        bad = 0
+        cells = virtq.u16_cells(mem.view[q.avail:q.avail + 4])
+        os.read(r, 1)
+        for _ in range(2_000_000):
+            if cells[virtq.AVAIL_IDX_CELL] not in values:
+                bad += 1
+        os._exit(min(bad, 255))
+    os.write(w, b"x")
+    try:
+        while True:
+            for v in values * 1000:
+                q.avail_idx = v
+                q.publish()
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+    finally:
+        os.close(r)
+        os.close(w)
+        q.close()
+        mem.close()
+    assert os.waitstatus_to_exitcode(status) == 0, f"{os.waitstatus_to_exitcode(status)} torn reads"

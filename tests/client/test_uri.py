@@ -51,6 +51,8 @@ def test_socket_and_nbd_addresses() -> None:
 def test_open_volume_without_daemon(tmp_path: Path) -> None:
     with pytest.raises(DaemonNotRunning):
         open_volume("openvstorage:v", tmp_path)
+    with pytest.raises(DaemonNotRunning, match=str(tmp_path / "run" / "vhost" / "v@s.sock")):
+        open_volume("openvstorage:v@s", state=tmp_path)
 
 
 def test_qemu_args_local_and_remote() -> None:

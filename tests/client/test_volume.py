@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,18 +18,24 @@ from hypothesis import strategies as st
 from ovsfs.client.frontend import VhostError
 from ovsfs.client.volume import VhostVolume
 from ovsfs.errors import InvalidArgument, OutOfRange, OvsfsError, ReadOnly
-from ovsfs.vhost import protocol as vp
 from tests.client.conftest import StorageDaemon
 from tests.client.model import Model, batches
 
 MiB = 1 << 20
 
 
+@pytest.fixture(scope="module")
+def model_export(tmp_path_factory) -> Iterator[StorageDaemon]:
+    """One export for every example of the model test: each example starts from what is on it."""
+    d = StorageDaemon(tmp_path_factory.mktemp("model"), 1 * MiB, num_queues=2).start()
+    yield d
+    d.stop()
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_byte_model_at_queue_depth(qsd_factory, data) -> None:
-    d: StorageDaemon = qsd_factory(size=1 * MiB, num_queues=2) if not hasattr(qsd_factory, "d") else qsd_factory.d
-    qsd_factory.d = d  # one export for every example: each example starts from what is on it
+def test_byte_model_at_queue_depth(model_export: StorageDaemon, data) -> None:
+    d = model_export
     depth = data.draw(st.sampled_from([1, 2, 5, 16, 32, 64]), "queue depth")
     indirect = data.draw(st.booleans(), "indirect")
     event_idx = data.draw(st.booleans(), "event_idx")

@@ -75,3 +75,35 @@ def test_tcp_uri_through_the_nbd_client(daemon_factory) -> None:
         assert snap.read(37 * 4096, 4096) == blocks[37]
         with pytest.raises(ReadOnly):
             snap.write(0, bytes(512))
+
+
+def test_remote_uri_in_qemu_img_and_qemu(daemon_factory) -> None:
+    """openvstorage+tcp: as an NBD drive: qemu-img reads it, and QEMU opens it at start."""
+    import subprocess
+
+    from tests.client.test_qemu_start import _qmp
+    from tests.conftest import OVSFS
+
+    (port,) = free_ports(1)
+    d = daemon_factory({"nbd": {"tcp_port": port}})
+    d.api("POST", "/volumes", {"name": "r", "size": 8 * MiB, "vpool": "default"})
+    uri = f"openvstorage+tcp:127.0.0.1:{port}/r"
+    info = json.loads(d.cli("qemu-img", "info", "--output=json", uri).stdout)
+    assert info["virtual-size"] == 8 * MiB
+    proc = subprocess.Popen([OVSFS, "--state", str(d.state), "qemu", "--", "-machine", "q35", "-accel", "tcg",
+                             "-m", "64", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio",
+                             "-drive", f"file={uri},if=virtio,cache=none,id=d0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert "QMP" in proc.stdout.readline(), proc.stderr.read() if proc.stderr else ""
+        _qmp(proc, "qmp_capabilities")
+        [blk] = [b for b in _qmp(proc, "query-block")["return"] if b["device"] == "d0"]
+        assert blk["inserted"]["image"]["virtual-size"] == 8 * MiB
+        assert blk["inserted"]["drv"] == "raw" and not blk["inserted"]["ro"]
+        _qmp(proc, "quit")
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

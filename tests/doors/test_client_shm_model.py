@@ -66,7 +66,7 @@ def test_byte_model_against_the_daemon(shm_node, data) -> None:
         vol.flush()
     # Another front end (the door takes one at a time: after the first has gone) and the
     # NBD door see the same bytes.
-    with open_volume("openvstorage:m", shm_node.state / "run" / "vhost") as again:
+    with open_volume("openvstorage:m", state=shm_node.state) as again:
         assert again.read(0, 2 * MiB) == bytes(model.data)
     with NbdVolume(str(shm_node.nbd_socket), "m") as nbd:
         assert nbd.read(0, 2 * MiB) == bytes(model.data)
@@ -85,3 +85,40 @@ def test_snapshot_socket_is_read_only(shm_node) -> None:
         assert snap.read(4096, len(pattern)) == pattern
         with pytest.raises(ReadOnly):
             snap.write(0, bytes(512))
+
+
+def test_ovsfs_qemu_device_negotiates_with_the_door(shm_node) -> None:
+    """`ovsfs qemu` on openvstorage:VOL: QEMU's vhost-user-blk device connects to the door
+    and takes its features and config when it is made (guests boot in tests/guest)."""
+    import json
+    import subprocess
+
+    from tests.client.test_qemu_start import VIRTIO_BLK, VIRTIO_VENDOR, _qmp
+    from tests.conftest import OVSFS
+
+    shm_node.api("POST", "/volumes", {"name": "q", "size": 16 * MiB, "vpool": "default"})
+    _socket(shm_node, "q")
+    proc = subprocess.Popen([OVSFS, "--state", str(shm_node.state), "qemu", "--", "-machine", "q35", "-accel", "tcg",
+                             "-m", "64", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio",
+                             "-drive", "file=openvstorage:q,if=virtio,cache=none,format=raw,id=d0,queues=2"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert "QMP" in proc.stdout.readline(), proc.stderr.read() if proc.stderr else ""
+        _qmp(proc, "qmp_capabilities")
+        devices = [d for bus in _qmp(proc, "query-pci")["return"] for d in bus["devices"]]
+        assert any(d["id"]["vendor"] == VIRTIO_VENDOR and d["id"]["device"] in VIRTIO_BLK and d["qdev_id"] == "d0"
+                   for d in devices)
+        st = _qmp(proc, "x-query-virtio-status", path="/machine/peripheral/d0/virtio-backend")["return"]
+        offered = " ".join(st["host-features"]["dev-features"] + st["host-features"]["transports"])
+        for feature in ("VHOST_USER_F_PROTOCOL_FEATURES", "VIRTIO_BLK_F_FLUSH", "VIRTIO_BLK_F_DISCARD",
+                        "VIRTIO_BLK_F_WRITE_ZEROES", "VIRTIO_RING_F_INDIRECT_DESC", "VIRTIO_RING_F_EVENT_IDX"):
+            assert feature in offered, json.dumps(st)
+        assert st["num-vqs"] == 2
+        _qmp(proc, "quit")
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "pid" in shm_node.log(200)      # the door logged the front end (QEMU) connecting
