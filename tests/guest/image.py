@@ -4,7 +4,8 @@ The guest is Debian 12's own kernel (`apt-get download linux-image-6.1.0-N-amd64
 like `dpkg -x` but only the files we need) and a busybox-static initramfs holding the virtio
 modules of the same package and `init.sh` as `/init`. Nothing is installed on the host.
 
-Cache: `$OVSFS_GUEST_CACHE`, else /var/cache/ovsfs-guest. Layout:
+Cache: `$OVSFS_GUEST_CACHE`, else /var/cache/ovsfs-guest (~/.cache/ovsfs-guest if that is
+not writable). Layout:
     debs/linux-image-*.deb            the downloaded package
     <kver>/vmlinux                    the kernel, uncompressed for a PVH boot (else vmlinuz)
     <kver>/initrd-<key>.gz            initramfs; <key> hashes init.sh, busybox, this builder
@@ -59,7 +60,14 @@ Progress = Callable[[str], None]
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("OVSFS_GUEST_CACHE") or "/var/cache/ovsfs-guest")
+    """$OVSFS_GUEST_CACHE, else /var/cache/ovsfs-guest (one per machine) when we may write
+    there, else ~/.cache/ovsfs-guest."""
+    if env := os.environ.get("OVSFS_GUEST_CACHE"):
+        return Path(env)
+    machine = Path("/var/cache/ovsfs-guest")
+    if os.access(machine if machine.exists() else machine.parent, os.W_OK):
+        return machine
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ovsfs-guest"
 
 
 def _run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
