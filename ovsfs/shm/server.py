@@ -96,8 +96,8 @@ class ShmServer:
     async def reconcile(self) -> None:
         try:
             names = await trio.to_thread.run_sync(self.names)
-        except OvsfsError as e:
-            log.warning("shm: cannot list volumes: %s", e.message)
+        except Exception as e:     # the next pass tries again
+            log.warning("shm: cannot list volumes: %s", getattr(e, "message", None) or e)
             return
         for name in sorted(set(self.listeners) - names):
             self._remove(name)
@@ -171,6 +171,9 @@ class ShmServer:
             try:
                 await Session(conn, handle, self.io, self.limits, self.cfg.shm.queue_size,
                               self.cfg.shm.batches, label).run()
+            except Exception:
+                # A bug met by one front end ends its connection, not the door.
+                log.exception("%s: the session failed; dropping the front end", label)
             finally:
                 with trio.CancelScope(shield=True):
                     try:

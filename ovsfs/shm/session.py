@@ -19,6 +19,7 @@ import array
 import logging
 import os
 import socket
+import struct
 from typing import Any
 
 import trio
@@ -106,7 +107,7 @@ class Session:
                 return None
             try:
                 request, flags, size = P.decode_header(raw)
-            except (ValueError, Exception) as e:
+            except (ValueError, struct.error) as e:
                 raise ProtocolError(f"malformed message header: {e}") from None
             payload = await self._recv_exact(size, fds, eof_ok=False) if size else b""
             assert payload is not None
@@ -242,7 +243,7 @@ class Session:
     async def set_mem_table(self, payload: bytes, fds: list[int]) -> None:
         try:
             regions = P.decode_mem_table(payload)
-        except (ValueError, Exception) as e:
+        except (ValueError, struct.error) as e:
             raise ProtocolError(f"SET_MEM_TABLE: {e}") from None
         if len(fds) != len(regions):
             raise ProtocolError(f"SET_MEM_TABLE: {len(regions)} regions with {len(fds)} fds")

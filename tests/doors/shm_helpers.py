@@ -8,6 +8,8 @@ byte) so that tests can also build what a well-behaved driver never would.
 from __future__ import annotations
 
 import os
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,33 +22,6 @@ from ovsfs.vhost import protocol as P
 from ovsfs.vhost import virtq
 
 UNSET = 0xFF      # the status byte before the device writes it
-
-
-def _cells_in_client() -> None:
-    """Until the client library writes ring indexes with single 16-bit stores
-    (virtq.u16_cells; see /work/wt/notes/SHM-TO-CLIENT.md), its struct.pack_into briefly
-    publishes avail->idx = 0 and the door rightly drops it as a corrupt ring. Patched here
-    for these tests only when the client still does that."""
-    import inspect
-
-    from ovsfs.client import virtqueue as Q
-
-    if "pack_into" not in inspect.getsource(Q.DriverQueue.publish):
-        return
-
-    def publish(self: Q.DriverQueue) -> None:
-        if self.published_idx != self.avail_idx:
-            virtq.u16_cells(self.mem.view[self.avail:self.avail + 4])[virtq.AVAIL_IDX_CELL] = self.avail_idx
-            self.published_idx = self.avail_idx
-
-    def used_idx(self: Q.DriverQueue) -> int:
-        return virtq.u16_cells(self.mem.view[self.used:self.used + 4])[virtq.USED_IDX_CELL]
-
-    Q.DriverQueue.publish = publish          # type: ignore[method-assign]
-    Q.DriverQueue.used_idx = used_idx        # type: ignore[method-assign]
-
-
-_cells_in_client()
 
 
 def sock_path(daemon: Any, name: str) -> Path:
@@ -88,10 +63,22 @@ def frontend(path: Path, queue_size: int = 64, start: bool = True, timeout: floa
             time.sleep(0.1)
 
 
+def lost(fe: Frontend) -> bool:
+    """Has the back end closed the connection? (Never blocks: Frontend.connection_lost
+    waits for the socket's timeout when the connection is alive.)"""
+    r, _, _ = select.select([fe.sock], [], [], 0)
+    if not r:
+        return False
+    try:
+        return fe.sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 def dropped(fe: Frontend, timeout: float = 5.0) -> bool:
     """True once the back end closed the connection (within `timeout` seconds)."""
     deadline = time.monotonic() + timeout
-    while not fe.connection_lost():
+    while not lost(fe):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)

@@ -17,12 +17,14 @@ import time
 from typing import Iterator
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from ovsfs.client.frontend import Frontend, VhostError
 from ovsfs.vhost import protocol as P
 from ovsfs.vhost import virtq
 from tests.conftest import TEST_CONFIG, Daemon
-from tests.doors.shm_helpers import (UNSET, Traffic, connect, dropped, frontend, header, request,
+from tests.doors.shm_helpers import (UNSET, Traffic, connect, dropped, frontend, header, lost, request,
                                      run_chain, segment, sock_path, wait_socket)
 
 SIZE = 16 << 20
@@ -345,3 +347,41 @@ def test_second_front_end_refused(node: Daemon, traffic: Traffic) -> None:
         first.close()
     assert "refused a second front end" in node.log(200)
     still_serving(node, traffic)
+
+
+# ---- the whole class: random rings ---------------------------------------------------
+
+_desc = st.tuples(
+    st.one_of(st.integers(0, (48 << 20) - 1), st.integers(0, 2**64 - 1)),     # addr: in memory or anywhere
+    st.one_of(st.sampled_from([0, 1, 16, 512, 4096]), st.integers(0, 2**32 - 1)),
+    st.integers(0, 7),                                                    # NEXT | WRITE | INDIRECT
+    st.integers(0, 80),                                                   # next (ring of 64)
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(descs=st.lists(_desc, min_size=1, max_size=8), heads=st.lists(st.integers(0, 70), min_size=1, max_size=4),
+       kind=st.sampled_from([P.T_IN, P.T_OUT, P.T_FLUSH, P.T_DISCARD, P.T_GET_ID, 77]))
+def test_random_rings(node: Daemon, traffic: Traffic, descs: list[tuple[int, int, int, int]],
+                      heads: list[int], kind: int) -> None:
+    """Whatever the descriptors say, the door answers or drops this front end only."""
+    f = frontend(sock_path(node, "bad"))
+    try:
+        q = f.queue(0)
+        hdr = header(f, kind, 0)
+        for i, (addr, length, flags, nxt) in enumerate(descs):
+            # The first descriptor is the header when its address lands in memory: the
+            # request gets parsed further.
+            q.write_desc(i, hdr if i == 0 and addr < (48 << 20) else addr, length, flags, nxt)
+        for h in heads:
+            q.make_available(h)
+        q.kick(force=True)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not lost(f) and q.pending_used() < len(heads):
+            time.sleep(0.01)
+        gone = lost(f)
+        event("dropped" if gone else "answered")
+        assert gone or q.pending_used() == len(heads)
+    finally:
+        f.close()
+    assert node.running(), node.log()
