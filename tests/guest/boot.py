@@ -52,8 +52,9 @@ def vhost_args(socket_path: str | Path, *, reconnect: int = 0, num_queues: int |
     return ["-chardev", chardev, "-device", device]
 
 
-def kernel_args(image: GuestImage, job: str, seed: int, mib: int, count: int = 0) -> list[str]:
-    append = f"{KERNEL_CMDLINE} ovsfs.job={job} ovsfs.seed={seed} ovsfs.mib={mib} ovsfs.count={count}"
+def kernel_args(image: GuestImage, job: str, seed: int, mib: int, count: int = 0, writers: int = 1) -> list[str]:
+    append = (f"{KERNEL_CMDLINE} ovsfs.job={job} ovsfs.seed={seed} ovsfs.mib={mib} ovsfs.count={count} "
+              f"ovsfs.writers={writers}")
     return ["-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append]
 
 
@@ -71,6 +72,7 @@ class BootResult:
     seconds: float
     results: dict[str, dict[str, str]] = field(default_factory=dict)   # "DEV" -> {"size": ...}
     acked: list[int] = field(default_factory=list)                     # writeloop ACKED n, in order
+    writing: list[int] = field(default_factory=list)                   # writeloop WRITING n (started)
     errors: list[str] = field(default_factory=list)                    # "OVSFS ERROR ..." lines
 
     @classmethod
@@ -80,6 +82,8 @@ class BootResult:
             line = raw.strip("\r\n\x00 ")
             if line.startswith("ACKED "):
                 r.acked.append(int(line.split()[1]))
+            elif line.startswith("WRITING "):
+                r.writing.append(int(line.split()[1]))
             elif line.startswith("OVSFS ERROR"):
                 r.errors.append(line)
             elif line.startswith("OVSFS "):
@@ -107,9 +111,9 @@ class Guest:
     """One running QEMU; lines of its serial console are collected by a reader thread."""
 
     def __init__(self, qemu_argv: list[str], job: str, seed: int = 1, mib: int = 4, count: int = 0,
-                 image: GuestImage | None = None, env: dict[str, str] | None = None) -> None:
+                 image: GuestImage | None = None, env: dict[str, str] | None = None, writers: int = 1) -> None:
         self.image = image or ensure_image()
-        self.argv = [*qemu_argv, *kernel_args(self.image, job, seed, mib, count)]
+        self.argv = [*qemu_argv, *kernel_args(self.image, job, seed, mib, count, writers)]
         self._lines: list[str] = []
         self._err: list[str] = []
         self._times: list[float] = []
@@ -220,32 +224,40 @@ class CrashRun:
     acked_after: list[int]      # ACKED after it: the guest resumed on the restarted back end
     chunk_seconds: float        # one chunk's write + fsync, as the host saw it before the kill
     qemu_alive: bool            # QEMU still ran when we stopped it
+    writers: int                # loops writing at once (writer j writes chunks n = j mod writers)
+    started_unacked: list[int]  # chunks started (WRITING) but not acknowledged at the kill
+
+    @property
+    def resumed(self) -> bool:
+        """Every writer had a chunk acknowledged after the kill."""
+        return {n % self.writers for n in self.acked_after} == set(range(self.writers))
 
     @property
     def clean(self) -> bool:
-        """The guest resumed, or it failed visibly: an I/O error reported by the guest or QEMU
-        exiting by itself with an error code. A guest stuck on I/O, or QEMU dying by a
-        signal, is not clean."""
-        if self.acked_after:
+        """Every writer resumed, or the guest failed visibly: an I/O error reported by the
+        guest or QEMU exiting by itself with an error code. A writer stuck on I/O (e.g. a
+        request lost in the reconnect), or QEMU dying by a signal, is not clean."""
+        if self.resumed:
             return True
         return bool(self.result.errors) or (not self.qemu_alive and (self.result.returncode or 0) > 0)
 
     def summary(self) -> str:
         r = self.result
         return (f"one chunk's write + fsync took {self.chunk_seconds * 1000:.0f} ms; ACKED "
-                f"{len(self.acked_before)} chunks before the kill, {len(self.acked_after)} after; "
+                f"{len(self.acked_before)} chunks before the kill, {len(self.acked_after)} after "
+                f"({self.writers} writers; started, unacknowledged at the kill: {self.started_unacked}); "
                 f"guest errors {r.errors}; qemu alive={self.qemu_alive} rc={r.returncode}; "
                 f"qemu stderr {r.stderr.strip()[-300:]!r}")
 
 
 def writeloop_with_crash(qemu_argv: list[str], kill: Callable[[], None], restart: Callable[[], None],
                          seed: int, mib: int, image: GuestImage | None = None, kill_at: int = 8,
-                         resume_to: int = 60, resume_timeout: float = 15.0) -> CrashRun:
+                         resume_to: int = 60, resume_timeout: float = 15.0, writers: int = 1) -> CrashRun:
     """Boot a writeloop, `kill()` the back end while chunk `kill_at` is in flight (half-way
     through a write + fsync, as long as the previous chunks took: the guest prints WRITING n
     just before each write), `restart()` it, give the guest `resume_timeout` s to go on to
-    ACKED `resume_to`, then stop QEMU (SIGKILL by PID)."""
-    with Guest(qemu_argv, "writeloop", seed=seed, mib=mib, image=image) as g:
+    ACKED `resume_to`, then stop QEMU (SIGKILL by PID). `writers` loops write at once."""
+    with Guest(qemu_argv, "writeloop", seed=seed, mib=mib, image=image, writers=writers) as g:
         if not g.wait_for(rf"^WRITING {kill_at}\b", timeout=60):
             raise AssertionError(f"the writeloop never reached chunk {kill_at}:\n{g.wait(1).explain()}")
         chunk_s = g.write_seconds()
@@ -257,5 +269,6 @@ def writeloop_with_crash(qemu_argv: list[str], kill: Callable[[], None], restart
         alive = g.proc.poll() is None
         g.kill()
         res = g.wait(30)
-    before = BootResult.parse("".join(res.console.splitlines(keepends=True)[:killed_at]), "", None, False, 0).acked
-    return CrashRun(res, before, res.acked[len(before):], chunk_s, alive)
+    seen = BootResult.parse("".join(res.console.splitlines(keepends=True)[:killed_at]), "", None, False, 0)
+    return CrashRun(res, seen.acked, res.acked[len(seen.acked):], chunk_s, alive, writers,
+                    sorted(set(seen.writing) - set(seen.acked)))

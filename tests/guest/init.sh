@@ -2,7 +2,8 @@
 # /init of the ovsfs test guest (busybox sh; PID 1 of a busybox-static initramfs).
 #
 # The job comes from the kernel command line (/proc/cmdline):
-#   ovsfs.job=write|verify|trim|writeloop|info  ovsfs.seed=S  ovsfs.mib=N  [ovsfs.count=K]
+#   ovsfs.job=write|verify|trim|writeloop|info  ovsfs.seed=S  ovsfs.mib=N
+#   [ovsfs.count=K ovsfs.writers=W] (writeloop: stop after chunk K-1, W loops at once)
 # Every result is one line on the serial console starting with "OVSFS " (or, in a writeloop,
 # "WRITING n" just before chunk n's write and "ACKED n" after its fsync returned),
 # parsed by tests/guest/boot.py; tests/guest/pattern.py makes the same bytes on the host.
@@ -25,13 +26,14 @@ finish() {
     poweroff -f
 }
 
-job=info; seed=1; mib=4; count=0
+job=info; seed=1; mib=4; count=0; writers=1
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         ovsfs.job=*) job=${arg#ovsfs.job=} ;;
         ovsfs.seed=*) seed=${arg#ovsfs.seed=} ;;
         ovsfs.mib=*) mib=${arg#ovsfs.mib=} ;;
         ovsfs.count=*) count=${arg#ovsfs.count=} ;;
+        ovsfs.writers=*) writers=${arg#ovsfs.writers=} ;;
     esac
 done
 say "JOB job=$job seed=$seed mib=$mib count=$count"
@@ -76,9 +78,9 @@ pattern() {  # pattern MIB > /tmp/pattern
     awk -v s="$seed" -v n="$1" 'BEGIN { for (i = 0; i < n * 16384; i++)
         printf("%-63s\n", "ovsfs seed=" s " line=" i) }' > /tmp/pattern
 }
-chunk() {  # chunk N > /tmp/chunk
+chunk() {  # chunk N FILE
     awk -v s="$seed" -v c="$1" 'BEGIN { for (i = 0; i < 1024; i++)
-        printf("%-63s\n", "ovsfs seed=" s " chunk=" c " line=" i) }' > /tmp/chunk
+        printf("%-63s\n", "ovsfs seed=" s " chunk=" c " line=" i) }' > "$2"
 }
 sum() { sha256sum "$@" | cut -d' ' -f1; }
 disk_sum() {
@@ -121,19 +123,28 @@ trim)
     say "TRIM sha256=$(disk_sum)"
     finish 0 ;;
 writeloop)
-    slots=$((mib * 16)); n=0
-    say "LOOP slots=$slots chunk=65536"
-    while [ "$count" = 0 ] || [ $n -lt "$count" ]; do
-        chunk $n
-        echo "WRITING $n"   # the host may SIGKILL the back end now, with this chunk in flight
-        if ! dd if=/tmp/chunk of=/dev/vda bs=65536 seek=$((n % slots)) count=1 \
-                oflag=direct conv=fsync,notrunc status=none; then
-            say "ERROR chunk $n failed"; finish 1
-        fi
-        echo "ACKED $n"
-        n=$((n + 1))
-    done
-    finish 0 ;;
+    # `writers` loops at once (chunks j, j + writers, ... for writer j, in slots of their
+    # own), so up to `writers` requests are in flight together on the ring.
+    slots=$((mib * 16))
+    say "LOOP slots=$slots chunk=65536 writers=$writers"
+    writer() {  # writer J
+        n=$1
+        while [ "$count" = 0 ] || [ $n -lt "$count" ]; do
+            chunk $n /tmp/chunk.$1
+            echo "WRITING $n"   # the host may SIGKILL the back end now, with this chunk in flight
+            if ! dd if=/tmp/chunk.$1 of=/dev/vda bs=65536 seek=$((n % slots)) count=1 \
+                    oflag=direct conv=fsync,notrunc status=none; then
+                say "ERROR chunk $n failed"; return 1
+            fi
+            echo "ACKED $n"
+            n=$((n + writers))
+        done
+    }
+    j=0; pids=""
+    while [ $j -lt "$writers" ]; do writer $j & pids="$pids $!"; j=$((j + 1)); done
+    rc=0
+    for p in $pids; do wait $p || rc=1; done
+    finish $rc ;;
 *)
     say "ERROR unknown job $job"; finish 2 ;;
 esac

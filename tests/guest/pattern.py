@@ -44,32 +44,36 @@ def slot_of(n: int, mib: int) -> int:
     return n % (mib * MIB // CHUNK)
 
 
-def check_writeloop(data: bytes, seed: int, mib: int, acked: list[int]) -> list[str]:
+def check_writeloop(data: bytes, seed: int, mib: int, acked: list[int],
+                    writing: list[int] | None = None) -> list[str]:
     """Problems found in `data` (the first `mib` MiB of the disk) after a writeloop whose
-    acknowledged chunks are `acked`; an empty list means every acknowledged write is there.
+    acknowledged chunks are `acked` and started ones `writing` (the WRITING lines; default:
+    a single writer, so only the chunk after the last ACK can have been started);
+    an empty list means every acknowledged write is there.
 
-    Each slot must hold its newest acknowledged chunk. The one chunk after the last ACK may
-    have been in flight when the lights went out: its slot may hold that chunk, the previous
-    one, or a mix of the two at 512-byte sector granularity (a torn write) -- but nothing else.
+    Each slot must hold its newest acknowledged chunk, unless a later chunk of that slot was
+    in flight when the lights went out (started, never acknowledged): then the slot may hold
+    that chunk, or a mix of the two at 512-byte sector granularity (a torn write) -- but
+    nothing else.
     """
     problems: list[str] = []
     if not acked:
         return problems
-    assert acked == list(range(len(acked))), f"ACKED lines out of order: {acked[:10]}..."
-    last = acked[-1]
+    started = set(writing) if writing is not None else {max(acked) + 1}
+    inflight: dict[int, int] = {}
+    for n in started - set(acked):
+        inflight[slot_of(n, mib)] = n
     newest: dict[int, int] = {}
-    for n in acked:
+    for n in sorted(acked):
         newest[slot_of(n, mib)] = n
-    inflight = last + 1
     for slot, n in sorted(newest.items()):
         got = data[slot * CHUNK:(slot + 1) * CHUNK]
         want = chunk(seed, n)
         if got == want:
             continue
-        if slot == slot_of(inflight, mib):
-            alt = chunk(seed, inflight)
-            torn_ok = all(got[o:o + 512] in (want[o:o + 512], alt[o:o + 512]) for o in range(0, CHUNK, 512))
-            if torn_ok:
+        if inflight.get(slot, -1) > n:
+            alt = chunk(seed, inflight[slot])
+            if all(got[o:o + 512] in (want[o:o + 512], alt[o:o + 512]) for o in range(0, CHUNK, 512)):
                 continue
         first_bad = next(o for o in range(0, CHUNK, 512) if got[o:o + 512] != want[o:o + 512])
         problems.append(f"slot {slot}: acknowledged chunk {n} missing (first bad sector at +{first_bad}: "

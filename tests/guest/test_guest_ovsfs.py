@@ -30,6 +30,10 @@ VOL = "gvol"
 SIZE = 32 * MIB
 PATTERN_MIB = 4
 LOOP_MIB = 2       # 32 slots of 64 KiB: a loop of 60 chunks wraps around
+# Two writers: two requests in flight at once when the daemon dies. QEMU then restarts each
+# ring at the used index, so the door must have used them in available order for exactly
+# the unfinished ones to be taken again (else a writer hangs or a write is lost).
+WRITERS = 2
 
 
 def _socket(d: Daemon, vol: str = VOL) -> Path:
@@ -172,7 +176,8 @@ def test_guest_acked_writes_survive_a_sigkilled_daemon(
         # `ovsfs qemu` sets reconnect=1: QEMU reconnects to the restarted door and the loop
         # goes on (requests in flight at the kill are replayed from the ring), or it fails
         # visibly (an I/O error in the guest, QEMU exiting with an error).
-        run = writeloop_with_crash(_ovsfs_qemu(d), d.kill, restart, seed=23, mib=LOOP_MIB, image=guest_image)
+        run = writeloop_with_crash(_ovsfs_qemu(d), d.kill, restart, seed=23, mib=LOOP_MIB, image=guest_image,
+                                   writers=WRITERS)
     finally:
         _clear_stale_mount(d)
     res = run.result
@@ -181,7 +186,7 @@ def test_guest_acked_writes_survive_a_sigkilled_daemon(
     assert run.clean, f"{run.summary()}\n{res.explain()}"
     # The loop wraps around its slots (32 here), so later chunks overwrite earlier ones.
     data = _nbd_bytes(d)
-    problems = check_writeloop(data[:LOOP_MIB * MIB], 23, LOOP_MIB, res.acked)
+    problems = check_writeloop(data[:LOOP_MIB * MIB], 23, LOOP_MIB, res.acked, res.writing)
     assert not problems, problems
     assert data[LOOP_MIB * MIB:] == bytes(SIZE - LOOP_MIB * MIB)   # nothing landed elsewhere
     assert _fuse_bytes(d) == data, "FUSE sees other bytes than NBD"

@@ -15,6 +15,7 @@ from tests.guest.pattern import MIB, check_writeloop, pattern, pattern_sha256
 SIZE = 64 * MIB
 PATTERN_MIB = 4
 LOOP_MIB = 2       # 32 slots of 64 KiB: a loop of 40 chunks wraps around
+WRITERS = 2        # two writes in flight at once in the writeloop
 
 
 def _argv(exp: QsdExport, reconnect: int = 0) -> list[str]:
@@ -54,12 +55,12 @@ def test_writeloop_survives_a_sigkilled_back_end(guest_image: GuestImage,
     # QEMU (reconnect=1) reconnects within ~1 s and the loop goes on: the request in flight
     # at the kill is replayed from the ring (last_avail_idx falls back to the used index).
     run = writeloop_with_crash(_argv(exp, reconnect=1), exp.kill, exp.start, seed=5, mib=LOOP_MIB,
-                               image=guest_image, resume_to=40, resume_timeout=10)
+                               image=guest_image, resume_to=40, resume_timeout=10, writers=WRITERS)
     exp.stop()
     res = run.result
     assert len(run.acked_before) >= 8, res.explain()
     assert run.clean, f"{run.summary()}\n{res.explain()}"
     data = exp.image.read_bytes()
-    problems = check_writeloop(data[:LOOP_MIB * MIB], 5, LOOP_MIB, res.acked)
+    problems = check_writeloop(data[:LOOP_MIB * MIB], 5, LOOP_MIB, res.acked, res.writing)
     assert not problems, problems
     assert data[LOOP_MIB * MIB:] == bytes(SIZE - LOOP_MIB * MIB)   # nothing landed elsewhere

@@ -42,3 +42,15 @@ def test_writeloop_check_finds_lost_and_stale_chunks() -> None:
     assert check_writeloop(bytes(zeroed), seed, mib, acked)[0].startswith("slot 3:")
     other_seed = _disk_after(seed + 1, mib, acked)
     assert len(check_writeloop(bytes(other_seed), seed, mib, acked)) == 16
+
+
+def test_writeloop_check_with_two_writers_in_flight() -> None:
+    seed, mib = 7, 1                        # 16 slots; writer 0: even chunks, writer 1: odd
+    acked = [0, 1, 3, 2, 5, 4, 6, 8, 7, 10, 9, 12, 11, 13, 15, 14, 16]
+    writing = acked + [17, 18]              # both writers had a chunk in flight
+    disk = _disk_after(seed, mib, sorted(acked) + [18])     # 18 landed, 17 did not
+    assert check_writeloop(bytes(disk), seed, mib, acked, writing) == []
+    # Without the WRITING lines 18 is not known to be in flight: its slot looks overwritten.
+    assert len(check_writeloop(bytes(disk), seed, mib, acked, [])) == 1
+    lost = _disk_after(seed, mib, [n for n in sorted(acked) if n != 13])
+    assert check_writeloop(bytes(lost), seed, mib, acked, writing)[0].startswith("slot 13:")
