@@ -30,9 +30,8 @@ VOL = "gvol"
 SIZE = 32 * MIB
 PATTERN_MIB = 4
 LOOP_MIB = 2       # 32 slots of 64 KiB: a loop of 60 chunks wraps around
-# Two writers: two requests in flight at once when the daemon dies. QEMU then restarts each
-# ring at the used index, so the door must have used them in available order for exactly
-# the unfinished ones to be taken again (else a writer hangs or a write is lost).
+# Two writers: up to two requests in flight when the daemon dies. QEMU restarts each ring
+# at the used index; every writer must go on (none of its requests lost in the reconnect).
 WRITERS = 2
 
 
