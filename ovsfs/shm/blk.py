@@ -70,7 +70,10 @@ def _split(views: list[memoryview], n: int) -> tuple[bytes, list[memoryview]]:
 
 def _status_split(chain: Chain) -> tuple[list[memoryview], memoryview]:
     """(the writable data views, the status byte's view)."""
-    views = [v for v in chain.into if len(v)]
+    into = chain.into
+    if into and len(into[-1]) == 1:          # the usual layout: the status byte alone
+        return into[:-1], into[-1]
+    views = [v for v in into if len(v)]
     if not views:
         raise ChainError(f"request {chain.head} has no writable status byte (section 5.2.6)")
     last = views[-1]
@@ -82,16 +85,22 @@ def parse(chain: Chain, queue: int, handle: Any, limits: Limits, serial: bytes) 
     """The request in `chain` for volume `handle` (its size, caps), with its ops, or with
     its failure status set (then it has no ops). ChainError when there is no status byte."""
     data_in, status_view = _status_split(chain)
-    header, data_out = _split(chain.out, P.REQ_HEADER.size)
-    if len(header) < P.REQ_HEADER.size:
-        return Request(chain, queue, -1, P.S_IOERR, status_view=status_view)
-    kind, _ioprio, sector = P.REQ_HEADER.unpack(header)
+    out = chain.out
+    if out and len(out[0]) == P.REQ_HEADER.size:      # the usual layout: the header alone
+        kind, _ioprio, sector = P.REQ_HEADER.unpack_from(out[0])
+        data_out = out[1:]
+    else:
+        header, data_out = _split(out, P.REQ_HEADER.size)
+        if len(header) < P.REQ_HEADER.size:
+            return Request(chain, queue, -1, P.S_IOERR, status_view=status_view)
+        kind, _ioprio, sector = P.REQ_HEADER.unpack(header)
     req = Request(chain, queue, kind, status_view=status_view)
     read_only = bool(handle.caps.read_only)
     size = handle.size
     if kind in (P.T_IN, P.T_OUT):
         views = data_in if kind == P.T_IN else data_out
-        total = sum(len(v) for v in views)
+        # Everything writable but the status byte, or readable after the 16-byte header.
+        total = chain.in_len - 1 if kind == P.T_IN else chain.out_len - P.REQ_HEADER.size
         offset = sector * P.SECTOR
         if (total % P.SECTOR or total > limits.max_request_bytes or offset + total > size
                 or (kind == P.T_OUT and read_only)):

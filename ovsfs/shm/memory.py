@@ -15,6 +15,7 @@ shrinks its file later could still fault us; QEMU's memfd backend seals it again
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import stat
@@ -107,6 +108,10 @@ class GuestMemory:
     def gpa(self, addr: int, length: int) -> list[memoryview]:
         """Views of guest physical range [addr, addr + length) (length 0: one empty view).
         GuestMemoryError outside the table."""
+        for m in self.maps:       # the usual case first: inside one region (per descriptor)
+            off = addr - m.region.gpa
+            if 0 <= off and off + length <= m.region.size and length:
+                return [m.view[off:off + length]]
         if length == 0:
             return [self._find(addr, 1, False)[0][:0]]
         return self._find(addr, length, False)
@@ -120,12 +125,24 @@ class GuestMemory:
         return views[0][:length]
 
     def close(self) -> None:
-        """Unmap. A mapping that a request still exports (a write in an engine thread
-        that was abandoned) stays until that view is released, then goes with it."""
+        """Unmap. Views of the requests of a session that was cancelled linger in reference
+        cycles (tracebacks of trio.Cancelled): one garbage collection frees them, else
+        every front end that went away would leave its mapping and fd until the next
+        collection. A mapping that a request still really uses (a write abandoned in an
+        engine thread) stays until that view is released, then goes with it."""
+        collected = False
         for m in self.maps:
             try:
                 m.view.release()
-                m.map.close()
             except BufferError:
                 pass
+            while True:
+                try:
+                    m.map.close()
+                    break
+                except BufferError:
+                    if collected:
+                        break
+                    gc.collect()
+                    collected = True
         self.maps = []

@@ -8,13 +8,17 @@ batch may run together and several batches of one queue may be in flight at once
 most `batches`, then the queue waits). A small batch of only reads and writes first tries
 `DoorIO.try_now` in the event loop (queue depth 1 saves the task and thread hops).
 
-Each finished request goes to the used ring at once, in completion order (section 2.6.8
-allows any order), then the call eventfd is signalled unless suppressed.
+Finished requests go to the used ring in the order they were made available (batches that
+finish early wait for the ones before them), then the call eventfd is signalled unless
+suppressed. Section 2.6.8 would allow any order, but in order the used index says exactly
+which requests are done: when the back end dies, QEMU restarts the ring at used->idx
+(virtio_queue_restore_last_avail_idx), so the requests then in flight are taken again and
+no finished one is (without this, INFLIGHT_SHMFD would be needed).
 
 Stopping (GET_VRING_BASE, vhost-user.rst "Ring states"): the kick loop stops taking
 requests and the batches in flight drain (bounded by DRAIN_SECONDS, then cancelled: a
-cancelled request is never put in the used ring), so that the index returned is that of
-a ring with nothing in flight.
+cancelled request is never put in the used ring); the index returned is that of the
+first request not in the used ring, so that the front end makes those available again.
 """
 
 from __future__ import annotations
@@ -51,7 +55,10 @@ class QueueRunner:
         self.scope = trio.CancelScope()       # everything, batches included
         self.kick_scope = trio.CancelScope()  # the kick loop only
         self.done = trio.Event()
-        self.error: BaseException | None = None
+        self.next_batch = 0           # number of the next batch popped
+        self.next_push = 0            # number of the next batch to go to the used ring
+        self.finished: dict[int, list[tuple[int, int]]] = {}   # batch -> [(head, used len)]
+        self.unpushed = 0             # requests popped and not in the used ring
 
     async def run(self) -> None:
         """Serve until stopped; ChainError (malformed ring) and OSError (kick fd) go out to
@@ -64,16 +71,18 @@ class QueueRunner:
         finally:
             self.done.set()
 
-    async def stop(self) -> None:
-        """Stop taking requests, let those in flight finish (DRAIN_SECONDS at most)."""
+    async def stop(self) -> int:
+        """Stop taking requests, let those in flight finish (DRAIN_SECONDS at most). The
+        number of requests popped that are not in the used ring (abandoned)."""
         self.kick_scope.cancel()
         with trio.move_on_after(DRAIN_SECONDS):
             await self.done.wait()
-            return
+            return self.unpushed
         log.warning("%s: queue %d: requests still in flight after %.0f s: abandoned",
                     self.label, self.vring.index, DRAIN_SECONDS)
         self.scope.cancel()
         await self.done.wait()
+        return self.unpushed
 
     async def _kick_loop(self, batches: trio.Nursery) -> None:
         r = self.vring
@@ -115,24 +124,33 @@ class QueueRunner:
         return reqs
 
     def _start(self, reqs: list[blk.Request], batches: trio.Nursery) -> None:
+        number = self.next_batch
+        self.next_batch += 1
+        self.unpushed += len(reqs)
         ops: list[Op] = [op for req in reqs for op in req.ops]
         if not ops or self.io.try_now(self.handle, ops):
-            self._finish(reqs)
+            self._finish(number, reqs)
             self.slots.release()
             return
-        batches.start_soon(self._batch, reqs, ops)
+        batches.start_soon(self._batch, number, reqs, ops)
 
-    async def _batch(self, reqs: list[blk.Request], ops: list[Op]) -> None:
+    async def _batch(self, number: int, reqs: list[blk.Request], ops: list[Op]) -> None:
         try:
             await self.io.run(self.handle, ops)
-            self._finish(reqs)
+            self._finish(number, reqs)
         finally:
             self.slots.release()
 
-    def _finish(self, reqs: list[blk.Request]) -> None:
+    def _finish(self, number: int, reqs: list[blk.Request]) -> None:
         r = self.vring
         if r.used is None:          # unmapped meanwhile (the session is ending)
             return
-        for req in reqs:
-            r.push(req.chain.head, blk.complete(req))
+        # Data and status go to guest memory now; the used ring takes them in order.
+        self.finished[number] = [(req.chain.head, blk.complete(req)) for req in reqs]
+        while self.next_push in self.finished:
+            done = self.finished.pop(self.next_push)
+            self.next_push += 1
+            self.unpushed -= len(done)
+            for head, written in done:
+                r.push(head, written)
         r.notify()

@@ -27,7 +27,7 @@ import trio
 from ovsfs.doors.adapter import DoorIO
 from ovsfs.errors import InvalidArgument
 from ovsfs.shm import blk
-from ovsfs.shm.memory import GuestMemory, GuestMemoryError
+from ovsfs.shm.memory import GuestMemory
 from ovsfs.shm.queues import QueueRunner
 from ovsfs.shm.vring import Vring
 from ovsfs.vhost import protocol as P
@@ -176,9 +176,12 @@ class Session:
     # ---- rings -------------------------------------------------------------------------
 
     async def _stop(self, r: Vring) -> None:
+        """Stop serving a ring; requests it abandoned (still not done after the drain) are
+        given back: last_avail moves back over them, so that they are taken again."""
         runner = self.runners.pop(r.index, None)
         if runner is not None:
-            await runner.stop()
+            abandoned = await runner.stop()
+            r.last_avail = (r.last_avail - abandoned) & 0xFFFF
 
     def _start(self, r: Vring) -> None:
         """Serve a ring once it has everything (rings start with their kick fd)."""

@@ -282,3 +282,26 @@ def test_door_can_be_disabled(daemon_factory: Any) -> None:
     assert st["doors"]["shm"] == "disabled"
     time.sleep(1.2)
     assert not sock_path(d, "v1").exists()
+
+
+def test_used_ring_in_available_order(daemon: Any) -> None:
+    """A batch that finishes early waits for the one before it: the used index then says
+    exactly which requests are done, so a front end restarting the ring at used->idx
+    (QEMU, after the back end died) takes again only those in flight."""
+    daemon.cli("volume", "create", "v1", "--size", "16M")
+    wait_socket(sock_path(daemon, "v1"))
+    fe = frontend(sock_path(daemon, "v1"))
+    try:
+        q = fe.queue(0)
+        for _ in range(3):
+            # 8 MiB: a batch of its own, in a worker thread; then small reads the event loop
+            # finishes at once (DoorIO.try_now).
+            heads = [request(fe, q, P.T_IN, 0, 8 * MiB).head]
+            heads += [request(fe, q, P.T_IN, 8 * i, 4096).head for i in range(20)]
+            got: list[int] = []
+            deadline = time.monotonic() + 20
+            while len(got) < len(heads) and time.monotonic() < deadline:
+                got += [h for h, _n in run_chain(q, timeout=1)]
+            assert got == heads
+    finally:
+        fe.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -385,3 +386,25 @@ def test_random_rings(node: Daemon, traffic: Traffic, descs: list[tuple[int, int
     finally:
         f.close()
     assert node.running(), node.log()
+
+
+def test_nothing_left_behind(node: Daemon) -> None:
+    """After every front end above went (cleanly, dropped, or with requests in flight):
+    no mapping of their memory and no fd of theirs is left in the daemon (the rings are
+    unmapped, kick / call fds closed)."""
+    def leftovers() -> list[str]:
+        maps = [ln for ln in Path(f"/proc/{node.pid}/maps").read_text().splitlines() if "memfd:" in ln]
+        fds = []
+        for fd in Path(f"/proc/{node.pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if "memfd:" in target or "eventfd" in target:
+                fds.append(target)
+        return maps + fds
+
+    deadline = time.monotonic() + 10
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers() == []
