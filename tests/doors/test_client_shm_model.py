@@ -49,7 +49,7 @@ def shm_node(tmp_path_factory):
         d.teardown()
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_byte_model_against_the_daemon(shm_node, data) -> None:
     depth = data.draw(st.sampled_from([1, 3, 8, 32, 64]), "queue depth")
