@@ -212,7 +212,7 @@ def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
 # backend (its tests run the engine over the proxy too), the doors, the daemon, and whole
 # clusters of daemons last: a failure shows up first in the lowest layer that has it. The directories keep their names (imports such as tests.engine.helpers
 # stay); a stable sort keeps each file's own order and its module fixtures together.
-LAYER_ORDER = ["", "client", "cluster", "engine", "dtl", "backend", "doors", "daemon", "nodes"]
+LAYER_ORDER = ["", "client", "cluster", "engine", "dtl", "backend", "doors", "daemon", "guest", "nodes"]
 
 
 def _layer_rank(item: Any) -> int:

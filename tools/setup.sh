@@ -32,13 +32,3 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
 fi
-
-# The QEMU test guest (tests/guest, issue 12): Debian 12's kernel and a busybox-static
-# initramfs, built once per machine under ${OVSFS_GUEST_CACHE:-/var/cache/ovsfs-guest}
-# (about 5 s and a 70 MB download the first time; a file check when cached).
-if ! .venv/bin/python -m tests.guest.image; then
-  # A fresh machine may have no package lists yet: fetch them once and try again.
-  if ! { apt-get update -qq && .venv/bin/python -m tests.guest.image; }; then
-    echo "setup: warning: the test guest could not be built; tests/guest will fail until it is" >&2
-  fi
-fi
