@@ -49,6 +49,7 @@ class Request:
     ops: list[Op] = field(default_factory=list)
     dest: list[memoryview] = field(default_factory=list)   # where each READ op's data goes
     written: int = 0                                        # data bytes written (used len - 1)
+    nbytes: int = 0                                         # data bytes read or written (IN / OUT)
     status_view: memoryview | None = None
 
 
@@ -94,31 +95,39 @@ def parse(chain: Chain, queue: int, handle: Any, limits: Limits, serial: bytes) 
         if len(header) < P.REQ_HEADER.size:
             return Request(chain, queue, -1, P.S_IOERR, status_view=status_view)
         kind, _ioprio, sector = P.REQ_HEADER.unpack(header)
-    req = Request(chain, queue, kind, status_view=status_view)
-    read_only = bool(handle.caps.read_only)
-    size = handle.size
-    if kind in (P.T_IN, P.T_OUT):
-        views = data_in if kind == P.T_IN else data_out
+    req = Request(chain, queue, kind, P.S_OK, [], [], 0, 0, status_view)
+    if kind == P.T_IN or kind == P.T_OUT:
+        is_in = kind == P.T_IN
+        views = data_in if is_in else data_out
         # Everything writable but the status byte, or readable after the 16-byte header.
-        total = chain.in_len - 1 if kind == P.T_IN else chain.out_len - P.REQ_HEADER.size
+        total = chain.in_len - 1 if is_in else chain.out_len - P.REQ_HEADER.size
         offset = sector * P.SECTOR
-        if (total % P.SECTOR or total > limits.max_request_bytes or offset + total > size
-                or (kind == P.T_OUT and read_only)):
+        if (total % P.SECTOR or total > limits.max_request_bytes or offset + total > handle.size
+                or (not is_in and handle.caps.read_only)):
             req.status = P.S_IOERR
             return req
+        ops = req.ops
         pos = offset
-        for v in views:
-            if not len(v):
-                continue
-            if kind == P.T_IN:
-                req.ops.append(Op(READ, pos, len(v), tag=req))
-                req.dest.append(v)
-            else:
-                req.ops.append(Op(WRITE, pos, len(v), data=v, tag=req))
-            pos += len(v)
-        if kind == P.T_IN:
+        if is_in:
+            dest = req.dest
+            for v in views:
+                n = len(v)
+                if n:
+                    ops.append(Op(READ, pos, n, None, False, req))
+                    dest.append(v)
+                    pos += n
             req.written = total
-    elif kind == P.T_FLUSH:
+        else:
+            for v in views:
+                n = len(v)
+                if n:
+                    ops.append(Op(WRITE, pos, n, v, False, req))
+                    pos += n
+        req.nbytes = total
+        return req
+    read_only = bool(handle.caps.read_only)
+    size = handle.size
+    if kind == P.T_FLUSH:
         req.ops.append(Op(FLUSH, tag=req))
     elif kind == P.T_GET_ID:
         ident = serial[:P.ID_BYTES].ljust(P.ID_BYTES, b"\0")

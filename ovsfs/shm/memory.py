@@ -52,6 +52,8 @@ class GuestMemory:
         except BaseException:
             self.close()
             raise
+        # (gpa, size, view) per region, for the per-descriptor lookups of gpa().
+        self._spans = [(m.region.gpa, m.region.size, m.view) for m in self.maps]
         spans = sorted((m.region.gpa, m.region.gpa + m.region.size) for m in self.maps)
         for (a0, a1), (b0, _b1) in zip(spans, spans[1:]):
             if b0 < a1:
@@ -108,10 +110,10 @@ class GuestMemory:
     def gpa(self, addr: int, length: int) -> list[memoryview]:
         """Views of guest physical range [addr, addr + length) (length 0: one empty view).
         GuestMemoryError outside the table."""
-        for m in self.maps:       # the usual case first: inside one region (per descriptor)
-            off = addr - m.region.gpa
-            if 0 <= off and off + length <= m.region.size and length:
-                return [m.view[off:off + length]]
+        for base, size, view in self._spans:   # the usual case first: inside one region
+            off = addr - base
+            if 0 <= off and off + length <= size and length:
+                return [view[off:off + length]]
         if length == 0:
             return [self._find(addr, 1, False)[0][:0]]
         return self._find(addr, length, False)
@@ -131,6 +133,7 @@ class GuestMemory:
         collection. A mapping that a request still really uses (a write abandoned in an
         engine thread) stays until that view is released, then goes with it."""
         collected = False
+        self._spans = []
         for m in self.maps:
             try:
                 m.view.release()

@@ -133,6 +133,11 @@ class Vring:
         """The next available chain, or None. ChainError (see the module docstring)."""
         if not self.pending():
             return None
+        return self.take()
+
+    def take(self) -> Chain:
+        """The next available chain, when `pending()` said there is one (a batch reads the
+        available index once). ChainError (see the module docstring)."""
         assert self.avail is not None and self.desc is not None and self.mem is not None
         head = self.avail[virtq.AVAIL_RING_CELL + self.last_avail % self.num]
         if head >= self.num:
@@ -141,42 +146,54 @@ class Vring:
         return self._walk(head)
 
     def _walk(self, head: int) -> Chain:
+        # The hot path of every request: locals only, one unpack per descriptor, an
+        # indirect table copied once and split with iter_unpack.
         mem = self.mem
         assert mem is not None and self.desc is not None
-        chain = Chain(head)
-        table: memoryview | bytes = self.desc
-        size, i, count, indirect = self.num, head, 0, False
+        gpa = mem.gpa
+        desc = self.desc
+        unpack = DESC.unpack_from
+        addr, length, flags, nxt = unpack(desc, DESC.size * head)
+        entries: list[tuple[int, int, int, int]] | None = None
+        size = self.num
+        if flags & virtq.F_INDIRECT:
+            if flags & virtq.F_NEXT:
+                raise ChainError(f"queue {self.index}: indirect descriptor inside a chain or an "
+                                 "indirect table (section 2.6.5.3.1)")
+            if not length or length % DESC.size or length // DESC.size > MAX_INDIRECT:
+                raise ChainError(f"queue {self.index}: indirect table of {length} bytes")
+            # A private copy: the driver cannot change the table while it is walked.
+            views = gpa(addr, length)
+            table = bytes(views[0]) if len(views) == 1 else b"".join(views)
+            entries = list(DESC.iter_unpack(table))
+            size = len(entries)
+            addr, length, flags, nxt = entries[0]
+        out: list[memoryview] = []
+        into: list[memoryview] = []
+        out_len = in_len = 0
+        count = 1
         while True:
-            addr, length, flags, nxt = DESC.unpack_from(table, DESC.size * i)
+            if flags & virtq.F_INDIRECT:
+                raise ChainError(f"queue {self.index}: indirect descriptor inside a chain or an "
+                                 "indirect table (section 2.6.5.3.1)")
+            if flags & virtq.F_WRITE:
+                into += gpa(addr, length)
+                in_len += length
+            else:
+                if into:
+                    raise ChainError(f"queue {self.index}: a readable descriptor after a writable "
+                                     "one (section 2.6.4.2)")
+                out += gpa(addr, length)
+                out_len += length
+            if not flags & virtq.F_NEXT:
+                return Chain(head, out, into, out_len, in_len)
+            if nxt >= size:
+                raise ChainError(f"queue {self.index}: next {nxt} past a table of {size}")
             count += 1
             if count > size:
                 raise ChainError(f"queue {self.index}: chain from {head} is longer than its table "
                                  f"({size}): a loop")
-            if flags & virtq.F_INDIRECT:
-                if indirect or count != 1 or flags & virtq.F_NEXT:
-                    raise ChainError(f"queue {self.index}: indirect descriptor inside a chain or an "
-                                     "indirect table (section 2.6.5.3.1)")
-                if not length or length % DESC.size or length // DESC.size > MAX_INDIRECT:
-                    raise ChainError(f"queue {self.index}: indirect table of {length} bytes")
-                # A private copy: the driver cannot change the table while it is walked.
-                table = b"".join(mem.gpa(addr, length))
-                size, i, count, indirect = length // DESC.size, 0, 0, True
-                continue
-            views = mem.gpa(addr, length)
-            if flags & virtq.F_WRITE:
-                chain.into.extend(views)
-                chain.in_len += length
-            else:
-                if chain.into:
-                    raise ChainError(f"queue {self.index}: a readable descriptor after a writable "
-                                     "one (section 2.6.4.2)")
-                chain.out.extend(views)
-                chain.out_len += length
-            if not flags & virtq.F_NEXT:
-                return chain
-            if nxt >= size:
-                raise ChainError(f"queue {self.index}: next {nxt} past a table of {size}")
-            i = nxt
+            addr, length, flags, nxt = entries[nxt] if entries is not None else unpack(desc, DESC.size * nxt)
 
     def publish(self) -> bool:
         """With EVENT_IDX: ask for a kick at the next entry (avail_event = last_avail),
@@ -196,6 +213,16 @@ class Vring:
                             head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.used16[virtq.USED_IDX_CELL] = self.used_idx
+
+    def push_many(self, done: list[tuple[int, int]]) -> None:
+        """`push` for each (head, written), with one store of the used index at the end."""
+        assert self.used is not None and self.used16 is not None
+        used, num, idx, pack = self.used, self.num, self.used_idx, USED_ELEM.pack_into
+        for head, written in done:
+            pack(used, virtq.USED_RING + USED_ELEM.size * (idx % num), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        self.used16[virtq.USED_IDX_CELL] = idx
 
     def notify(self) -> None:
         """Signal the call eventfd for the used elements pushed since the last call, unless
