@@ -52,8 +52,8 @@ class GuestMemory:
         except BaseException:
             self.close()
             raise
-        # (gpa, size, view) per region, for the per-descriptor lookups of gpa().
-        self._spans = [(m.region.gpa, m.region.size, m.view) for m in self.maps]
+        # (gpa, size, view) per region, for the per-descriptor lookups (gpa(), Vring._walk).
+        self.spans = [(m.region.gpa, m.region.size, m.view) for m in self.maps]
         spans = sorted((m.region.gpa, m.region.gpa + m.region.size) for m in self.maps)
         for (a0, a1), (b0, _b1) in zip(spans, spans[1:]):
             if b0 < a1:
@@ -110,7 +110,7 @@ class GuestMemory:
     def gpa(self, addr: int, length: int) -> list[memoryview]:
         """Views of guest physical range [addr, addr + length) (length 0: one empty view).
         GuestMemoryError outside the table."""
-        for base, size, view in self._spans:   # the usual case first: inside one region
+        for base, size, view in self.spans:   # the usual case first: inside one region
             off = addr - base
             if 0 <= off and off + length <= size and length:
                 return [view[off:off + length]]
@@ -133,7 +133,7 @@ class GuestMemory:
         collection. A mapping that a request still really uses (a write abandoned in an
         engine thread) stays until that view is released, then goes with it."""
         collected = False
-        self._spans = []
+        self.spans = []
         for m in self.maps:
             try:
                 m.view.release()

@@ -151,6 +151,8 @@ class Vring:
         mem = self.mem
         assert mem is not None and self.desc is not None
         gpa = mem.gpa
+        # The first region inline (the usual case: every descriptor inside it), gpa() else.
+        base, rsize, rview = mem.spans[0] if mem.spans else (0, 0, None)
         desc = self.desc
         unpack = DESC.unpack_from
         addr, length, flags, nxt = unpack(desc, DESC.size * head)
@@ -176,14 +178,16 @@ class Vring:
             if flags & virtq.F_INDIRECT:
                 raise ChainError(f"queue {self.index}: indirect descriptor inside a chain or an "
                                  "indirect table (section 2.6.5.3.1)")
+            off = addr - base
+            views = [rview[off:off + length]] if length and 0 <= off and off + length <= rsize else gpa(addr, length)
             if flags & virtq.F_WRITE:
-                into += gpa(addr, length)
+                into += views
                 in_len += length
             else:
                 if into:
                     raise ChainError(f"queue {self.index}: a readable descriptor after a writable "
                                      "one (section 2.6.4.2)")
-                out += gpa(addr, length)
+                out += views
                 out_len += length
             if not flags & virtq.F_NEXT:
                 return Chain(head, out, into, out_len, in_len)
