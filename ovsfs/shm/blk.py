@@ -27,6 +27,11 @@ from ovsfs.doors.adapter import FLUSH, READ, TRIM, WRITE, ZEROES, Op
 from ovsfs.shm.vring import Chain, ChainError
 from ovsfs.vhost import protocol as P
 
+# Hot-path globals (one lookup instead of two per use).
+_T_IN, _T_OUT, _S_OK, _S_IOERR, _SECTOR = P.T_IN, P.T_OUT, P.S_OK, P.S_IOERR, P.SECTOR
+_HEADER = P.REQ_HEADER
+_HEADER_SIZE = P.REQ_HEADER.size
+
 DISCARD_MAX_SEG = 16           # segments of one DISCARD / WRITE_ZEROES request
 
 
@@ -87,24 +92,24 @@ def parse(chain: Chain, queue: int, handle: Any, limits: Limits, serial: bytes) 
     its failure status set (then it has no ops). ChainError when there is no status byte."""
     data_in, status_view = _status_split(chain)
     out = chain.out
-    if out and len(out[0]) == P.REQ_HEADER.size:      # the usual layout: the header alone
-        kind, _ioprio, sector = P.REQ_HEADER.unpack_from(out[0])
+    if out and len(out[0]) == _HEADER_SIZE:      # the usual layout: the header alone
+        kind, _ioprio, sector = _HEADER.unpack_from(out[0])
         data_out = out[1:]
     else:
-        header, data_out = _split(out, P.REQ_HEADER.size)
-        if len(header) < P.REQ_HEADER.size:
-            return Request(chain, queue, -1, P.S_IOERR, status_view=status_view)
-        kind, _ioprio, sector = P.REQ_HEADER.unpack(header)
-    req = Request(chain, queue, kind, P.S_OK, [], [], 0, 0, status_view)
-    if kind == P.T_IN or kind == P.T_OUT:
-        is_in = kind == P.T_IN
+        header, data_out = _split(out, _HEADER_SIZE)
+        if len(header) < _HEADER_SIZE:
+            return Request(chain, queue, -1, _S_IOERR, status_view=status_view)
+        kind, _ioprio, sector = _HEADER.unpack(header)
+    req = Request(chain, queue, kind, _S_OK, [], [], 0, 0, status_view)
+    if kind == _T_IN or kind == _T_OUT:
+        is_in = kind == _T_IN
         views = data_in if is_in else data_out
         # Everything writable but the status byte, or readable after the 16-byte header.
-        total = chain.in_len - 1 if is_in else chain.out_len - P.REQ_HEADER.size
-        offset = sector * P.SECTOR
-        if (total % P.SECTOR or total > limits.max_request_bytes or offset + total > handle.size
+        total = chain.in_len - 1 if is_in else chain.out_len - _HEADER_SIZE
+        offset = sector * _SECTOR
+        if (total % _SECTOR or total > limits.max_request_bytes or offset + total > handle.size
                 or (not is_in and handle.caps.read_only)):
-            req.status = P.S_IOERR
+            req.status = _S_IOERR
             return req
         ops = req.ops
         pos = offset

@@ -38,6 +38,7 @@ from ovsfs.vhost import virtq
 from ovsfs.vhost.protocol import U64
 from ovsfs.vhost.virtq import DESC, USED_ELEM
 
+F_NEXT, F_WRITE, F_INDIRECT = virtq.F_NEXT, virtq.F_WRITE, virtq.F_INDIRECT   # hot-path globals
 MAX_INDIRECT = 1024          # descriptors in one indirect table (Linux uses seg_max + 2)
 
 _FENCE = threading.Lock()
@@ -158,8 +159,8 @@ class Vring:
         addr, length, flags, nxt = unpack(desc, DESC.size * head)
         entries: list[tuple[int, int, int, int]] | None = None
         size = self.num
-        if flags & virtq.F_INDIRECT:
-            if flags & virtq.F_NEXT:
+        if flags & F_INDIRECT:
+            if flags & F_NEXT:
                 raise ChainError(f"queue {self.index}: indirect descriptor inside a chain or an "
                                  "indirect table (section 2.6.5.3.1)")
             if not length or length % DESC.size or length // DESC.size > MAX_INDIRECT:
@@ -175,12 +176,12 @@ class Vring:
         out_len = in_len = 0
         count = 1
         while True:
-            if flags & virtq.F_INDIRECT:
+            if flags & F_INDIRECT:
                 raise ChainError(f"queue {self.index}: indirect descriptor inside a chain or an "
                                  "indirect table (section 2.6.5.3.1)")
             off = addr - base
             views = [rview[off:off + length]] if length and 0 <= off and off + length <= rsize else gpa(addr, length)
-            if flags & virtq.F_WRITE:
+            if flags & F_WRITE:
                 into += views
                 in_len += length
             else:
@@ -189,7 +190,7 @@ class Vring:
                                      "one (section 2.6.4.2)")
                 out += views
                 out_len += length
-            if not flags & virtq.F_NEXT:
+            if not flags & F_NEXT:
                 return Chain(head, out, into, out_len, in_len)
             if nxt >= size:
                 raise ChainError(f"queue {self.index}: next {nxt} past a table of {size}")
