@@ -204,6 +204,7 @@ class DriverQueue:
         """Whether the device asked to be notified of what was published since the last
         kick: avail_event with EVENT_IDX, else the used ring's NO_NOTIFY flag."""
         if self.event_idx:
+            virtq.fence()   # our avail->idx store before the load of the device's avail_event
             event = self.used_cells[virtq.avail_event_cell(self.num)]
             return virtq.need_event(event, self.published_idx, self.kicked_idx)
         flags = self.used_cells[virtq.USED_FLAGS_CELL]
@@ -243,6 +244,7 @@ class DriverQueue:
         if self.event_idx:
             # Ask for a call as soon as the next element is used.
             self.avail_cells[virtq.used_event_cell(num)] = end
+            virtq.fence()   # before the next load of used->idx (a call may have been skipped)
         if free:
             for head, _ in out:
                 if head in self._chains:

@@ -355,8 +355,8 @@ class VhostVolume:
             if done:
                 return done
             # Wake at least every second: to see a back end that went away, and to kick
-            # again in case a notification was suppressed by a stale avail_event (Python
-            # has no store-load fence between our avail->idx write and that read).
+            # again should a notification have been lost all the same (a back end without
+            # the barriers of virtio 1.1 2.6.10.2).
             step = 1.0 if timeout is None else min(1.0, timeout - waited)
             events = self._poll.poll(max(0, int(step * 1000)))
             if any(fd == self.fe.sock.fileno() for fd, _ in events) and self.fe.connection_lost():

@@ -28,7 +28,6 @@ and gives back a lock, a locked read-modify-write instruction, which is one.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass, field
 
 import trio
@@ -41,13 +40,7 @@ from ovsfs.vhost.virtq import DESC, USED_ELEM
 F_NEXT, F_WRITE, F_INDIRECT = virtq.F_NEXT, virtq.F_WRITE, virtq.F_INDIRECT   # hot-path globals
 MAX_INDIRECT = 1024          # descriptors in one indirect table (Linux uses seg_max + 2)
 
-_FENCE = threading.Lock()
-
-
-def fence() -> None:
-    """A full memory barrier (see the module docstring)."""
-    _FENCE.acquire()
-    _FENCE.release()
+fence = virtq.fence
 
 
 class ChainError(GuestMemoryError):

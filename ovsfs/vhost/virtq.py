@@ -17,6 +17,7 @@ physical address; a descriptor with F_INDIRECT points at a table of descriptors
 from __future__ import annotations
 
 import struct
+import threading
 import sys
 
 MAX_QUEUE_SIZE = 32768
@@ -113,3 +114,16 @@ def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """Section 2.6.7.2: with EVENT_IDX, notify when the counter moved from old_idx to new_idx
     past event_idx (all u16, wrapping)."""
     return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
+
+
+_FENCE = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier between a store to shared memory and a later load of another
+    location (virtio 1.1 2.6.7.2 / 2.6.10.2 need one: an event index written, then the
+    other side's index read again). On x86 (TSO) only that store-load pair can be
+    reordered; taking and giving back a lock is a locked read-modify-write instruction,
+    which is a full barrier. Python has no fence of its own."""
+    _FENCE.acquire()
+    _FENCE.release()
