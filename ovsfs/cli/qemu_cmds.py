@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from typing import Any, Callable
 
 from ovsfs.cli.client import CliError, state_dir
 from ovsfs.cli.common import client_for
+from ovsfs.client.frontend import UNIX_PATH_MAX
 from ovsfs.client.uri import VolumeURI, is_uri, parse_uri
 from ovsfs.errors import OvsfsError
 from ovsfs.mgmt.units import format_size, parse_size
@@ -51,6 +53,7 @@ class Node:
 
     socket_dir: Path            # [shm] socket_dir: VOL.sock per volume
     nbd_socket: Path            # [nbd] socket
+    num_queues: int = 4         # [shm] num_queues: queues the door offers per device
 
 
 def node_paths(state: Path) -> Node:
@@ -63,7 +66,8 @@ def node_paths(state: Path) -> Node:
     except OvsfsError as e:
         raise CliError(f"node config {path}: {e.message}") from None
     shm = getattr(cfg, "shm", None)
-    return Node(cfg.path(shm.socket_dir if shm is not None else "run/vhost"), cfg.path(cfg.nbd.socket))
+    return Node(cfg.path(shm.socket_dir if shm is not None else "run/vhost"), cfg.path(cfg.nbd.socket),
+                shm.num_queues if shm is not None else 4)
 
 
 def _uri(text: str) -> VolumeURI:
@@ -110,9 +114,12 @@ def ram_bytes(text: str) -> int:
     if value is None:
         raise CliError(f"-m {text}: no size")
     try:
-        return parse_size(value + "M" if value.isdigit() else value)
+        size = parse_size(value + "M" if value.isdigit() else value)
     except OvsfsError:
         raise CliError(f"-m {text}: bad size") from None
+    if size <= 0:
+        raise CliError(f"-m {text}: guest RAM must be more than 0 (it is the memory shared with the door)")
+    return size
 
 
 # ---- translation ------------------------------------------------------------------------------
@@ -151,12 +158,20 @@ def translate_qemu(argv: list[str], node: Node, *, check_sockets: bool = True) -
     local = 0
     ram: int | None = None
     machine_at: int | None = None
-    has_backend = False
+    backend: str | None = None
+    objects: dict[str, list[tuple[str, str | None]]] = {}    # -object id -> its options
+    seen: set[str] = set()                                    # local volumes given so far
     i = 0
     while i < len(argv):
         a = argv[i]
         val = argv[i + 1] if i + 1 < len(argv) else None
         opt = a[1:] if a.startswith("--") else a
+        step = 2
+        if opt.startswith("-drive="):
+            # `-drive=file=...`: QEMU itself does not take this form; refused rather than
+            # passed on with an untranslated openvstorage: URI in it.
+            if is_uri(dict(split_opts(opt[len("-drive="):])).get("file") or ""):
+                raise CliError(f"{a}: write -drive FILE-OPTIONS (a space, not '=') for an openvstorage: drive")
         if opt == "-drive" and val is not None:
             opts = split_opts(val)
             file = dict(opts).get("file")
@@ -167,23 +182,32 @@ def translate_qemu(argv: list[str], node: Node, *, check_sockets: bool = True) -
                 if u.remote:
                     out += nbd_drive(u, opts)
                 else:
+                    if str(u) in seen:
+                        raise CliError(f"{u} is given twice: a volume has one front end at a time")
+                    seen.add(str(u))
                     out += _local_drive(u, opts, node, local, check_sockets)
                     local += 1
-            i += 2
+            i += step
             continue
         if opt == "-m" and val is not None:
             ram = ram_bytes(val)
         elif opt in ("-machine", "-M") and val is not None:
             if machine_at is None:
                 machine_at = len(out) + 1
-            has_backend = has_backend or any(k == "memory-backend" for k, _ in split_opts(val))
+            backend = dict(split_opts(val)).get("memory-backend") or backend
+        elif opt == "-object" and val is not None:
+            o = split_opts(val)
+            if dict(o).get("id"):
+                objects[dict(o)["id"] or ""] = o
         if opt in _WITH_VALUE and val is not None:
             out += [a, val]     # a value is never taken for an option (-append "... -m ...")
             i += 2
             continue
         out.append(a)
         i += 1
-    if local and not has_backend:
+    if local and backend is not None:
+        _check_backend(backend, objects)
+    if local and backend is None:
         size = ram if ram is not None else DEFAULT_RAM
         extra = memory_args(size)
         if machine_at is not None:
@@ -194,6 +218,18 @@ def translate_qemu(argv: list[str], node: Node, *, check_sockets: bool = True) -
             extra += ["-m", format_size(size)]
         out = extra + out
     return out
+
+
+def _check_backend(backend: str, objects: dict[str, list[tuple[str, str | None]]]) -> None:
+    """A guest RAM backend given by the user must be shared: the door maps guest memory."""
+    o = objects.get(backend)
+    if o is None:
+        raise CliError(f"-machine memory-backend={backend}: no -object with id={backend} (a vhost-user disk "
+                       "needs guest RAM in a memory-backend-memfd/-file object with share=on)")
+    share = dict(o).get("share")
+    if share not in ("on", "true", "yes"):
+        raise CliError(f"-object {join_opts(o)}: a vhost-user disk needs guest RAM the door can map: add "
+                       "share=on (or leave -machine memory-backend out and ovsfs adds one)")
 
 
 def _local_drive(u: VolumeURI, opts: list[tuple[str, str | None]], node: Node, n: int,
@@ -209,10 +245,17 @@ def _local_drive(u: VolumeURI, opts: list[tuple[str, str | None]], node: Node, n
             if not (v or "").isdigit() or int(v or 0) < 1:
                 raise CliError(f"-drive queues={v}: a number >= 1")
             queues = int(v or 1)
+            if queues > node.num_queues:
+                raise CliError(f"-drive queues={queues}: this node's shm door offers at most "
+                               f"{node.num_queues} ([shm] num_queues)")
         elif k == "readonly":
             if v in ("on", "true", "yes", None) and not u.read_only:
                 raise CliError(f"{u}: readonly=on needs a snapshot (VOL@SNAP); a vhost-user disk of "
                                "a volume is writable")
+        elif k == "if" and v == "none":
+            raise CliError(f"{u}: if=none with a separate -device is not translated: ovsfs makes the device "
+                           "(vhost-user-blk-pci) itself; write -drive file=openvstorage:VOL,id=ID (the device "
+                           "gets that id) and leave out the -device virtio-blk-pci,drive=ID")
         elif k in _DROPPED:
             allowed = _DROPPED[k]
             if allowed is not None and v not in allowed:
@@ -221,6 +264,9 @@ def _local_drive(u: VolumeURI, opts: list[tuple[str, str | None]], node: Node, n
         else:
             raise CliError(f"{u}: drive option {k!r} is not supported for a shared-memory disk")
     sock = u.socket_path(node.socket_dir)
+    if len(os.fsencode(sock)) > UNIX_PATH_MAX:
+        raise CliError(f"{u}: its socket path {sock} is {len(os.fsencode(sock))} bytes, more than a unix "
+                       f"socket takes ({UNIX_PATH_MAX}): use a shorter volume name or [shm] socket_dir")
     if check_sockets and not sock.exists():
         raise CliError(f"{u}: no shared-memory socket at {sock} (is the daemon running, with the "
                        "shm door enabled, and does the volume exist?)")
@@ -260,14 +306,19 @@ def translate_qemu_img(argv: list[str], node: Node) -> list[str]:
     return [sub, *extra, *out]
 
 
-def _ensure_target(args: argparse.Namespace, argv: list[str]) -> None:
-    """`convert ... openvstorage:VOL`: create the volume (the size of the source) if missing."""
+def _ensure_target(args: argparse.Namespace, argv: list[str]) -> bool:
+    """`convert ... openvstorage:VOL`: create the volume (the size of the source) if missing;
+    True if it was created here. CliError for a snapshot target (read-only)."""
     u = _uri(argv[-1])
-    if u.remote or u.snapshot:
-        return
+    if u.remote:
+        return False
+    if u.snapshot:
+        raise CliError(f"qemu-img convert: {u} is a snapshot, which is read-only; convert into a volume")
     cli = client_for(args)
     if any(v.get("name") == u.volume for v in cli.call("GET", "/volumes")):
-        return
+        return False
+    if args.print:
+        return False        # a dry run: the volume would be created with the source's size
     sources = [a for a in argv[1:-1] if not a.startswith("-")]
     if not sources:
         raise CliError("qemu-img convert: no source")
@@ -278,6 +329,7 @@ def _ensure_target(args: argparse.Namespace, argv: list[str]) -> None:
         raise CliError(f"qemu-img info {src}: {r.stderr.strip()}")
     size = int(json.loads(r.stdout)["virtual-size"])
     cli.call("POST", "/volumes", {"name": u.volume, "size": size, "vpool": getattr(args, "vpool", None) or "default"})
+    return True
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -307,18 +359,38 @@ def cmd_qemu_img(args: argparse.Namespace) -> int:
     argv = list(args.img_args)
     if argv[:1] == ["--"]:
         argv = argv[1:]
+    # argparse leaves our own flags given after the subcommand in argv: qemu-img has no
+    # --print / --json, so they are ours wherever they are.
+    for flag in ("--print", "--json"):
+        if flag in argv:
+            argv = [a for a in argv if a != flag]
+            setattr(args, flag[2:], True)
     if not argv:
         raise CliError("usage: ovsfs qemu-img create|info|convert|... ARGS (openvstorage: URIs allowed)")
     if argv[0] == "create":
         return _img_create(args, argv[1:])
     node = node_paths(state_dir(args.state))
+    created = False
     if argv[0] == "convert" and len(argv) > 2 and is_uri(argv[-1]):
-        _ensure_target(args, argv)
+        created = _ensure_target(args, argv)
     full = ["qemu-img", *translate_qemu_img(argv, node)]
     if args.print:
         print(json.dumps(full) if args.json else shlex.join(full))
         return 0
-    return _exec(full)
+    if not created:
+        return _exec(full)
+    # A volume made for this convert is deleted again if qemu-img fails: no half copy left.
+    rc = subprocess.run(full).returncode
+    if rc != 0:
+        name = _uri(argv[-1]).volume
+        try:
+            client_for(args).call("DELETE", f"/volumes/{name}")
+        except (OvsfsError, CliError) as e:
+            print(f"ovsfs: qemu-img failed; deleting the volume {name} it was converting into failed too: {e}",
+                  file=sys.stderr)
+        else:
+            print(f"ovsfs: qemu-img failed; volume {name}, created for this convert, deleted", file=sys.stderr)
+    return rc
 
 
 def _img_create(args: argparse.Namespace, rest: list[str]) -> int:
@@ -343,6 +415,8 @@ def _img_create(args: argparse.Namespace, rest: list[str]) -> int:
             continue
         if a == "-q":
             quiet = True
+        elif re.fullmatch(r"-[0-9.]+[A-Za-z]*", a):
+            raise CliError(f"qemu-img create: size {a}: a volume's size must be positive")
         elif a.startswith("-"):
             raise CliError(f"qemu-img create: option {a} is not supported for a volume")
         else:
@@ -356,7 +430,15 @@ def _img_create(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         size = parse_size(pos[1])
     except OvsfsError as e:
-        raise CliError(e.message) from None
+        raise CliError(f"qemu-img create: {e.message}") from None
+    if size <= 0:
+        raise CliError(f"qemu-img create: size {pos[1]}: a volume's size must be positive")
+    if args.print:
+        # A dry run: what would be asked of the management API, nothing created.
+        req = {"name": u.volume, "size": size, "vpool": vpool}
+        print(json.dumps({"POST": "/volumes", "body": req}) if args.json
+              else f"would create volume {u.volume} of {size} bytes in vpool {vpool}")
+        return 0
     info = client_for(args).call("POST", "/volumes", {"name": u.volume, "size": size, "vpool": vpool})
     if args.json:
         print(json.dumps(info, indent=2))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ovsfs.client.virtqueue import UADDR_BASE, DriverQueue, SharedMemory
-from ovsfs.errors import DaemonNotRunning, InvalidArgument, OvsfsError
+from ovsfs.errors import Busy, DaemonNotRunning, InvalidArgument, NotFound, OvsfsError
 from ovsfs.vhost import protocol as vp
 
 __all__ = ["Frontend", "DriverQueue", "Message", "VhostError", "WANTED_FEATURES", "WANTED_PROTOCOL"]
@@ -38,6 +38,9 @@ WANTED_FEATURES = vp.bits(vp.F_VERSION_1, vp.F_PROTOCOL_FEATURES, vp.RING_F_INDI
                           vp.BLK_F_BLK_SIZE, vp.BLK_F_TOPOLOGY, vp.BLK_F_FLUSH, vp.BLK_F_MQ,
                           vp.BLK_F_DISCARD, vp.BLK_F_WRITE_ZEROES, vp.BLK_F_RO)
 WANTED_PROTOCOL = vp.bits(vp.PF_MQ, vp.PF_REPLY_ACK, vp.PF_CONFIG)
+
+
+UNIX_PATH_MAX = 107     # bytes of a unix socket path (sun_path is 108 with its NUL)
 
 
 class VhostError(OvsfsError):
@@ -64,15 +67,25 @@ class Frontend:
     `timeout`: seconds to wait for the back end's replies (VhostError past it).
     `busy_wait`: seconds to keep trying while the back end still serves a previous front
     end (it closes a second connection at once).
-    Raises DaemonNotRunning when nothing listens on the socket."""
+    (a missing socket is waited for as long: the door makes a new volume's socket up to a
+    second after `volume create`).
+    `sealed_memory`: seal the memfd against shrinking and growing (the shm door refuses an
+    unsealed one); False only for tests of back ends.
+    Raises DaemonNotRunning when the daemon is not there, NotFound when it is but the
+    socket is not (no such volume, or the shm door is off), InvalidArgument for a socket
+    path too long for a unix socket, Busy when another front end holds the volume."""
 
     def __init__(self, socket_path: str | os.PathLike[str], *, memory_bytes: int = 64 << 20,
-                 timeout: float = 10.0, busy_wait: float = 3.0) -> None:
+                 timeout: float = 10.0, busy_wait: float = 3.0, sealed_memory: bool = True) -> None:
         self.path = Path(socket_path)
         self.timeout = timeout
         self.busy_wait = busy_wait
+        n = len(os.fsencode(self.path))
+        if n > UNIX_PATH_MAX:
+            raise InvalidArgument(f"socket path {self.path} is {n} bytes; a unix socket path has at most "
+                                  f"{UNIX_PATH_MAX} (use a shorter volume name or [shm] socket_dir)")
         self.sock = self._connect()
-        self.mem = SharedMemory(memory_bytes)
+        self.mem = SharedMemory(memory_bytes, sealed=sealed_memory)
         self.device_features = 0
         self.features = 0               # negotiated (what SET_FEATURES said)
         self.protocol_features = 0      # negotiated
@@ -82,9 +95,9 @@ class Frontend:
         self._closed = False
 
     def _connect(self) -> socket.socket:
-        """A connected socket. A socket file that refuses connections is tried again for
-        `busy_wait` seconds (a back end between bind and listen, or re-making its socket);
-        DaemonNotRunning when there is no socket file or it keeps refusing."""
+        """A connected socket. A socket file that is missing or refuses connections is tried
+        again for `busy_wait` seconds (a volume just created, a back end between bind and
+        listen, or re-making its socket); then DaemonNotRunning or NotFound (see the class)."""
         deadline = time.monotonic() + self.busy_wait
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -99,10 +112,35 @@ class Frontend:
                 time.sleep(0.02)
             except FileNotFoundError as e:
                 sock.close()
-                raise DaemonNotRunning(f"no vhost-user back end listens on {self.path}: {e.strerror}") from None
+                if time.monotonic() > deadline:
+                    raise self._missing(e) from None
+                time.sleep(0.02)
             except OSError:
                 sock.close()
                 raise
+
+    def _missing(self, e: OSError) -> OvsfsError:
+        """The error for a socket that never appeared: NotFound when the daemon answers (its
+        management socket STATE/run/ovsfs.sock next to the socket directory, or another
+        volume's socket), else DaemonNotRunning."""
+        sock_dir = self.path.parent
+        probes = [sock_dir.parent / "ovsfs.sock"]
+        try:
+            probes += sorted(sock_dir.glob("*.sock"))[:4]
+        except OSError:
+            pass
+        for probe in probes:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                try:
+                    s.connect(str(probe))
+                except OSError:
+                    continue
+            name = self.path.name.removesuffix(".sock")
+            return NotFound(f"no socket for volume {name} at {self.path}: no such volume on this node, "
+                            "or the shm door is off")
+        return DaemonNotRunning(f"no vhost-user back end listens on {self.path}: {e.strerror} "
+                                "(is the daemon running?)")
 
     # -- raw messages ------------------------------------------------------------------
 
@@ -213,8 +251,12 @@ class Frontend:
             try:
                 return self.call(vp.GET_FEATURES).u64()  # type: ignore[union-attr]
             except VhostError:
-                if time.monotonic() > deadline or not self.connection_lost():
+                if not self.connection_lost():
                     raise
+                if time.monotonic() > deadline:
+                    name = self.path.name.removesuffix(".sock")
+                    raise Busy(f"{name} is in use by another front end (one at a time): {self.path} "
+                               f"closed our connection for {self.busy_wait} s") from None
             time.sleep(0.02)
             self.sock.close()
             self.sock = self._connect()

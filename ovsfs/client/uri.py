@@ -122,8 +122,10 @@ def open_volume(uri: str | VolumeURI, socket_dir: str | os.PathLike[str] | None 
     under `socket_dir`, or under the socket directory of the node whose state directory is
     `state`, default ./var), an NbdVolume for another node's. Both have read / write /
     flush / trim / write_zeroes / readv / writev, size, block_size, read_only, close.
-    `options` go to the class (e.g. queue_depth). Raises InvalidArgument for a bad URI,
-    DaemonNotRunning when nothing listens, and what the classes raise."""
+    `options` go to the class (e.g. queue_depth, io_timeout, busy_wait). Raises
+    InvalidArgument for a bad URI or a socket path too long, DaemonNotRunning when the
+    daemon is not there, NotFound when it is but the volume's socket is not, Busy when
+    another front end holds the volume, and what the classes raise."""
     u = parse_uri(uri) if isinstance(uri, str) else uri
     if u.remote:
         from ovsfs.client.nbd import NbdVolume

@@ -30,14 +30,23 @@ class SharedMemory:
 
     The first page is never handed out, so that gpa 0 never names a live buffer."""
 
-    def __init__(self, size: int, name: str = "ovsfs-client") -> None:
+    def __init__(self, size: int, name: str = "ovsfs-client", *, sealed: bool = True) -> None:
+        import fcntl
         import mmap
 
         size = virtq.align(max(size, 2 * PAGE), PAGE)
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.sealed = sealed
+        # Sealed against shrinking and growing once sized: a back end maps this memory, and
+        # a front end that truncated it under the back end's mapping would make the back
+        # end's next access SIGBUS; the shm door accepts only memfds sealed so. `sealed`
+        # False makes the old, unsealed memfd (for tests of back ends that must refuse it).
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealed else 0))
         try:
             os.ftruncate(self.fd, size)
+            if sealed:
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
+                            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(self.fd)

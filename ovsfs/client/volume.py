@@ -10,14 +10,15 @@ Slots are spread over the queues round robin.
 Errors (ovsfs.errors): InvalidArgument (unaligned offset or length, or the device
 answered VIRTIO_BLK_S_UNSUPP), OutOfRange (past the end of the volume), ReadOnly (a write
 to a read-only device), OvsfsError with EIO (VIRTIO_BLK_S_IOERR), VhostError (the back end
-went away or answered out of protocol; every request in flight fails with it),
-DaemonNotRunning (nothing listens on the socket).
+went away, answered out of protocol, or answered nothing for `io_timeout` seconds;
+every request in flight fails with it), DaemonNotRunning / NotFound / Busy (see Frontend).
 """
 
 from __future__ import annotations
 
 import os
 import select
+import time
 from typing import Iterable, Sequence
 
 from ovsfs.client.frontend import WANTED_FEATURES, Frontend, VhostError
@@ -34,6 +35,7 @@ _NAMES = {v: k for k, v in KINDS.items()}
 _STATUS_UNSET = 0xFF          # written before submission: a device that never wrote the status is caught
 _MAX_RING = 1024              # the ring size QEMU and libvhost-user accept at most
 _DEVICE_WRITES = virtq.F_WRITE
+DEFAULT_IO_TIMEOUT = 120.0    # seconds; see VhostVolume
 
 
 class Request:
@@ -90,20 +92,30 @@ class VhostVolume:
     most what the device has; default all, up to 4); `max_request_bytes`: the largest
     single request (bigger reads and writes are split); `indirect` / `event_idx`: use
     those ring features when the device offers them; `timeout`: seconds for the
-    back end's replies during set-up. Not thread-safe: drive it from one thread."""
+    back end's replies during set-up; `io_timeout`: seconds requests may stay in flight
+    while the back end answers none of them (default 120: twice the daemon's
+    `[engine] disk_wait`, for which it may legitimately hold writes while its backend is
+    away); past it every request in flight fails with VhostError and the volume is broken
+    (None: wait for ever, like a disk). `busy_wait`: see Frontend. Not thread-safe: drive
+    it from one thread."""
 
     def __init__(self, socket_path: str | os.PathLike[str], *, queue_depth: int = 32,
                  num_queues: int | None = None, max_request_bytes: int = 1 << 20,
-                 indirect: bool = True, event_idx: bool = True, timeout: float = 10.0) -> None:
+                 indirect: bool = True, event_idx: bool = True, timeout: float = 10.0,
+                 io_timeout: float | None = DEFAULT_IO_TIMEOUT, busy_wait: float = 3.0) -> None:
         if queue_depth < 1:
             raise InvalidArgument(f"queue depth {queue_depth}: at least 1")
+        if io_timeout is not None and io_timeout <= 0:
+            raise InvalidArgument(f"io_timeout {io_timeout}: seconds > 0, or None")
+        self.io_timeout = io_timeout
+        self._last_progress = time.monotonic()
         features = WANTED_FEATURES
         if not indirect:
             features &= ~vp.bits(vp.RING_F_INDIRECT_DESC)
         if not event_idx:
             features &= ~vp.bits(vp.RING_F_EVENT_IDX)
         memory = queue_depth * (max_request_bytes + 8192) + (4 << 20)
-        self.fe = fe = Frontend(socket_path, memory_bytes=memory, timeout=timeout)
+        self.fe = fe = Frontend(socket_path, memory_bytes=memory, timeout=timeout, busy_wait=busy_wait)
         try:
             fe.negotiate(features)
             fe.set_mem_table()
@@ -231,6 +243,8 @@ class VhostVolume:
             raise self._broken
         while not self._free:
             self._progress()
+        if not self._in_flight:
+            self._last_progress = time.monotonic()   # the io_timeout clock starts with the first in flight
         slot = self._free.pop()
         req = Request(self, t, offset, length, _collect)
         slot.req = req
@@ -318,6 +332,8 @@ class VhostVolume:
                     req.error = VhostError(f"{req.describe()}: the device answered status {status}")
                 self._finish(slot)
                 done += 1
+        if done:
+            self._last_progress = time.monotonic()
         return done
 
     def _finish(self, slot: _Slot) -> None:
@@ -358,11 +374,19 @@ class VhostVolume:
             # again should a notification have been lost all the same (a back end without
             # the barriers of virtio 1.1 2.6.10.2).
             step = 1.0 if timeout is None else min(1.0, timeout - waited)
+            if self.io_timeout is not None:
+                step = min(step, max(0.0, self._last_progress + self.io_timeout - time.monotonic()) + 0.001)
             events = self._poll.poll(max(0, int(step * 1000)))
             if any(fd == self.fe.sock.fileno() for fd, _ in events) and self.fe.connection_lost():
                 self._fail_all(VhostError(f"{self.fe.path}: the back end closed the connection"))
                 raise self._broken  # type: ignore[misc]
             if not events:
+                stalled = time.monotonic() - self._last_progress
+                if self.io_timeout is not None and stalled >= self.io_timeout:
+                    self._fail_all(VhostError(f"{self.fe.path}: {self._in_flight} request(s) unanswered for "
+                                              f"{stalled:.1f} s (io_timeout {self.io_timeout} s): the back "
+                                              "end is stopped or hung; the volume is broken, reopen it"))
+                    raise self._broken  # type: ignore[misc]
                 waited += step
                 if timeout is not None and waited >= timeout:
                     return 0

@@ -129,7 +129,7 @@ def test_bad_queue_size_is_refused_before_sending(qsd: StorageDaemon) -> None:
 
 def test_no_back_end(tmp_path: Path) -> None:
     with pytest.raises(DaemonNotRunning):
-        Frontend(tmp_path / "nothing.sock")
+        Frontend(tmp_path / "nothing.sock", busy_wait=0.2)   # a missing socket is waited for that long
 
 
 def test_back_end_gone_is_a_vhost_error(qsd: StorageDaemon) -> None:

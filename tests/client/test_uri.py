@@ -50,9 +50,9 @@ def test_socket_and_nbd_addresses() -> None:
 
 def test_open_volume_without_daemon(tmp_path: Path) -> None:
     with pytest.raises(DaemonNotRunning):
-        open_volume("openvstorage:v", tmp_path)
+        open_volume("openvstorage:v", tmp_path, busy_wait=0.2)
     with pytest.raises(DaemonNotRunning, match=str(tmp_path / "run" / "vhost" / "v@s.sock")):
-        open_volume("openvstorage:v@s", state=tmp_path)
+        open_volume("openvstorage:v@s", state=tmp_path, busy_wait=0.2)
 
 
 def test_qemu_args_local_and_remote() -> None:
@@ -144,3 +144,35 @@ def test_cli_prints(tmp_path: Path) -> None:
     r = subprocess.run([OVSFS, "--state", str(tmp_path), "qemu", "--", "-drive", "file=openvstorage:v"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "no shared-memory socket" in r.stderr
+
+
+# ---- what the breaker found (issue 12 follow-up): refused with a reason, never passed on ----
+
+@pytest.mark.parametrize("argv, why", [
+    (["-drive", "file=openvstorage:a,queues=5"], r"at most 4 \(\[shm\] num_queues\)"),
+    (["-drive", "file=openvstorage:a", "-drive", "file=openvstorage:a,id=x"], "given twice"),
+    (["-m", "0", "-drive", "file=openvstorage:a"], "more than 0"),
+    (["-m", "lots", "-drive", "file=openvstorage:a"], "bad size"),
+    (["-object", "memory-backend-memfd,id=m,size=1G", "-machine", "memory-backend=m",
+      "-drive", "file=openvstorage:a"], "add share=on"),
+    (["-machine", "memory-backend=nope", "-drive", "file=openvstorage:a"], "no -object with id=nope"),
+    (["-drive=file=openvstorage:a"], "a space, not '='"),
+    (["-drive", "file=openvstorage:a,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0"],
+     "leave out the -device virtio-blk-pci,drive=ID"),
+    (["-drive", "file=openvstorage:" + "v" * 90], "more than a unix socket takes"),
+])
+def test_qemu_translation_refuses(argv: list[str], why: str) -> None:
+    with pytest.raises(CliError, match=why):
+        translate_qemu(argv, NODE, check_sockets=False)
+
+
+def test_qemu_translation_checks_pass_what_is_right() -> None:
+    """The checks above refuse only what cannot work: queues up to [shm] num_queues, a
+    shared backend of the user's own, the same volume once plus its snapshot."""
+    argv = ["-object", "memory-backend-file,id=m,size=1G,mem-path=/dev/shm/x,share=on", "-machine",
+            "memory-backend=m", "-drive", "file=openvstorage:a,queues=4", "-drive", "file=openvstorage:a@s"]
+    out = translate_qemu(argv, NODE, check_sockets=False)
+    assert "vhost-user-blk-pci,chardev=ovsfs-c0,num-queues=4" in out and out.count("-chardev") == 2
+    node2 = Node(Path("/s/run/vhost"), Path("/s/run/nbd.sock"), num_queues=8)
+    assert "vhost-user-blk-pci,chardev=ovsfs-c0,num-queues=8" in translate_qemu(
+        ["-drive", "file=openvstorage:a,queues=8"], node2, check_sockets=False)

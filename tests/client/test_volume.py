@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ovsfs.client.frontend import VhostError
+from ovsfs.client.frontend import Frontend, VhostError
 from ovsfs.client.volume import VhostVolume
-from ovsfs.errors import InvalidArgument, OutOfRange, OvsfsError, ReadOnly
+from ovsfs.errors import DaemonNotRunning, InvalidArgument, NotFound, OutOfRange, OvsfsError, ReadOnly
 from tests.client.conftest import StorageDaemon
 from tests.client.model import Model, batches
 
@@ -136,4 +139,77 @@ def test_back_end_killed_with_requests_in_flight(qsd_factory) -> None:
         with pytest.raises(VhostError):
             vol.read(0, 512)
     finally:
+        vol.close()
+
+
+# ---- what the breaker found (issue 12 follow-up) -------------------------------------------
+
+def test_memory_is_sealed_against_resizing(qsd: StorageDaemon) -> None:
+    """A front end that truncated its memory under the back end's mapping made the back end
+    SIGBUS: the memfd handed over is sealed against shrinking and growing (the door requires
+    it); `sealed_memory=False` keeps an unsealed one for tests of back ends."""
+    import fcntl
+
+    with VhostVolume(qsd.socket) as vol:
+        fd = vol.fe.mem.fd
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SEAL
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 4096)
+        assert vol.read(0, 512) == bytes(512)
+    qsd.wait_listening()
+    fe = Frontend(qsd.socket, memory_bytes=1 << 20, sealed_memory=False)
+    try:
+        assert not fcntl.fcntl(fe.mem.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+    finally:
+        fe.close()
+
+
+def test_socket_path_too_long(tmp_path: Path) -> None:
+    """A 90-character volume name makes a socket path past sun_path's 108 bytes."""
+    with pytest.raises(InvalidArgument, match="at most 107"):
+        VhostVolume(tmp_path / ("v" * 120 + ".sock"))
+
+
+def test_socket_that_appears_late_is_waited_for(qsd: StorageDaemon, tmp_path: Path) -> None:
+    """The door makes a new volume's socket up to a second after `volume create`: a missing
+    socket is tried again for busy_wait seconds (here: the export's socket moved into place
+    0.5 s after we start to connect)."""
+    late = tmp_path / "late.sock"
+    t = threading.Timer(0.5, os.rename, (qsd.socket, late))
+    t.start()
+    try:
+        with VhostVolume(late, busy_wait=10) as vol:
+            assert vol.read(0, 512) == bytes(512)
+    finally:
+        t.join()
+    # Nothing answers in that directory: no daemon. A socket that does answer there (the
+    # export's, like another volume's of a running daemon): no such volume.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DaemonNotRunning, match="is the daemon running"):
+        VhostVolume(tmp_path / "empty" / "never.sock", busy_wait=0.2)
+    with pytest.raises(NotFound, match="no socket for volume never at .*no such volume on this node"):
+        VhostVolume(tmp_path / "never.sock", busy_wait=0.2)
+
+
+def test_stopped_back_end_times_out(qsd_factory) -> None:
+    """A back end that is SIGSTOPped answers nothing and closes nothing: after io_timeout
+    seconds without an answer every request in flight fails with VhostError and the volume
+    is broken (before: the client waited for ever)."""
+    d = qsd_factory(size=4 * MiB)
+    vol = VhostVolume(d.socket, queue_depth=8, io_timeout=1.0)
+    assert d.proc is not None
+    try:
+        vol.write(0, b"a" * 4096)
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        reqs = [vol.submit("write", i * 4096, data=b"b" * 4096) for i in range(4)]
+        with pytest.raises(VhostError, match="io_timeout"):
+            reqs[0].result()
+        assert 0.9 <= time.monotonic() - start < 10      # generous upper bound: not hung
+        assert vol.in_flight == 0 and all(r.done and isinstance(r.error, VhostError) for r in reqs)
+        with pytest.raises(VhostError):
+            vol.read(0, 512)
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
         vol.close()

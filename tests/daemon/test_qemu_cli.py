@@ -92,3 +92,47 @@ def test_remote_uri_in_qemu_img_and_qemu(daemon_factory) -> None:
         [blk] = [b for b in qmp("query-block")["return"] if b["device"] == "d0"]
         assert blk["inserted"]["image"]["virtual-size"] == 8 * MiB
         assert blk["inserted"]["drv"] == "raw" and not blk["inserted"]["ro"]
+
+
+# ---- what the breaker found (issue 12 follow-up) -------------------------------------------
+
+def _volumes(daemon) -> set[str]:
+    status, vols = daemon.api("GET", "/volumes")
+    assert status == 200
+    return {v["name"] for v in vols}
+
+
+def test_qemu_img_print_is_a_dry_run_and_a_failed_convert_leaves_nothing(daemon, tmp_path: Path) -> None:
+    src = tmp_path / "in.raw"
+    with open(src, "wb") as f:
+        f.truncate(8 * MiB)
+    # --print before or after the subcommand: nothing created, and never passed to qemu-img.
+    r = daemon.cli("qemu-img", "--print", "create", "openvstorage:dry1", "16M")
+    assert "would create volume dry1" in r.stdout
+    r = daemon.cli("qemu-img", "--print", "--json", "convert", str(src), "openvstorage:dry2")
+    assert json.loads(r.stdout)[:2] == ["qemu-img", "convert"]
+    r = daemon.cli("qemu-img", "convert", str(src), "openvstorage:dry3", "--print")
+    assert "--print" not in r.stdout and r.stdout.startswith("qemu-img convert")
+    assert not _volumes(daemon) & {"dry1", "dry2", "dry3"}
+    # A convert that fails (a source qemu-img cannot read as the format given) deletes the
+    # volume it made for itself.
+    r = daemon.cli("qemu-img", "convert", "-f", "qcow2", str(src), "openvstorage:half", check=False)
+    assert r.returncode != 0 and "deleted" in r.stderr
+    assert "half" not in _volumes(daemon)
+
+
+def test_qemu_img_clear_errors(daemon, tmp_path: Path) -> None:
+    r = daemon.cli("qemu-img", "create", "openvstorage:new1", "-5M", check=False)
+    assert r.returncode != 0 and "size -5M" in r.stderr and "positive" in r.stderr
+    r = daemon.cli("qemu-img", "create", "openvstorage:new1", "0", check=False)
+    assert r.returncode != 0 and "positive" in r.stderr
+    daemon.cli("qemu-img", "create", "openvstorage:base", "4M")
+    assert daemon.api("POST", "/volumes/base/snapshots", {"name": "s1"})[0] in (200, 201)
+    src = tmp_path / "in.raw"
+    with open(src, "wb") as f:
+        f.truncate(4 * MiB)
+    r = daemon.cli("qemu-img", "convert", str(src), "openvstorage:base@s1", check=False)
+    assert r.returncode != 0 and "is a snapshot, which is read-only" in r.stderr
+    # `ovsfs qemu` with a volume name too long for a unix socket path says so.
+    r = daemon.cli("qemu", "--print", "--", "-drive", "file=openvstorage:" + "v" * 90, check=False)
+    assert r.returncode != 0 and "more than a unix socket takes" in r.stderr

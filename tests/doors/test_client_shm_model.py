@@ -6,6 +6,7 @@ array, also across a reconnect and through the NBD door afterwards."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from hypothesis import strategies as st
 
 from ovsfs.client.nbd import NbdVolume
 from ovsfs.client.uri import open_volume
+from ovsfs.client.frontend import VhostError
 from ovsfs.client.volume import VhostVolume
-from ovsfs.errors import ReadOnly
+from ovsfs.errors import Busy, NotFound, ReadOnly
 from tests.client.model import Model, batches
 
 # The door is helper "shm"'s part of issue 12: until it is merged there is nothing to test.
@@ -107,3 +109,52 @@ def test_ovsfs_qemu_device_negotiates_with_the_door(shm_node) -> None:
             assert feature in offered, json.dumps(st)
         assert st["num-vqs"] == 2
     assert "pid" in shm_node.log(200)      # the door logged the front end (QEMU) connecting
+
+
+# ---- what the breaker found (issue 12 follow-up) -------------------------------------------
+
+def test_open_right_after_create_and_a_missing_volume(shm_node) -> None:
+    """The door makes a new volume's socket up to a second after `volume create`: the client
+    waits for it (busy_wait) instead of saying the daemon is not running; a volume that
+    does not exist is NotFound (the daemon answers), not DaemonNotRunning."""
+    assert shm_node.api("POST", "/volumes", {"name": "fresh", "size": MiB, "vpool": "default"})[0] in (200, 201)
+    with open_volume("openvstorage:fresh", state=shm_node.state) as vol:
+        assert vol.read(0, 4096) == bytes(4096)
+    with pytest.raises(NotFound, match="no socket for volume nosuch at .*no such volume on this node"):
+        open_volume("openvstorage:nosuch", state=shm_node.state, busy_wait=0.3)
+
+
+def test_second_front_end_is_told_the_volume_is_busy(shm_node) -> None:
+    shm_node.api("POST", "/volumes", {"name": "one", "size": MiB, "vpool": "default"})
+    sock = _socket(shm_node, "one")
+    with VhostVolume(sock) as first:
+        with pytest.raises(Busy, match="one is in use by another front end"):
+            VhostVolume(sock, busy_wait=0.5)
+        assert first.read(0, 512) == bytes(512)       # the first is undisturbed
+
+
+def test_stopped_daemon_times_out(shm_node) -> None:
+    """The daemon SIGSTOPped (by PID) with requests in flight: after io_timeout seconds
+    they fail with VhostError and the volume is broken; before, the client hung for ever."""
+    shm_node.api("POST", "/volumes", {"name": "stop", "size": MiB, "vpool": "default"})
+    vol = VhostVolume(_socket(shm_node, "stop"), queue_depth=4, io_timeout=1.0)
+    try:
+        vol.write(0, b"a" * 4096)
+        os.kill(shm_node.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            reqs = [vol.submit("write", 4096 * (i + 1), data=b"b" * 4096) for i in range(4)]
+            with pytest.raises(VhostError, match="io_timeout"):
+                vol.drain()
+            assert 0.9 <= time.monotonic() - start < 10     # generous upper bound: not hung
+            assert all(isinstance(r.error, VhostError) for r in reqs)
+            with pytest.raises(VhostError):
+                vol.read(0, 512)
+        finally:
+            os.kill(shm_node.pid, signal.SIGCONT)
+    finally:
+        vol.close()
+    # The daemon goes on: a new front end reads what was acknowledged (the unanswered
+    # writes may or may not have landed: they were never acknowledged).
+    with VhostVolume(_socket(shm_node, "stop")) as again:
+        assert again.read(0, 4096) == b"a" * 4096
