@@ -182,6 +182,8 @@ class VhostVolume:
         self._free = list(reversed(self._slots))
         self._dirty = [False] * nq
         self._in_flight = 0
+        self._unkicked = 0          # submitted, not yet made visible to the device
+        self._kicked = 0            # visible to the device and unanswered (io_timeout watches these)
         self._completed: list[Request] = []
         self._poll = select.poll()
         for q in self.queues:
@@ -243,8 +245,6 @@ class VhostVolume:
             raise self._broken
         while not self._free:
             self._progress()
-        if not self._in_flight:
-            self._last_progress = time.monotonic()   # the io_timeout clock starts with the first in flight
         slot = self._free.pop()
         req = Request(self, t, offset, length, _collect)
         slot.req = req
@@ -287,6 +287,7 @@ class VhostVolume:
         q.avail_idx = (q.avail_idx + 1) & 0xFFFF
         self._dirty[slot.queue] = True
         self._in_flight += 1
+        self._unkicked += 1
 
     def _split(self, gpa: int, length: int, flags: int) -> list[tuple[int, int, int]]:
         step = self.seg_size
@@ -297,6 +298,13 @@ class VhostVolume:
     def kick(self) -> None:
         """Make everything submitted so far visible to the device (one avail->idx write and
         at most one notification per queue)."""
+        if self._unkicked:
+            if not self._kicked:
+                # The io_timeout clock starts when the device first has something to answer
+                # (not at submit: a caller may queue requests long before it kicks them).
+                self._last_progress = time.monotonic()
+            self._kicked += self._unkicked
+            self._unkicked = 0
         for i, dirty in enumerate(self._dirty):
             if dirty:
                 self.queues[i].kick()
@@ -344,6 +352,7 @@ class VhostVolume:
         slot.req = None
         self._free.append(slot)
         self._in_flight -= 1
+        self._kicked = max(0, self._kicked - 1)
         if req.collect:
             self._completed.append(req)
 
@@ -353,6 +362,7 @@ class VhostVolume:
             if slot.req is not None:
                 slot.req.error = error
                 self._finish(slot)
+        self._kicked = self._unkicked = 0
 
     def _progress(self, timeout: float | None = None) -> int:
         """Kick, then wait until at least one request finishes (or `timeout` seconds).
@@ -380,13 +390,18 @@ class VhostVolume:
             if any(fd == self.fe.sock.fileno() for fd, _ in events) and self.fe.connection_lost():
                 self._fail_all(VhostError(f"{self.fe.path}: the back end closed the connection"))
                 raise self._broken  # type: ignore[misc]
+            # Checked whether or not anything woke us: a hung back end that still signals
+            # (a spurious call, a socket event) answers nothing all the same.
+            stalled = time.monotonic() - self._last_progress
+            if self.io_timeout is not None and stalled >= self.io_timeout:
+                done = self._reap()     # one last look: answered just now?
+                if done:
+                    return done
+                self._fail_all(VhostError(f"{self.fe.path}: {self._in_flight} request(s) unanswered for "
+                                          f"{stalled:.1f} s (io_timeout {self.io_timeout} s): the back "
+                                          "end is stopped or hung; the volume is broken, reopen it"))
+                raise self._broken  # type: ignore[misc]
             if not events:
-                stalled = time.monotonic() - self._last_progress
-                if self.io_timeout is not None and stalled >= self.io_timeout:
-                    self._fail_all(VhostError(f"{self.fe.path}: {self._in_flight} request(s) unanswered for "
-                                              f"{stalled:.1f} s (io_timeout {self.io_timeout} s): the back "
-                                              "end is stopped or hung; the volume is broken, reopen it"))
-                    raise self._broken  # type: ignore[misc]
                 waited += step
                 if timeout is not None and waited >= timeout:
                     return 0

@@ -213,3 +213,14 @@ def test_stopped_back_end_times_out(qsd_factory) -> None:
     finally:
         os.kill(d.proc.pid, signal.SIGCONT)
         vol.close()
+
+
+def test_io_timeout_counts_from_the_kick(qsd: StorageDaemon) -> None:
+    """Requests queued long before they are kicked are not timed out for it: the clock
+    starts when the device can see them."""
+    with VhostVolume(qsd.socket, queue_depth=4, io_timeout=0.5) as vol:
+        reqs = [vol.submit("write", i * 4096, data=b"c" * 4096) for i in range(4)]
+        time.sleep(1.0)         # longer than io_timeout, but the device has seen nothing yet
+        vol.drain()
+        assert all(r.done and r.error is None for r in reqs)
+        assert vol.read(0, 4096) == b"c" * 4096
