@@ -196,7 +196,7 @@ def translate_qemu(argv: list[str], node: Node, *, check_sockets: bool = True) -
                 machine_at = len(out) + 1
             backend = dict(split_opts(val)).get("memory-backend") or backend
         elif opt == "-object" and val is not None:
-            o = split_opts(val)
+            o = _object_opts(val)
             if dict(o).get("id"):
                 objects[dict(o)["id"] or ""] = o
         if opt in _WITH_VALUE and val is not None:
@@ -218,6 +218,19 @@ def translate_qemu(argv: list[str], node: Node, *, check_sockets: bool = True) -
             extra += ["-m", format_size(size)]
         out = extra + out
     return out
+
+
+def _object_opts(val: str) -> list[tuple[str, str | None]]:
+    """An -object's options, from QEMU's key=value form or its JSON form."""
+    if val.lstrip().startswith("{"):
+        try:
+            obj = json.loads(val)
+        except ValueError:
+            return []
+        if isinstance(obj, dict):
+            return [(str(k), "on" if v is True else "off" if v is False else str(v)) for k, v in obj.items()]
+        return []
+    return split_opts(val)
 
 
 def _check_backend(backend: str, objects: dict[str, list[tuple[str, str | None]]]) -> None:

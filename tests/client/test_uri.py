@@ -176,3 +176,13 @@ def test_qemu_translation_checks_pass_what_is_right() -> None:
     node2 = Node(Path("/s/run/vhost"), Path("/s/run/nbd.sock"), num_queues=8)
     assert "vhost-user-blk-pci,chardev=ovsfs-c0,num-queues=8" in translate_qemu(
         ["-drive", "file=openvstorage:a,queues=8"], node2, check_sockets=False)
+
+
+def test_qemu_backend_in_json_form_is_understood() -> None:
+    shared = '{"qom-type": "memory-backend-memfd", "id": "m", "size": 268435456, "share": true}'
+    out = translate_qemu(["-object", shared, "-machine", "memory-backend=m", "-drive", "file=openvstorage:a"],
+                         NODE, check_sockets=False)
+    assert out[:2] == ["-object", shared]
+    with pytest.raises(CliError, match="add share=on"):
+        translate_qemu(["-object", shared.replace("true", "false"), "-machine", "memory-backend=m",
+                        "-drive", "file=openvstorage:a"], NODE, check_sockets=False)
