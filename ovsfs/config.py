@@ -132,6 +132,14 @@ class ShmSection:
     connection_bytes: int = 64 << 20  # bytes of data in flight per connection
     node_requests: int = 1 << 16      # requests in flight for all connections together
     node_bytes: int = 512 << 20       # bytes in flight for all connections together
+    # Seconds from connect until the front end has asked for the config (GET_CONFIG, which
+    # QEMU does when it attaches, even paused) or sent its memory table; else it is dropped.
+    handshake_timeout: float = 10.0
+    # Guest memory must be a memfd sealed against shrinking (QEMU memory-backend-memfd,
+    # seal=on by default): a file that shrinks under the mapping kills the daemon (SIGBUS).
+    # true also takes unsealed tmpfs / hugetlbfs files (memory-backend-file on
+    # /dev/hugepages), trusting the front end not to truncate them.
+    allow_unsealed_memory: bool = False
 
 
 @dataclass
@@ -305,6 +313,8 @@ class Config:
                 or m.node_bytes < m.connection_bytes):
             raise ConfigError("shm.connection_requests / connection_bytes must be positive and "
                               "shm.node_requests / node_bytes at least as large")
+        if not 0 < m.handshake_timeout <= 3600:
+            raise ConfigError(f"shm.handshake_timeout must be 0..3600 seconds (not 0), not {m.handshake_timeout}")
 
     def _validate_backend(self) -> None:
         b = self.backend

@@ -7,14 +7,21 @@ section 2.6.5) and the front end's user addresses [userspace_addr, ...) (what
 SET_VRING_ADDR holds). Every translation is bounds-checked: an address outside the
 table is a `GuestMemoryError`, never an access outside a mapping.
 
-Regions are mapped shared (writes reach the guest) with the fd's size checked first: a
-mapping past the end of the file would fault (SIGBUS) on first touch. A front end that
-shrinks its file later could still fault us; QEMU's memfd backend seals it against that
-(memory-backend-memfd seal=on, the default).
+Regions are mapped shared (writes reach the guest). A mapping past the end of its file
+faults (SIGBUS, which kills the whole daemon) on first touch, so a region's fd must be a
+memfd sealed against shrinking (F_SEAL_SHRINK, checked with F_GET_SEALS): its size, checked
+at map time, then stays. QEMU's memory-backend-memfd seals (seal=on, the default), and so
+does the client library. F_GET_SEALS is asked before anything else: it fails (EINVAL) on
+anything that is not shmem or hugetlbfs without calling into the file's filesystem, so a
+file on a FUSE mount (even the daemon's own, whose fstat would wait on the daemon itself)
+is refused without blocking. `allow_unsealed` ([shm] allow_unsealed_memory) also takes
+unsealed tmpfs / hugetlbfs files (QEMU memory-backend-file on /dev/hugepages): such a
+front end could still crash the daemon by truncating its file.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import mmap
 import os
@@ -36,19 +43,44 @@ class Mapped:
     view: memoryview
 
 
+def check_memory_fd(fd: int, allow_unsealed: bool = False) -> None:
+    """GuestMemoryError unless `fd` is a memfd sealed against shrinking (or, with
+    allow_unsealed, any shmem / hugetlbfs file). Never blocks: F_GET_SEALS does not reach
+    the file's filesystem (see the module docstring)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as e:
+        raise GuestMemoryError(f"memory region fd is not a memfd ({_what(fd)}: F_GET_SEALS: "
+                               f"{e.strerror}); only sealed memfds are accepted") from None
+    if not seals & fcntl.F_SEAL_SHRINK and not allow_unsealed:
+        raise GuestMemoryError(f"memory region fd ({_what(fd)}) is not sealed with F_SEAL_SHRINK: it could "
+                               "shrink under the mapping (QEMU: memory-backend-memfd with seal=on; "
+                               "[shm] allow_unsealed_memory takes unsealed tmpfs/hugetlbfs files)")
+
+
+def _what(fd: int) -> str:
+    """What an fd is, for log lines (readlink of /proc/self/fd never calls into a filesystem)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
+
+
 class GuestMemory:
     """The regions of one SET_MEM_TABLE, mapped. Addresses and sizes in bytes."""
 
-    def __init__(self, regions: list[Region], fds: list[int]) -> None:
+    def __init__(self, regions: list[Region], fds: list[int], allow_unsealed: bool = False) -> None:
         """Map each region from its fd (the fds stay the caller's to close: mmap holds
         its own reference). GuestMemoryError for a malformed table (overlaps, sizes
-        past the fd's end, wrap-around) or an fd that cannot be mapped."""
+        past the fd's end, wrap-around) or an fd that cannot be mapped or could shrink
+        (not a memfd sealed with F_SEAL_SHRINK; unless allow_unsealed, a tmpfs or
+        hugetlbfs file)."""
         if len(regions) != len(fds) or len(regions) > MAX_REGIONS:
             raise GuestMemoryError(f"memory table of {len(regions)} regions with {len(fds)} fds")
         self.maps: list[Mapped] = []
         try:
             for r, fd in zip(regions, fds):
-                self.maps.append(self._map(r, fd))
+                self.maps.append(self._map(r, fd, allow_unsealed))
         except BaseException:
             self.close()
             raise
@@ -61,15 +93,14 @@ class GuestMemory:
                 raise GuestMemoryError(f"memory regions overlap at guest address {b0:#x}")
 
     @staticmethod
-    def _map(r: Region, fd: int) -> Mapped:
+    def _map(r: Region, fd: int, allow_unsealed: bool) -> Mapped:
         if r.size <= 0 or r.gpa < 0 or r.gpa + r.size > 1 << 64 or r.uaddr + r.size > 1 << 64:
             raise GuestMemoryError(f"memory region {r} is empty or wraps around")
+        check_memory_fd(fd, allow_unsealed)
         try:
             st = os.fstat(fd)
         except OSError as e:
             raise GuestMemoryError(f"memory region fd: {e.strerror}") from None
-        # Only regular files (memfd, hugetlbfs, tmpfs) can be checked against their size;
-        # anything else (a socket, a pipe, a device) is refused.
         if not stat.S_ISREG(st.st_mode):
             raise GuestMemoryError("memory region fd is not a regular file (memfd, hugetlbfs)")
         page = mmap.ALLOCATIONGRANULARITY

@@ -7,9 +7,11 @@ as volumes come and go (created, deleted, renamed, moved to or from this node). 
 `engine.catalog` (ovsfs.engine.api) and `ovsfs.doors.adapter.DoorIO` are used.
 
 vhost-user has one front end per device: a socket serves one connection at a time, and
-another one is closed at once with a log line. The volume is opened for the front end
-with Holder("shm", "pid N") (its pid from SO_PEERCRED) when it connects and closed when
-it goes; the socket then takes the next one (QEMU reconnecting, a guest restarted).
+another one is closed at once with a log line naming both pids. The volume is opened for
+the front end with Holder("shm", "pid N") (its pid from SO_PEERCRED) at its first message
+and closed when it goes; the socket then takes the next one (QEMU reconnecting, a guest
+restarted). A front end that has not asked for the config nor sent its memory table within
+shm.handshake_timeout seconds is dropped (session.py).
 
 Limits ([shm], ovsfs/config.py): ring size (queue_size), queues (num_queues), one
 request's size (seg_max, size_max, max_request_bytes), batches in flight per queue,
@@ -19,6 +21,7 @@ bounds: a connection at its bound stops taking requests off its rings until some
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -173,25 +176,19 @@ class ShmServer:
 
     async def _session(self, name: str, conn: trio.socket.SocketType, pid: int) -> None:
         label = f"shm[{name}]"
+        m = self.cfg.shm
         try:
-            try:
-                handle = await trio.to_thread.run_sync(self.catalog.open, name, Holder("shm", f"pid {pid}"))
-            except OvsfsError as e:
-                log.warning("%s: front end pid %d refused: %s", label, pid, e.message)
-                return
             log.info("%s: front end pid %d connected", label, pid)
+            # The volume is opened at the front end's first message (Session._open), not
+            # here: a connection that says nothing holds nothing.
+            opener = functools.partial(self.catalog.open, name, Holder("shm", f"pid {pid}"))
             try:
-                await Session(conn, handle, self.io, self.limits, self.cfg.shm.queue_size,
-                              self.cfg.shm.batches, label).run()
+                await Session(conn, opener, self.io, self.limits, m.queue_size, m.batches, label,
+                              handshake_timeout=m.handshake_timeout,
+                              allow_unsealed=m.allow_unsealed_memory).run()
             except Exception:
                 # A bug met by one front end ends its connection, not the door.
                 log.exception("%s: the session failed; dropping the front end", label)
-            finally:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await trio.to_thread.run_sync(handle.close)
-                    except Exception as e:     # the volume failed meanwhile: nothing to keep
-                        log.warning("%s: closing the volume: %s", label, e)
         finally:
             conn.close()
             self.active.pop(name, None)

@@ -11,21 +11,35 @@ larger than shm.queue_size, an index past shm.num_queues, addresses outside the 
 table, a malformed descriptor chain on a ring, fds missing or in excess, a message the
 back end did not offer) ends the connection with one log line: the front end may connect
 again (QEMU reconnects), nothing else on the node is touched.
+
+The front end's fds are checked before any other call on them, as a call on a file of the
+daemon's own FUSE mount would wait on the daemon itself: kick, call and err fds must be
+eventfds (readlink of /proc/self/fd/N, which never reaches a filesystem), memory fds
+sealed memfds (memory.check_memory_fd). Anything else drops the connection.
+
+The volume is opened (its hold taken) at the front end's first message, not at connect:
+a front end that connects and says nothing holds nothing. A front end must have asked for
+the device's config (GET_CONFIG, which QEMU does when it attaches, even paused) or sent
+its memory table within [shm] handshake_timeout seconds of connecting, else it is dropped:
+it would keep the volume's socket (one front end at a time) busy for nothing.
 """
 
 from __future__ import annotations
 
 import array
+import fcntl
 import logging
+import math
 import os
 import socket
 import struct
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import trio
 
 from ovsfs.doors.adapter import DoorIO
-from ovsfs.errors import InvalidArgument
+from ovsfs.errors import InvalidArgument, OvsfsError
 from ovsfs.shm import blk
 from ovsfs.shm.memory import GuestMemory
 from ovsfs.shm.queues import QueueRunner
@@ -45,44 +59,55 @@ class ProtocolError(InvalidArgument):
 class Session:
     """A front end on one volume socket, with the volume handle opened for it."""
 
-    def __init__(self, sock: trio.socket.SocketType, handle: Any, io: DoorIO, limits: blk.Limits,
-                 queue_size: int, batches: int, label: str) -> None:
+    def __init__(self, sock: trio.socket.SocketType, opener: Callable[[], Any], io: DoorIO,
+                 limits: blk.Limits, queue_size: int, batches: int, label: str,
+                 handshake_timeout: float = 10.0, allow_unsealed: bool = False) -> None:
+        """`opener` opens the volume (blocking: run in a worker thread; OvsfsError when
+        it cannot be opened), at the first message; run() closes it when the front end goes."""
         self.sock = sock
-        self.handle = handle
+        self.opener = opener
+        self.handle: Any = None
+        self.handshake_timeout = handshake_timeout
+        self.allow_unsealed = allow_unsealed
+        self._handshake = trio.CancelScope()
         self.io = io
         self.limits = limits
         self.queue_size = queue_size
         self.batches = batches
         self.label = label
-        self.read_only = bool(handle.caps.read_only)
+        self.read_only = False
         self.features = 0
         self.protocol_features = 0
         self.mem: GuestMemory | None = None
         self.rings = [Vring(i) for i in range(limits.num_queues)]
         self.runners: dict[int, QueueRunner] = {}
-        self.serial = handle.name.encode()[:P.ID_BYTES]
+        self.serial = b""
         self._nursery: trio.Nursery | None = None
 
     # ---- the loop ----------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve messages until the front end goes or breaks the protocol (logged)."""
+        self._handshake.deadline = trio.current_time() + self.handshake_timeout
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                try:
-                    while True:
-                        msg = await self._recv()
-                        if msg is None:
-                            log.info("%s: front end disconnected", self.label)
-                            break
-                        request, flags, payload, fds = msg
-                        try:
-                            await self._dispatch(request, flags, payload, fds)
-                        finally:
-                            _close_all(fds)
-                finally:
-                    nursery.cancel_scope.cancel()
+            with self._handshake:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    try:
+                        while True:
+                            msg = await self._recv()
+                            if msg is None:
+                                log.info("%s: front end disconnected", self.label)
+                                break
+                            request, flags, payload, fds = msg
+                            try:
+                                if self.handle is None:
+                                    await self._open()
+                                await self._dispatch(request, flags, payload, fds)
+                            finally:
+                                _close_all(fds)
+                    finally:
+                        nursery.cancel_scope.cancel()
         except (InvalidArgument, OSError, ValueError) as e:   # ProtocolError, ChainError, ...
             reason = getattr(e, "message", None) or str(e)
             log.warning("%s: dropping the front end: %s", self.label, reason)
@@ -97,6 +122,30 @@ class Session:
             if self.mem is not None:
                 self.mem.close()
                 self.mem = None
+            if self.handle is not None:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await trio.to_thread.run_sync(self.handle.close)
+                    except Exception as e:     # the volume failed meanwhile: nothing to keep
+                        log.warning("%s: closing the volume: %s", self.label, e)
+                self.handle = None
+        if self._handshake.cancelled_caught:
+            log.warning("%s: dropping the front end: no GET_CONFIG or SET_MEM_TABLE within %g s of "
+                        "connecting (shm.handshake_timeout)", self.label, self.handshake_timeout)
+
+    async def _open(self) -> None:
+        """Open the volume for this front end (OvsfsError, an InvalidArgument or not, ends
+        the connection with a log line: raised as ProtocolError)."""
+        try:
+            handle = await trio.to_thread.run_sync(self.opener)
+        except OvsfsError as e:
+            raise ProtocolError(f"cannot open the volume: {e.message}") from None
+        self.handle = handle
+        self.read_only = bool(handle.caps.read_only)
+        self.serial = handle.name.encode()[:P.ID_BYTES]
+
+    def _handshake_done(self) -> None:
+        self._handshake.deadline = math.inf
 
     async def _recv(self) -> tuple[int, int, bytes, list[int]] | None:
         """One message (request, flags, payload, fds); None at a clean end of stream."""
@@ -250,7 +299,8 @@ class Session:
             raise ProtocolError(f"SET_MEM_TABLE: {e}") from None
         if len(fds) != len(regions):
             raise ProtocolError(f"SET_MEM_TABLE: {len(regions)} regions with {len(fds)} fds")
-        mem = GuestMemory(regions, fds)
+        mem = GuestMemory(regions, fds, self.allow_unsealed)
+        self._handshake_done()
         running = [r for r in self.rings if r.index in self.runners]
         for r in running:
             await self._stop(r)
@@ -309,7 +359,13 @@ class Session:
             return r, None
         if len(fds) != 1:
             raise ProtocolError(f"{what}: {len(fds)} fds, one expected")
-        return r, fds.pop()
+        fd = fds.pop()
+        try:
+            _check_eventfd(fd, what)
+        except BaseException:
+            _close_all([fd])
+            raise
+        return r, fd
 
     async def set_vring_kick(self, payload: bytes, fds: list[int]) -> None:
         r, fd = await self._vring_fd(payload, fds, "SET_VRING_KICK")
@@ -347,6 +403,7 @@ class Session:
             raise ProtocolError(f"GET_CONFIG of {size} bytes at {offset}")
         cfg = await trio.to_thread.run_sync(lambda: blk.config(self.handle, self.limits).encode())
         data = cfg[offset:offset + size].ljust(size, b"\0")
+        self._handshake_done()
         return P.CONFIG_HEADER.pack(offset, size, flags) + data
 
     async def set_config(self, payload: bytes, fds: list[int]) -> None:
@@ -356,12 +413,52 @@ class Session:
         return None     # not offered; the fd is closed with the message
 
 
+def _check_eventfd(fd: int, what: str) -> None:
+    """ProtocolError unless `fd` is an eventfd. Checked before any other call on it: a
+    write to (or poll of) a file on the daemon's own FUSE mount would wait on the daemon.
+    readlink of /proc/self/fd/N names the fd without calling into its filesystem."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        raise ProtocolError(f"{what}: fd {fd}: {e.strerror}") from None
+    if target != "anon_inode:[eventfd]":
+        raise ProtocolError(f"{what}: the fd is not an eventfd ({target})")
+
+
 def _close_all(fds: list[int]) -> None:
+    """Close the front end's fds. close(2) of a file on a FUSE mount waits for the FUSE
+    server's FLUSH answer: on the daemon's own mount that is this very event loop, so
+    anything but an eventfd, pipe, socket or memfd is closed in a thread of its own."""
     while fds:
-        try:
-            os.close(fds.pop())
-        except OSError:
-            pass
+        fd = fds.pop()
+        if _closes_at_once(fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        else:
+            threading.Thread(target=_close_quietly, args=(fd,), name="shm-close", daemon=True).start()
+
+
+def _closes_at_once(fd: int) -> bool:
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return True
+    if target.startswith(("anon_inode:", "pipe:", "socket:")):
+        return True
+    try:
+        fcntl.fcntl(fd, fcntl.F_GET_SEALS)    # shmem / hugetlbfs: no FLUSH on close
+        return True
+    except OSError:
+        return False
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _first(eg: BaseExceptionGroup) -> BaseException:

@@ -269,7 +269,7 @@ def test_config_section_validated(tmp_path: Path) -> None:
     assert cfg.shm.enabled and cfg.path(cfg.shm.socket_dir) == tmp_path.absolute() / "run/vhost"
     for bad in ("queue_size = 100", "seg_max = 0", "num_queues = 0", "max_request_bytes = 4096",
                 "batches = 0", "node_bytes = 1", "socket_mode = 0o1777",
-                'socket_group = "no-such-group-here"'):
+                'socket_group = "no-such-group-here"', "handshake_timeout = 0"):
         f = tmp_path / "c.toml"
         f.write_text(f"[shm]\n{bad}\n")
         with pytest.raises(ConfigError):

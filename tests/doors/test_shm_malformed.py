@@ -6,13 +6,19 @@ daemon runs, `good` saw no error, and `bad`'s socket takes a new front end that 
 writes correctly. The request fails with VIRTIO_BLK_S_IOERR / S_UNSUPP when the device
 can still report it, else the connection is dropped (and the daemon logs a line).
 
-One daemon serves the whole module (a start costs about a second).
+One daemon serves the whole module (a start costs about a second), with its FUSE door on
+(a file of its own mount passed as a front end's fd must not block it) and a short
+shm.handshake_timeout.
 """
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import socket
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -24,25 +30,31 @@ from hypothesis import strategies as st
 from ovsfs.client.frontend import Frontend, VhostError
 from ovsfs.vhost import protocol as P
 from ovsfs.vhost import virtq
-from tests.conftest import TEST_CONFIG, Daemon
+from tests.conftest import TEST_CONFIG, Daemon, _merge
 from tests.doors.shm_helpers import (UNSET, Traffic, connect, dropped, frontend, header, lost, request,
                                      run_chain, segment, sock_path, wait_socket)
 
 SIZE = 16 << 20
+HANDSHAKE = 2.0     # shm.handshake_timeout of the module's daemon (seconds)
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("shm-malformed"), TEST_CONFIG)
+    d = Daemon(tmp_path_factory.mktemp("shm-malformed"),
+               _merge(TEST_CONFIG, {"fuse": {"enabled": True}, "shm": {"handshake_timeout": HANDSHAKE}}))
     try:
         d.start()
         d.cli("volume", "create", "bad", "--size", str(SIZE))
         d.cli("volume", "create", "good", "--size", str(SIZE))
+        d.cli("volume", "create", "onfuse", "--size", "1M")
         wait_socket(sock_path(d, "bad"))
         wait_socket(sock_path(d, "good"))
         yield d
     finally:
         d.teardown()
+        # a daemon that had to be killed leaves its mount behind
+        if os.path.ismount(d.state / "mnt"):
+            subprocess.run(["fusermount3", "-u", "-z", str(d.state / "mnt")], capture_output=True)
 
 
 @pytest.fixture
@@ -290,11 +302,160 @@ def test_kick_fd_not_an_eventfd(node: Daemon, traffic: Traffic) -> None:
     q = f.setup_queue(0, 16)
     r, w = os.pipe()
     os.close(w)          # read end at EOF: always readable, never 8 bytes
-    f.call(P.SET_VRING_KICK, P.U64.pack(0), [r])
+    with pytest.raises(VhostError):      # refused (REPLY_ACK 1), then dropped
+        f.call(P.SET_VRING_KICK, P.U64.pack(0), [r])
     os.close(r)
     assert q is not None
     must_drop(node, f, "a kick fd at end of file")
     still_serving(node, traffic)
+
+
+# ---- fds that could hurt the daemon: memory that shrinks, files on its own FUSE mount ---
+
+
+def _unsealed(fe: Frontend) -> None:
+    """Give the front end an unsealed memfd (what the client library had, and any front end
+    may send): it can shrink under the back end's mapping."""
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    os.ftruncate(fd, fe.mem.size)
+    fe.mem.view.release()
+    fe.mem._map.close()
+    os.close(fe.mem.fd)
+    fe.mem.fd = fd
+    fe.mem._map = mmap.mmap(fd, fe.mem.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    fe.mem.view = memoryview(fe.mem._map)
+
+
+def test_memory_that_can_shrink_is_refused(node: Daemon, traffic: Traffic) -> None:
+    """A memfd shrunk after SET_MEM_TABLE faulted the daemon (SIGBUS: every volume down):
+    memory must be a memfd sealed with F_SEAL_SHRINK."""
+    f = Frontend(sock_path(node, "bad"), memory_bytes=8 << 20, timeout=5.0)
+    _unsealed(f)
+    assert not fcntl.fcntl(f.mem.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+    try:
+        try:
+            f.start(1, 64)
+        except (VhostError, OSError):
+            pass                       # refused at SET_MEM_TABLE
+        else:
+            # accepted: what the breaker did next (the front end never touches its memory
+            # again: it would fault itself)
+            q = f.queue(0)
+            request(f, q, P.T_IN, 0, 4096)
+            os.ftruncate(f.mem.fd, 0)
+            os.eventfd_write(q.kick_fd, 1)
+        assert dropped(f), "the connection was not dropped"
+    finally:
+        f.sock.close()
+    assert node.running(), node.log()
+    assert "not sealed with F_SEAL_SHRINK" in node.log(200)
+    still_serving(node, traffic)
+
+
+def _fuse_file(node: Daemon, flags: int) -> int:
+    deadline = time.monotonic() + 10
+    while True:      # the volume's file in its vPool's directory, e.g. mnt/default/onfuse.raw
+        found = list((node.state / "mnt").glob("*/onfuse*"))
+        if found:
+            return os.open(found[0], flags)
+        assert time.monotonic() < deadline, f"onfuse never appeared under {node.state / 'mnt'}"
+        time.sleep(0.05)
+
+
+def _close_bounded(fd: int) -> None:
+    """Close a file of the daemon's FUSE mount without hanging the test when the daemon is
+    stuck (close sends FLUSH): in a thread, given up after 10 s (the module's teardown kills
+    the daemon, which ends the call)."""
+    t = threading.Thread(target=os.close, args=(fd,), daemon=True)
+    t.start()
+    t.join(10)
+
+
+@pytest.mark.parametrize("as_what", ["memory", "call", "kick"])
+def test_file_on_own_fuse_mount(node: Daemon, traffic: Traffic, as_what: str) -> None:
+    """A file of the daemon's own FUSE mount as guest memory (fstat waits in FUSE getattr)
+    or as a call fd (write waits in FUSE write) deadlocked the daemon: fds are checked
+    (sealed memfd, eventfd) before any other call on them."""
+    fd = _fuse_file(node, os.O_RDWR)
+    f = frontend(sock_path(node, "bad"), start=False)
+    try:
+        f.negotiate()
+        with pytest.raises((VhostError, OSError)):      # refused (or the connection dropped)
+            if as_what == "memory":
+                f.call(P.SET_MEM_TABLE, P.encode_mem_table([P.Region(gpa=0, size=1 << 20, uaddr=1 << 30,
+                                                                     offset=0)]), [fd])
+            else:
+                f.set_mem_table()
+                f.setup_queue(0, 16)
+                f.call(P.SET_VRING_CALL if as_what == "call" else P.SET_VRING_KICK, P.U64.pack(0), [fd])
+        assert dropped(f), "the connection was not dropped"
+    finally:
+        f.sock.close()
+        _close_bounded(fd)
+    assert node.running(), node.log()
+    assert "is not a memfd" in node.log(200) if as_what == "memory" else "not an eventfd" in node.log(200)
+    still_serving(node, traffic)
+
+
+# ---- front ends that hold the volume for nothing ---------------------------------------
+
+
+def test_idle_connection_holds_nothing(node: Daemon, traffic: Traffic) -> None:
+    """A front end that connects and sends nothing held the volume (delete, rename and other
+    doors blocked) and its socket forever: no hold before its first message, and dropped
+    after shm.handshake_timeout."""
+    path = sock_path(node, "bad")
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(HANDSHAKE + 10)
+    try:
+        deadline = time.monotonic() + 10
+        while True:       # the socket may still serve the previous test's front end
+            s.connect(str(path))
+            time.sleep(0.3)
+            if "refused a second front end" not in node.log(3):
+                break
+            assert time.monotonic() < deadline
+            s.close()
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(HANDSHAKE + 10)
+        st, info = node.api("GET", "/volumes/bad")
+        assert st == 200 and not [h for h in info["holders"] if h.startswith("shm")], info
+        t0 = time.monotonic()
+        assert s.recv(1) == b"", "the idle connection was not dropped"
+        assert time.monotonic() - t0 < HANDSHAKE + 8
+    finally:
+        s.close()
+    assert "shm.handshake_timeout" in node.log(200)
+    still_serving(node, traffic)
+
+
+def test_negotiation_without_config_is_dropped(node: Daemon, traffic: Traffic) -> None:
+    """A front end that stops after GET_FEATURES (it holds the volume from its first
+    message) is dropped after shm.handshake_timeout, and its hold goes with it."""
+    f = frontend(sock_path(node, "bad"), start=False)
+    try:
+        f.call(P.GET_FEATURES)
+        st, info = node.api("GET", "/volumes/bad")
+        assert [h for h in info["holders"] if h.startswith("shm")], info
+        assert dropped(f, timeout=HANDSHAKE + 8), "not dropped after shm.handshake_timeout"
+    finally:
+        f.close()
+    assert wait_no_holders(node, "bad"), node.api("GET", "/volumes/bad")[1]
+    still_serving(node, traffic)
+
+
+def test_attached_front_end_is_kept(node: Daemon) -> None:
+    """A front end that got its config (QEMU attached, even paused, its rings not started)
+    keeps its connection and hold past shm.handshake_timeout."""
+    f = frontend(sock_path(node, "bad"), start=False)
+    try:
+        f.negotiate()                # GET_CONFIG among it
+        time.sleep(HANDSHAKE + 1)
+        assert not lost(f), "an attached front end was dropped"
+        st, info = node.api("GET", "/volumes/bad")
+        assert [h for h in info["holders"] if h.startswith("shm")], info
+    finally:
+        f.close()
 
 
 # ---- the front end vanishing ---------------------------------------------------------
@@ -346,7 +507,8 @@ def test_second_front_end_refused(node: Daemon, traffic: Traffic) -> None:
         assert first.read(0, 4096) == data
     finally:
         first.close()
-    assert "refused a second front end" in node.log(200)
+    # which front end holds the socket: both pids are in the line
+    assert f"refused a second front end (pid {os.getpid()}): pid {os.getpid()} is connected" in node.log(200)
     still_serving(node, traffic)
 
 
