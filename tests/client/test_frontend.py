@@ -15,7 +15,7 @@ from ovsfs.client.virtqueue import UADDR_BASE, DriverQueue, SharedMemory
 from ovsfs.errors import DaemonNotRunning, InvalidArgument
 from ovsfs.vhost import protocol as vp
 from ovsfs.vhost import virtq
-from tests.client.conftest import StorageDaemon
+from tests.qsd import StorageDaemon
 
 
 def test_negotiation_config_and_queues(qsd_factory) -> None:

@@ -9,7 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.client.conftest import StorageDaemon
+from tests.qsd import StorageDaemon
 from tests.qmp import VIRTIO_BLK, VIRTIO_VENDOR, ovsfs_qemu
 
 def test_ovsfs_qemu_execs_qemu_on_the_volume_socket(qsd_factory, tmp_path: Path) -> None:

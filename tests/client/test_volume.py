@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from ovsfs.client.frontend import Frontend, VhostError
 from ovsfs.client.volume import VhostVolume
 from ovsfs.errors import DaemonNotRunning, InvalidArgument, NotFound, OutOfRange, OvsfsError, ReadOnly
-from tests.client.conftest import StorageDaemon
+from tests.qsd import StorageDaemon
 from tests.client.model import Model, batches
 
 MiB = 1 << 20

@@ -24,40 +24,6 @@ from ovsfs.vhost import virtq
 UNSET = 0xFF      # the status byte before the device writes it
 
 
-def _seal_client_memory() -> None:
-    """The door takes only memfds sealed against shrinking (ovsfs/shm/memory.py). Until the
-    client library seals its own memfd, its SharedMemory is given a sealed one here (a
-    no-op once the library's memfd comes sealed)."""
-    import fcntl
-    import mmap
-
-    from ovsfs.client import virtqueue
-
-    original = virtqueue.SharedMemory.__init__
-    if getattr(original, "_sealed_by_tests", False):
-        return
-
-    def init(self: Any, size: int, name: str = "ovsfs-client") -> None:
-        original(self, size, name)
-        if fcntl.fcntl(self.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
-            return
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(fd, self.size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-        self.view.release()
-        self._map.close()
-        os.close(self.fd)
-        self.fd = fd
-        self._map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.view = memoryview(self._map)
-
-    init._sealed_by_tests = True   # type: ignore[attr-defined]
-    virtqueue.SharedMemory.__init__ = init   # type: ignore[method-assign]
-
-
-_seal_client_memory()
-
-
 def sock_path(daemon: Any, name: str) -> Path:
     return daemon.run_dir / "vhost" / f"{name}.sock"
 

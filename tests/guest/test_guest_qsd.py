@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from tests.guest.boot import QEMU, boot, memfd_args, tcg_args, vhost_args, writeloop_with_crash
-from tests.guest.conftest import QsdExport
+from tests.qsd import StorageDaemon
 from tests.guest.image import GuestImage
 from tests.guest.pattern import MIB, check_writeloop, pattern, pattern_sha256
 
@@ -18,13 +18,13 @@ LOOP_MIB = 2       # 32 slots of 64 KiB: a loop of 40 chunks wraps around
 WRITERS = 2        # two writes in flight at once in the writeloop
 
 
-def _argv(exp: QsdExport, reconnect: int = 0) -> list[str]:
+def _argv(exp: StorageDaemon, reconnect: int = 0) -> list[str]:
     return [QEMU, *tcg_args(), *memfd_args(), *vhost_args(exp.socket, reconnect=reconnect)]
 
 
 def test_write_then_verify_across_two_boots(guest_image: GuestImage,
-                                            qsd_export: Callable[[int], QsdExport]) -> None:
-    exp = qsd_export(SIZE)
+                                            qsd_factory: Callable[..., StorageDaemon]) -> None:
+    exp = qsd_factory(size=SIZE)
     w = boot(_argv(exp), "write", seed=11, mib=PATTERN_MIB, image=guest_image)
     assert w.done, w.explain()
     # The config space the back end sent, as the guest's kernel saw it.
@@ -48,10 +48,10 @@ def test_write_then_verify_across_two_boots(guest_image: GuestImage,
 
 
 def test_writeloop_survives_a_sigkilled_back_end(guest_image: GuestImage,
-                                                qsd_export: Callable[[int], QsdExport]) -> None:
+                                                qsd_factory: Callable[..., StorageDaemon]) -> None:
     """The SIGKILL recipe of the ovsfs test, on the reference server: every chunk the guest
     saw acknowledged (fsync returned) is on the image after the server was killed mid-loop."""
-    exp = qsd_export(SIZE)
+    exp = qsd_factory(size=SIZE)
     # QEMU (reconnect=1) reconnects within ~1 s and the loop goes on: the request in flight
     # at the kill is replayed from the ring (last_avail_idx falls back to the used index).
     run = writeloop_with_crash(_argv(exp, reconnect=1), exp.kill, exp.start, seed=5, mib=LOOP_MIB,
