@@ -105,8 +105,10 @@ class AsdSet:
         for c in list(self.pending):
             if c.ping():
                 with self.lock:
-                    self.pending.remove(c)
-                    self.by_id[c.asd_id] = c
+                    # Maintenance and a caller may refresh at once: attach once.
+                    if c in self.pending:
+                        self.pending.remove(c)
+                        self.by_id[c.asd_id] = c
         for c in self.all():
             c.ping()
 

@@ -312,3 +312,48 @@ def test_delete_while_an_asd_is_frozen(cluster: AsdCluster, tmp_path: Path) -> N
         assert _keys_on(cluster, frozen, "m") <= {"vol%2Fkeep"}
     finally:
         proxy.close()
+
+
+def test_two_refreshes_attach_a_late_asd_once(cluster: AsdCluster, tmp_path: Path) -> None:
+    """The maintenance round and a caller refreshed the ASD set at once; both pinged an ASD
+    that had come up, and the second to attach it raised ValueError (seen in a full run)."""
+    import threading
+
+    from ovsfs.backend.placement import AsdSet
+
+    cluster.kill(3)
+    asds = AsdSet(None, list(cluster.addrs.values()), timeout=2.0)
+    try:
+        [late] = asds.pending
+        cluster.start(3)
+        both = threading.Barrier(2)
+        real_ping = late.ping
+        deadline = time.monotonic() + 20     # a down ASD is retried every 2 s
+        while not real_ping():
+            assert time.monotonic() < deadline, "the ASD did not come back"
+            time.sleep(0.2)
+
+        def ping() -> bool:
+            ok = real_ping()
+            both.wait(10)        # both refreshes hold the late ASD's successful ping
+            return ok
+
+        late.ping = ping         # type: ignore[method-assign]
+        errors: list[BaseException] = []
+
+        def refresh() -> None:
+            try:
+                asds.refresh()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=refresh) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert not asds.pending and late.asd_id in asds.by_id
+    finally:
+        for c in asds.all():
+            c.close()
