@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "ovsfs"
-PACKAGES = ["fuse", "nbd", "mgmt", "doors"]
+PACKAGES = ["fuse", "nbd", "shm", "mgmt", "doors"]
 ENGINE_ATTRS = {"volumes", "store", "cfg", "wb"}
 VOLUME_ATTRS = {"users", "meta"}
 
