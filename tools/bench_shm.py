@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ovsfs.cli.client import UnixConnection  # noqa: E402
+from ovsfs.cli.client import CliError, Client  # noqa: E402
 from ovsfs.client.volume import VhostVolume  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,18 +95,6 @@ def wait_for(path: Path, proc: Proc, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def api(sock: Path, method: str, path: str, body: object = None) -> tuple[int, object]:
-    conn = UnixConnection(str(sock), 60)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
-        resp = conn.getresponse()
-        raw = resp.read()
-    finally:
-        conn.close()
-    return resp.status, json.loads(raw) if raw.strip() else None
-
-
 def start_daemon(work: Path, size: int) -> tuple[Proc, Path, Path]:
     state = work / "state"
     state.mkdir(parents=True, exist_ok=True)
@@ -117,20 +105,18 @@ def start_daemon(work: Path, size: int) -> tuple[Proc, Path, Path]:
                 work / "ovsfs.log", env)
     mgmt = state / "run" / "ovsfs.sock"
     wait_for(mgmt, proc)
+    api = Client(mgmt, timeout=60)
     end = time.monotonic() + 60
     while True:
         try:
-            status, st = api(mgmt, "GET", "/status")
-            if status == 200 and "starting" not in st["doors"].values():  # type: ignore[index]
+            if "starting" not in api.call("GET", "/status")["doors"].values():
                 break
-        except OSError:
+        except CliError:
             pass
         if time.monotonic() > end:
             raise RuntimeError("the daemon did not start")
         time.sleep(0.1)
-    status, res = api(mgmt, "POST", "/volumes", {"name": "bench", "size": size, "vpool": "default"})
-    if status >= 300:
-        raise RuntimeError(f"volume create: {res}")
+    api.call("POST", "/volumes", {"name": "bench", "size": size, "vpool": "default"})   # CliError: fails the run
     vsock = state / "run" / "vhost" / "bench.sock"
     wait_for(vsock, proc)
     return proc, vsock, state / "run" / "nbd.sock"
