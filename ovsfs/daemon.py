@@ -21,7 +21,7 @@ from typing import Any, Callable
 import trio
 
 from ovsfs.config import Config, default_toml, load
-from ovsfs.errors import AlreadyExists, ConfigError, OvsfsError
+from ovsfs.errors import AlreadyExists, ConfigError, OvsfsError, first_leaf
 from ovsfs.backend.node import NodeBackend, free_ports, preset_note
 from ovsfs.preflight import DoorUnavailable, check_doors, check_write_buffer
 
@@ -58,12 +58,6 @@ class Notifier:
         return int(usec) / 2e6
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
 # What each door takes and the config keys that set it: named when a door cannot start.
 def _door_addresses(name: str, cfg: Config) -> tuple[str, str]:
     if name == "nbd":
@@ -92,7 +86,7 @@ async def _door(name: str, serve: Any, engine: Any, cfg: Config, doors: dict[str
             started = True
             task_status.started()
     except Exception as e:
-        leaf = _leaf(e)
+        leaf = first_leaf(e)
         reason = getattr(leaf, "message", None) or getattr(leaf, "strerror", None) or str(leaf)
         doors[name] = f"failed: {reason}"
         if not started:
@@ -238,7 +232,7 @@ async def amain(cfg: Config, backend: NodeBackend, shutdown: Shutdown | None = N
                 notify(f"READY=1\nSTATUS=serving {nvol} volumes; doors: {running}")
                 log.info("ready: %d volumes; doors: %s", nvol, running)
         except Exception as e:
-            leaf = _leaf(e)
+            leaf = first_leaf(e)
             if isinstance(leaf, DoorUnavailable):
                 log.error("%s", leaf.message)
             else:

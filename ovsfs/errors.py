@@ -136,3 +136,11 @@ class ConfigError(OvsfsError):
 
 class DaemonNotRunning(OvsfsError):
     errno = errno.ECONNREFUSED
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception at the bottom of nested exception groups (trio nurseries wrap
+    what their tasks raise), or exc itself when it is no group."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

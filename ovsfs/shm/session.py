@@ -39,7 +39,7 @@ from typing import Any, Callable
 import trio
 
 from ovsfs.doors.adapter import DoorIO
-from ovsfs.errors import InvalidArgument, OvsfsError
+from ovsfs.errors import InvalidArgument, OvsfsError, first_leaf
 from ovsfs.shm import blk
 from ovsfs.shm.memory import GuestMemory
 from ovsfs.shm.queues import QueueRunner
@@ -112,7 +112,7 @@ class Session:
             reason = getattr(e, "message", None) or str(e)
             log.warning("%s: dropping the front end: %s", self.label, reason)
         except BaseExceptionGroup as eg:
-            leaf = _first(eg)
+            leaf = first_leaf(eg)
             if not isinstance(leaf, (InvalidArgument, OSError, ValueError)):
                 raise
             log.warning("%s: dropping the front end: %s", self.label,
@@ -459,13 +459,6 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
-
-
-def _first(eg: BaseExceptionGroup) -> BaseException:
-    exc: BaseException = eg
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 _HANDLERS: dict[int, Any] = {
