@@ -25,7 +25,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,9 +32,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 from ovsfs.cli.client import CliError, Client  # noqa: E402
 from ovsfs.client.volume import VhostVolume  # noqa: E402
+from ovsfs.mgmt.units import parse_size  # noqa: E402
+from bench_nbd import Proc  # noqa: E402 - the same process handling as the NBD benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SYS_ENV = {**os.environ, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
@@ -59,30 +61,6 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (and its waited-for children), seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(x) for x in fields[11:15]) / TICK
-
-
-def size_arg(s: str) -> int:
-    units = {"k": 1 << 10, "m": MiB, "g": GiB}
-    return int(s[:-1]) * units[s[-1].lower()] if s[-1].lower() in units else int(s)
-
-
-class Proc:
-    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.logf = open(log, "wb")
-        self.p = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT, env=env,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
-        self.pid = self.p.pid
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.p.wait(60)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.p.wait()
-        self.logf.close()
 
 
 def wait_for(path: Path, proc: Proc, timeout: float = 60) -> None:
@@ -189,7 +167,7 @@ def main() -> int:
     ap.add_argument("--jobs", help="comma-separated job names (default: all)")
     ap.add_argument("--queues", type=int, default=1, help="virtqueues the client library uses (default 1)")
     args = ap.parse_args()
-    size = size_arg(args.size)
+    size = parse_size(args.size)
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_shm.", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
